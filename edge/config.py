@@ -1,0 +1,140 @@
+"""One validated config for the gate (YAML). Unknown keys are rejected, every field is bounded.
+
+`python -m edge check-config FILE` validates a file and prints the effective config."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+MODELS = REPO / "models"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CameraConfig(_Section):
+    source: Literal["replay", "opencv", "picamera2"] = Field("replay", description="frame source")
+    path: str = Field("demo", description="replay: folder of images, video file, or 'demo'; opencv: device index or GStreamer pipeline")
+    fps: float = Field(15.0, gt=0, le=120, description="replay rate, and the rate asked of real cameras")
+    width: int = Field(640, ge=64, le=4096)
+    height: int = Field(480, ge=64, le=4096)
+    read_timeout_s: float = Field(2.0, gt=0, le=60, description="a read slower than this counts as a camera fault")
+    offline_after_s: float = Field(5.0, gt=0, le=60, description="report the camera offline after this long without a good frame")
+    loop: bool = Field(False, description="replay: start again at the end")
+    reconnect_backoff_s: float = Field(1.0, gt=0, le=60)
+    reconnect_backoff_max_s: float = Field(30.0, gt=0, le=600)
+
+
+class ModelsConfig(_Section):
+    detector: str = Field(str(MODELS / "yunet_int8.card.json"), description="detector model card")
+    encoder: str = Field(str(MODELS / "sface_int8.card.json"), description="face encoder model card")
+    liveness: str | None = Field(None, description="passive liveness (PAD) model card; None = no passive model")
+    threads: int = Field(1, ge=1, le=16, description="inference threads per model")
+
+
+class QualityConfig(_Section):
+    min_face_px: float = Field(60.0, ge=16, le=2000, description="shorter side of the face box, in frame pixels")
+    min_sharpness: float = Field(15.0, ge=0, le=10000, description="variance of the Laplacian of the aligned face")
+    max_yaw: float = Field(0.45, ge=0, le=1, description="nose offset from the eye midline, as a share of eye distance")
+    max_roll_deg: float = Field(25.0, ge=0, le=90)
+    min_brightness: float = Field(40.0, ge=0, le=255, description="mean grey level of the aligned face")
+    max_brightness: float = Field(220.0, ge=0, le=255)
+
+
+class MatchConfig(_Section):
+    target_fpir: float = Field(0.003, gt=0, lt=1, description="false positive identification rate per transaction")
+    threshold: float | None = Field(None, ge=-1, le=1, description="fixed cosine threshold; None = from target_fpir and gallery size")
+    min_margin: float = Field(0.0, ge=0, le=2, description="best score must beat the runner-up by this much")
+    flip: bool = Field(False, description="average the embedding of the face and its mirror image")
+    cohort: str | None = Field(None, description="cohort embeddings (.npz) for score normalisation")
+
+
+class DecisionConfig(_Section):
+    k: int = Field(2, ge=1, le=30, description="frames that must agree on one identity")
+    n: int = Field(3, ge=1, le=30, description="within the last n frames of the track")
+    cooldown_s: float = Field(5.0, ge=0, le=600, description="after a grant, the same person is not granted again")
+    backoff_after: int = Field(5, ge=1, le=100, description="consecutive denials before back-off")
+    backoff_s: float = Field(30.0, ge=30, le=3600, description="first back-off; doubles each time")
+    backoff_max_s: float = Field(600.0, ge=30, le=86400)
+    track_iou: float = Field(0.3, ge=0, le=1, description="a face continues a track if its box overlaps this much")
+    track_timeout_s: float = Field(1.5, gt=0, le=60)
+    crowd_policy: Literal["deny", "largest"] = Field("largest", description="several faces: deny all, or judge the largest centred one")
+    max_faces: int = Field(1, ge=1, le=50, description="with crowd_policy=deny: more faces than this deny")
+
+
+class LivenessConfig(_Section):
+    mode: Literal["off", "passive", "passive+blink"] = Field("off")
+    threshold: float | None = Field(None, ge=0, le=1, description="None = the model card's")
+    frames: int = Field(3, ge=1, le=60, description="passive score averaged over this many frames of the track")
+
+
+class RelayConfig(_Section):
+    pin: str = Field("GPIO17", description="gpiozero pin name")
+    active_high: bool = Field(True)
+    pulse_s: float = Field(3.0, gt=0, le=30)
+    max_hold_s: float = Field(5.0, gt=0, le=60, description="hard ceiling on one unlock, overlapping grants included")
+    pin_factory: Literal["default", "mock"] = Field("default", description="mock = simulated pins (demo, tests)")
+
+
+class StorageConfig(_Section):
+    gallery: str = Field("var/gallery.fgg", description="encrypted gallery file")
+    key_file: str | None = Field(None, description="32-byte gallery key; None = $CREDENTIALS_DIRECTORY/gallery.key")
+    audit: str = Field("var/audit.sqlite3", description="audit database (SQLite, WAL)")
+    retention_days: int = Field(1095, ge=1, le=36500, description="enrolments expire after this (BIPA: 3 years)")
+
+
+class Config(_Section):
+    camera: CameraConfig = CameraConfig()
+    models: ModelsConfig = ModelsConfig()
+    quality: QualityConfig = QualityConfig()
+    match: MatchConfig = MatchConfig()
+    decision: DecisionConfig = DecisionConfig()
+    liveness: LivenessConfig = LivenessConfig()
+    relay: RelayConfig = RelayConfig()
+    storage: StorageConfig = StorageConfig()
+
+
+def load_config(path: str | Path | None) -> Config:
+    if path is None:
+        return Config()
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        raw = yaml.safe_load(text)  # safe_load builds plain types only: no object tags
+    except FileNotFoundError:
+        raise ConfigError(path, "config file not found") from None
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(path, f"not valid YAML: {e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(path, "top level must be a mapping of sections")
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as e:
+        msgs = "; ".join(f"{'.'.join(map(str, er['loc']))}: {er['msg']}" for er in e.errors()[:8])
+        raise ConfigError(path, msgs) from None
+    if cfg.decision.k > cfg.decision.n:
+        raise ConfigError(path, "decision.k must not exceed decision.n")
+    if cfg.relay.pulse_s > cfg.relay.max_hold_s:
+        raise ConfigError(path, "relay.pulse_s must not exceed relay.max_hold_s")
+    return cfg
+
+
+def describe() -> str:
+    """Every field with its bounds and description, for `check-config --describe`."""
+    lines = []
+    for sname, sfield in Config.model_fields.items():
+        lines.append(f"{sname}:")
+        for fname, f in sfield.annotation.model_fields.items():
+            bounds = [str(m) for m in f.metadata]
+            lines.append(f"  {fname}: default {f.default!r}{' (' + ', '.join(bounds) + ')' if bounds else ''}"
+                         f"{' - ' + f.description if f.description else ''}")
+    return "\n".join(lines)

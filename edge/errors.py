@@ -1,0 +1,33 @@
+"""One exception family, so the CLI and the service can report bad input by file and problem."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class FacegateError(Exception):
+    """A problem the user can fix: names the file (if any) and what is wrong with it."""
+
+    def __init__(self, path: str | Path | None, problem: str):
+        self.path = None if path is None else str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+class ModelError(FacegateError):
+    pass
+
+
+class GalleryError(FacegateError):
+    pass
+
+
+class ConfigError(FacegateError):
+    pass
+
+
+class ImageError(FacegateError):
+    pass
+
+
+class BundleError(FacegateError):
+    pass

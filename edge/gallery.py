@@ -1,0 +1,173 @@
+"""The gallery: one precomputed embedding per enrolled person, encrypted and authenticated at rest.
+
+File layout: MAGIC, then a 12-byte nonce, then AES-256-GCM(JSON payload) with MAGIC as associated
+data. The payload is plain JSON (embeddings as base64 float32), so loading never runs code: no
+pickle anywhere. A flipped byte or a wrong key fails authentication and the gallery is refused.
+Saving is atomic (temp file, fsync, rename, folder fsync): a crash leaves the old or the new file.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from .atomic import atomic_write_bytes
+from .errors import GalleryError
+
+MAGIC = b"FACEGATE-GALLERY\x01"
+FORMAT = "facegate-gallery"
+VERSION = 1
+KEY_BYTES = 32
+
+
+@dataclass
+class Person:
+    name: str
+    embedding: np.ndarray  # float32, L2-normalised
+    person_id: str = ""
+    enrolled_at: float = 0.0
+    expires_at: float | None = None
+
+
+@dataclass
+class Gallery:
+    encoder_sha256: str
+    dim: int
+    people: list[Person] = field(default_factory=list)
+    revision: int = 0
+    bundle_sequence: int = 0
+    _matrix: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.people]
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """K x dim float32, rows L2-normalised; cached until the gallery changes."""
+        if self._matrix is None:
+            self._matrix = (np.stack([p.embedding for p in self.people]).astype(np.float32)
+                            if self.people else np.zeros((0, self.dim), np.float32))
+        return self._matrix
+
+    def __len__(self) -> int:
+        return len(self.people)
+
+    def add(self, person: Person) -> None:
+        v = np.asarray(person.embedding, np.float32).reshape(-1)
+        if v.shape[0] != self.dim or not np.all(np.isfinite(v)):
+            raise GalleryError(None, f"embedding for {person.name!r} has size {v.shape[0]} or non-finite values (gallery dim {self.dim})")
+        person.embedding = v / max(float(np.linalg.norm(v)), 1e-12)
+        self.people = [p for p in self.people if p.name != person.name] + [person]
+        self._matrix = None
+
+    def remove(self, name: str) -> bool:
+        before = len(self.people)
+        self.people = [p for p in self.people if p.name != name]
+        self._matrix = None
+        return len(self.people) != before
+
+    def expire(self, now: float | None = None) -> list[str]:
+        now = time.time() if now is None else now
+        gone = [p.name for p in self.people if p.expires_at is not None and p.expires_at <= now]
+        for n in gone:
+            self.remove(n)
+        return gone
+
+
+def load_key(path: str | Path | None) -> bytes:
+    """The 32-byte key: from `path`, or from systemd's credential directory (LoadCredential=)."""
+    if path is None:
+        cred = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not cred:
+            raise GalleryError(None, "no gallery key: set storage.key_file or run under systemd with LoadCredential=gallery.key")
+        path = Path(cred) / "gallery.key"
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise GalleryError(path, f"cannot read gallery key: {e.strerror}") from None
+    text = raw.strip()
+    if len(text) == 2 * KEY_BYTES:
+        try:
+            return bytes.fromhex(text.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            pass
+    if len(raw) == KEY_BYTES:
+        return raw
+    raise GalleryError(path, f"gallery key must be {KEY_BYTES} raw bytes or {2 * KEY_BYTES} hex digits")
+
+
+def new_key_file(path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, AESGCM.generate_key(bit_length=256).hex().encode() + b"\n", mode=0o600)
+
+
+def to_bytes(g: Gallery, key: bytes) -> bytes:
+    payload = {
+        "format": FORMAT, "version": VERSION, "encoder_sha256": g.encoder_sha256, "dim": g.dim,
+        "revision": g.revision, "bundle_sequence": g.bundle_sequence,
+        "people": [{"name": p.name, "id": p.person_id, "enrolled_at": p.enrolled_at, "expires_at": p.expires_at,
+                    "embedding": base64.b64encode(np.asarray(p.embedding, "<f4").tobytes()).decode()}
+                   for p in g.people],
+    }
+    nonce = os.urandom(12)
+    return MAGIC + nonce + AESGCM(key).encrypt(nonce, json.dumps(payload).encode(), MAGIC)
+
+
+def from_bytes(data: bytes, key: bytes, path: str | Path | None = None, encoder_sha256: str | None = None) -> Gallery:
+    if not data.startswith(MAGIC):
+        raise GalleryError(path, "not a facegate gallery (bad magic); refusing it")
+    body = data[len(MAGIC):]
+    if len(body) < 12 + 16:
+        raise GalleryError(path, "gallery file is truncated")
+    try:
+        plain = AESGCM(key).decrypt(body[:12], body[12:], MAGIC)
+    except InvalidTag:
+        raise GalleryError(path, "gallery failed authentication: wrong key, or the file was modified or truncated") from None
+    try:
+        p = json.loads(plain)
+        if p.get("format") != FORMAT or p.get("version") != VERSION:
+            raise ValueError(f"unsupported format {p.get('format')!r} version {p.get('version')!r}")
+        dim = int(p["dim"])
+        g = Gallery(encoder_sha256=str(p["encoder_sha256"]), dim=dim, revision=int(p["revision"]),
+                    bundle_sequence=int(p.get("bundle_sequence", 0)))
+        for rec in p["people"]:
+            emb = np.frombuffer(base64.b64decode(rec["embedding"], validate=True), "<f4").astype(np.float32)
+            g.add(Person(name=str(rec["name"]), embedding=emb, person_id=str(rec.get("id", "")),
+                         enrolled_at=float(rec.get("enrolled_at", 0.0)),
+                         expires_at=None if rec.get("expires_at") is None else float(rec["expires_at"])))
+    except GalleryError as e:
+        raise GalleryError(path, e.problem) from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise GalleryError(path, f"gallery content is malformed: {e}") from None
+    if encoder_sha256 is not None and g.encoder_sha256 != encoder_sha256:
+        raise GalleryError(path, f"gallery was built with encoder {g.encoder_sha256[:12]}..., but the gate runs "
+                                 f"{encoder_sha256[:12]}...; re-enroll with this encoder")
+    return g
+
+
+def save(g: Gallery, path: str | Path, key: bytes, _hook=None) -> None:
+    g.revision += 1
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, to_bytes(g, key), mode=0o600, _hook=_hook)
+
+
+def load(path: str | Path, key: bytes, encoder_sha256: str | None = None) -> Gallery:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise GalleryError(path, "gallery file not found (enroll someone first)") from None
+    except OSError as e:
+        raise GalleryError(path, f"cannot read gallery: {e.strerror}") from None
+    return from_bytes(data, key, path, encoder_sha256)

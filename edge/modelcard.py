@@ -1,0 +1,185 @@
+"""The model card: the only place the gate learns how to feed a model.
+
+A card is a JSON file beside its model (``model.onnx`` -> ``model.card.json``). Unknown fields are
+rejected so a typo cannot silently change how a model is fed, and the model file's sha256 must
+match the card before any byte of it reaches a runtime.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ModelError
+
+CARD_SUFFIX = ".card.json"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Strict):
+    width: int | None = Field(None, ge=8, le=4096, description="fixed input width; None = follows the frame")
+    height: int | None = Field(None, ge=8, le=4096)
+    color: Literal["BGR", "RGB"]
+    layout: Literal["NCHW", "NHWC"]
+    dtype: Literal["float32", "uint8", "int8"] = "float32"
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)  # value = (pixel - mean) / std, per channel, in `color` order
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    dynamic_batch: bool = False
+    size_multiple: int = Field(1, ge=1, le=256, description="for size-following detectors: pad to a multiple")
+
+
+class AlignmentSpec(_Strict):
+    size: tuple[int, int]  # output crop width, height
+    template: list[tuple[float, float]] = Field(min_length=5, max_length=5)  # 5 keypoints in crop pixels
+    method: Literal["similarity"] = "similarity"
+
+
+class EmbeddingSpec(_Strict):
+    dim: int = Field(ge=2, le=4096)
+    output: str | None = None  # output tensor name; None = first output
+
+
+class ScoreSpec(_Strict):
+    kind: Literal["cosine"] = "cosine"  # after L2 normalisation; d = ||a-b||^2 = 2 - 2 cos
+    higher_is_more_similar: bool = True
+
+
+class CalibrationSpec(_Strict):
+    """Impostor-score quantiles of this encoder on a calibration set (never LFW)."""
+
+    dataset: str
+    impostor_pairs: int = Field(ge=1)
+    fmr: list[float]  # ascending-threshold table: fmr[i] = share of impostor scores >= threshold[i]
+    threshold: list[float]
+
+    @model_validator(mode="after")
+    def _same_length(self):
+        if len(self.fmr) != len(self.threshold) or len(self.fmr) < 2:
+            raise ValueError("fmr and threshold must be lists of the same length (>= 2)")
+        return self
+
+
+class DetectorSpec(_Strict):
+    kind: Literal["yunet", "blazeface"]
+    strides: list[int] = []
+    score_threshold: float = Field(0.6, ge=0.0, le=1.0)
+    nms_iou: float = Field(0.3, ge=0.0, le=1.0)
+    max_side: int = Field(640, ge=64, le=4096, description="frames are scaled so their long side is at most this")
+    anchors: dict = {}  # BlazeFace SSD anchor options
+
+
+class LivenessSpec(_Strict):
+    crop_scale: float = Field(ge=1.0, le=6.0)
+    live_class: int = Field(ge=0)
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class SourceSpec(_Strict):
+    package: str
+    version: str
+    file: str
+    license: str
+    notes: str = ""
+
+
+class Card(_Strict):
+    schema_version: Literal[1] = 1
+    name: str
+    task: Literal["face_embedding", "face_detection", "liveness"]
+    file: str  # model file name, relative to the card
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size_bytes: int = Field(ge=1)
+    runtime: Literal["onnxruntime", "litert"]
+    precision: Literal["fp32", "int8", "int8bq"]
+    input: InputSpec
+    alignment: AlignmentSpec | None = None
+    embedding: EmbeddingSpec | None = None
+    score: ScoreSpec | None = None
+    calibration: CalibrationSpec | None = None
+    detector: DetectorSpec | None = None
+    liveness: LivenessSpec | None = None
+    source: SourceSpec
+    accuracy: dict[str, float | str] = {}
+    speed: dict[str, float | str] = {}
+
+    @model_validator(mode="after")
+    def _task_fields(self):
+        need = {"face_embedding": ("alignment", "embedding", "score"), "face_detection": ("detector",),
+                "liveness": ("liveness",)}[self.task]
+        missing = [f for f in need if getattr(self, f) is None]
+        if missing:
+            raise ValueError(f"task {self.task} needs {', '.join(missing)}")
+        return self
+
+    def preprocess(self, images_bgr: list[np.ndarray]) -> np.ndarray:
+        """Turn BGR uint8 images of the card's size into the model's input tensor."""
+        x = np.stack(images_bgr).astype(np.float32)
+        if self.input.color == "RGB":
+            x = x[..., ::-1]
+        x = (x - np.asarray(self.input.mean, np.float32)) / np.asarray(self.input.std, np.float32)
+        if self.input.layout == "NCHW":
+            x = x.transpose(0, 3, 1, 2)
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def card_path_for(model_path: str | Path) -> Path:
+    p = Path(model_path)
+    return p.with_name(p.name.rsplit(".", 1)[0] + CARD_SUFFIX)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_card(path: str | Path, verify_file: bool = True) -> tuple[Card, Path]:
+    """Load and validate a card; return it with the absolute path of its model file.
+
+    `path` may be the card or the model file beside it."""
+    path = Path(path)
+    if not path.name.endswith(CARD_SUFFIX):
+        path = card_path_for(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelError(path, "model card not found") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(path, f"model card is not valid JSON: {e}") from None
+    try:
+        card = Card.model_validate(raw)
+    except ValidationError as e:
+        raise ModelError(path, f"invalid model card: {_short(e)}") from None
+    model_file = (path.parent / card.file).resolve()
+    if model_file.parent != path.parent.resolve():
+        raise ModelError(path, f"card points outside its folder: {card.file!r}")
+    if verify_file:
+        if not model_file.is_file():
+            raise ModelError(model_file, "model file named by its card is missing")
+        if model_file.stat().st_size != card.size_bytes:
+            raise ModelError(model_file, f"size {model_file.stat().st_size} does not match card ({card.size_bytes}); truncated or replaced")
+        digest = sha256_file(model_file)
+        if digest != card.sha256:
+            raise ModelError(model_file, f"sha256 {digest[:12]}... does not match its card ({card.sha256[:12]}...)")
+    return card, model_file
+
+
+def write_card(card: Card, model_path: str | Path) -> Path:
+    from .atomic import atomic_write_bytes
+
+    out = card_path_for(model_path)
+    atomic_write_bytes(out, (json.dumps(card.model_dump(mode="json"), indent=2) + "\n").encode())
+    return out
+
+
+def _short(e: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, err['loc'])) or '<root>'}: {err['msg']}" for err in e.errors()[:5])

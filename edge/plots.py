@@ -1,0 +1,85 @@
+"""DET and ROC curves as PNG files. matplotlib is not a device requirement: it is imported only
+when a plot is asked for (it comes with requirements-train.txt)."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from statistics import NormalDist
+
+import numpy as np
+
+from .atomic import atomic_write_bytes
+
+# Probit axes cannot show 0: rates are clipped to this floor (well below one error in LFW's 6,000 pairs).
+_FLOOR = 1e-5
+_DET_TICKS = (1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.2, 0.5)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise RuntimeError("plots need matplotlib, which is not a device requirement: "
+                           "pip install -r requirements-train.txt (or matplotlib alone)") from None
+    matplotlib.use("Agg")  # no display on a gate or a CI runner
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, plt, path: str | Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def _probit(p) -> np.ndarray:
+    """Normal deviate of each rate: the DET axis on which Gaussian score distributions are lines."""
+    inv = NormalDist().inv_cdf
+    return np.array([inv(v) for v in np.clip(np.asarray(p, dtype=np.float64).ravel(), _FLOOR, 1 - _FLOOR)])
+
+
+def det_plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str = "DET",
+             xlabel: str = "false match rate", ylabel: str = "false non-match rate",
+             marks: dict[str, float] | None = None) -> Path:
+    """DET curves on probit axes. `curves` maps a label to (x rate, y rate) arrays, e.g. (far, frr)
+    from `edge.metrics.det_points` or (curve_fpir, curve_fnir) from `open_set_1n`; `marks` draws
+    vertical lines at named x rates (e.g. {"FPIR 0.003": 0.003})."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 6))
+    for label, (x, y) in curves.items():
+        ax.plot(_probit(x), _probit(y), label=label)
+    for label, x in (marks or {}).items():
+        ax.axvline(_probit([x])[0], color="grey", linestyle=":", linewidth=1)
+        ax.text(_probit([x])[0], _probit([0.4])[0], label + " ", rotation=90, color="grey", fontsize=8, ha="right", va="top")
+    ticks = _probit(_DET_TICKS)
+    labels = [f"{t:g}" for t in _DET_TICKS]
+    ax.set_xticks(ticks, labels)
+    ax.set_yticks(ticks, labels)
+    lim = _probit([1e-4, 0.5])
+    ax.set_xlim(*lim)
+    ax.set_ylim(*lim)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, linewidth=0.3)
+    ax.legend(loc="upper right")
+    return _save(fig, plt, path)
+
+
+def roc_plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str = "ROC") -> Path:
+    """ROC curves, FAR on a log axis. `curves` maps a label to (far, tar) from `edge.metrics.roc`."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for label, (far, tar) in curves.items():
+        ax.plot(np.clip(far, _FLOOR, 1), tar, label=label)
+    ax.set_xscale("log")
+    ax.set_xlim(1e-4, 1)
+    ax.set_xlabel("false accept rate")
+    ax.set_ylabel("true accept rate")
+    ax.set_title(title)
+    ax.grid(True, linewidth=0.3)
+    ax.legend(loc="lower right")
+    return _save(fig, plt, path)

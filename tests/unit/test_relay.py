@@ -1,0 +1,152 @@
+"""Door relay on gpiozero mock pins: pulse length, hard maximum hold, locked on every way out.
+
+Pin times come from MockPin.assert_states_and_times (deltas between changes, 50 ms tolerance), so
+pulses are kept short (0.2 s) to keep the suite fast."""
+import time
+
+import pytest
+from gpiozero.pins.mock import MockFactory
+
+from edge.config import RelayConfig
+from edge.relay import DoorRelay, pulse_deadline
+
+
+def make(pulse_s=0.2, max_hold_s=0.3, active_high=True):
+    cfg = RelayConfig(pin="GPIO17", active_high=active_high, pulse_s=pulse_s, max_hold_s=max_hold_s,
+                      pin_factory="mock")
+    relay = DoorRelay(cfg, pin_factory=MockFactory())
+    relay.pin.clear_states()  # t=0 and the locked level from here on
+    return relay
+
+
+def wait_locked(relay, limit_s=2.0):
+    end = time.monotonic() + limit_s
+    while relay.is_unlocked and time.monotonic() < end:
+        time.sleep(0.01)
+    assert not relay.is_unlocked
+
+
+def test_pulse_deadline_extends_within_the_ceiling():
+    # opened at 10, pulse 3, ceiling 5: a grant at 11 extends to 14; at 13 it is cut at 15
+    assert pulse_deadline(10.0, 10.0, 3.0, 5.0, None) == 13.0
+    assert pulse_deadline(10.0, 11.0, 3.0, 5.0, 13.0) == 14.0
+    assert pulse_deadline(10.0, 13.0, 3.0, 5.0, 14.0) == 15.0
+    # a stale grant never shortens the running pulse
+    assert pulse_deadline(10.0, 9.0, 3.0, 5.0, 13.0) == 13.0
+
+
+def test_one_pulse_of_configured_length():
+    with make(pulse_s=0.2, max_hold_s=0.3) as relay:
+        relay.unlock()
+        assert relay.is_unlocked
+        wait_locked(relay)
+        time.sleep(0.05)
+        relay.pin.assert_states_and_times([(0.0, False), (0.0, True), (0.2, False)])
+        assert len(relay.pin.states) == 3
+        assert relay.stats.openings == 1
+        assert 0.19 <= relay.stats.longest_unlocked_s < 0.26
+
+
+def test_overlapping_grant_extends_the_pulse():
+    with make(pulse_s=0.2, max_hold_s=0.5) as relay:
+        relay.unlock()
+        time.sleep(0.1)
+        relay.unlock()
+        wait_locked(relay)
+        relay.pin.assert_states_and_times([(0.0, False), (0.0, True), (0.3, False)])
+        assert len(relay.pin.states) == 3
+
+
+def test_overlapping_grants_never_pass_max_hold():
+    with make(pulse_s=0.2, max_hold_s=0.3) as relay:
+        for _ in range(5):  # a grant every 0.1 s would keep it open for ever without the ceiling
+            relay.unlock()
+            time.sleep(0.1)
+        wait_locked(relay)
+        states = list(relay.pin.states)
+        assert [s.state for s in states[:3]] == [False, True, False]
+        relay.pin.assert_states_and_times([(0.0, False), (0.0, True), (0.3, False)])
+        assert relay.stats.longest_unlocked_s < 0.3 + 0.05
+
+
+def test_grant_after_a_pulse_starts_a_new_opening():
+    with make(pulse_s=0.2, max_hold_s=0.3) as relay:
+        relay.unlock()
+        wait_locked(relay)
+        relay.unlock()
+        wait_locked(relay)
+        relay.pin.assert_states_and_times([(0.0, False), (0.0, True), (0.2, False), (0.0, True), (0.2, False)])
+        assert len(relay.pin.states) == 5
+        assert relay.stats.openings == 2
+
+
+def test_future_timestamp_is_clamped_to_the_clock():
+    with make(pulse_s=0.2, max_hold_s=0.3) as relay:
+        deadline = relay.unlock(now_mono=time.monotonic() + 100.0)
+        assert deadline <= time.monotonic() + 0.2
+
+
+def test_lock_forces_locked():
+    with make(pulse_s=0.2, max_hold_s=0.3) as relay:
+        relay.unlock()
+        relay.lock()
+        assert not relay.is_unlocked
+        assert relay.pin.state is False
+        time.sleep(0.3)
+        assert len(relay.pin.states) == 3  # the timer does not toggle it again
+
+
+def test_close_locks_and_releases_the_pin():
+    relay = make()
+    relay.unlock()
+    pin = relay.pin
+    relay.close()
+    assert pin.state is False
+    assert pin.function == "input"
+    with pytest.raises(RuntimeError):
+        relay.unlock()
+    relay.close()  # idempotent
+
+
+def test_exception_in_with_block_locks():
+    relay = make()
+    pin = relay.pin
+    with pytest.raises(ZeroDivisionError):
+        with relay:
+            relay.unlock()
+            1 / 0
+    assert pin.state is False
+
+
+def test_exception_inside_unlock_leaves_it_locked():
+    relay = make()
+    real_on = relay._device.on
+
+    def on_then_fail():
+        real_on()  # the line went high, then the driver reported an error
+        raise OSError("GPIO write failed")
+
+    relay._device.on = on_then_fail
+    with pytest.raises(OSError):
+        relay.unlock()
+    assert relay.pin.state is False
+    assert not relay.is_unlocked
+    relay.close()
+
+
+def test_active_low_wiring():
+    with make(pulse_s=0.2, max_hold_s=0.3, active_high=False) as relay:
+        pin = relay.pin
+        assert pin.state is True  # locked = line high on an active-low relay board
+        relay.unlock()
+        assert pin.state is False
+        wait_locked(relay)
+        pin.assert_states_and_times([(0.0, True), (0.0, False), (0.2, True)])
+        assert len(pin.states) == 3
+
+
+def test_pulse_longer_than_ceiling_is_refused():
+    cfg = RelayConfig(pulse_s=3.0, max_hold_s=5.0, pin_factory="mock")
+    cfg.pulse_s = 6.0  # validate_assignment bounds each field, not the pair
+    with pytest.raises(ValueError):
+        DoorRelay(cfg, pin_factory=MockFactory())

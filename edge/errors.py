@@ -31,3 +31,11 @@ class ImageError(FacegateError):
 
 class BundleError(FacegateError):
     pass
+
+
+class AuditError(FacegateError):
+    pass
+
+
+class CameraError(FacegateError):
+    pass

@@ -9,6 +9,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .errors import FacegateError
 
 _IMAGE = re.compile(r"^(?P<name>.+)_(?P<n>\d{4})\.jpg$")
@@ -101,3 +103,53 @@ def one_to_n_split(root: str | Path) -> OneToNSplit:
 def _is_image_of(f: Path, name: str) -> bool:
     m = _IMAGE.match(f.name)
     return bool(m) and m.group("name") == name and f.is_file()
+
+
+def rel(name: str, n: int) -> str:
+    """The key of an LFW image in embedding tables: "Name/Name_NNNN.jpg"."""
+    return f"{name}/{name}_{n:04d}.jpg"
+
+
+def pair_scores(pairs: list[Pair], vectors: dict[str, np.ndarray | None]):
+    """Cosine scores, same-person labels and fold ids of View 2 pairs, for `edge.metrics`.
+
+    `vectors` maps `rel(...)` keys to unit embeddings, None where the face was not acquired:
+    such a pair gets a NaN score (an error in the 10-fold accuracy)."""
+    s = np.full(len(pairs), np.nan)
+    for k, p in enumerate(pairs):
+        a, b = vectors[rel(p.name1, p.n1)], vectors[rel(p.name2, p.n2)]
+        if a is not None and b is not None:
+            s[k] = float(np.dot(a, b))
+    return s, np.array([p.same for p in pairs]), np.array([p.fold for p in pairs])
+
+
+def identify(split: OneToNSplit, vectors: dict[str, np.ndarray | None]):
+    """Best enrolled identity and cosine score for every probe, for `edge.metrics.open_set_1n`.
+
+    A gallery image whose face was not acquired leaves that person unenrolled (their mated probes
+    can then only miss); a probe not acquired gets identity None and a NaN score.
+    Returns (mated_best_ids, mated_best_scores, mated_true_ids, nonmated_best_scores)."""
+    key = lambda path: f"{path.parent.name}/{path.name}"  # noqa: E731
+    enrolled = [(n, vectors[key(p)]) for n, p in split.gallery.items()]
+    enrolled = [(n, v) for n, v in enrolled if v is not None]
+    if not enrolled:
+        raise ValueError("no gallery face was acquired")
+    names = [n for n, _ in enrolled]
+    g = np.stack([v for _, v in enrolled])
+
+    def search(probes):
+        ids, scores = [], np.full(len(probes), np.nan)
+        for k, (_, path) in enumerate(probes):
+            v = vectors[key(path)]
+            if v is None:
+                ids.append(None)
+                continue
+            sims = g @ v
+            best = int(np.argmax(sims))
+            ids.append(names[best])
+            scores[k] = float(sims[best])
+        return ids, scores
+
+    m_ids, m_scores = search(split.mated)
+    _, n_scores = search(split.nonmated)
+    return m_ids, m_scores, [n for n, _ in split.mated], n_scores

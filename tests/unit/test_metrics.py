@@ -160,3 +160,27 @@ def test_plots(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     far, tar, _ = m.roc(GEN, IMP)
     assert plots.roc_plot({"x": (far, tar)}, tmp_path / "roc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_pair_scores_and_identify_by_hand():
+    from edge.lfw import OneToNSplit, Pair, identify, pair_scores, rel
+
+    v = {rel("A", 1): np.array([1.0, 0.0]), rel("A", 2): np.array([0.6, 0.8]), rel("A", 3): None,
+         rel("B", 1): np.array([0.0, 1.0]), rel("C", 1): None, rel("C", 2): np.array([1.0, 0.0]),
+         rel("D", 1): np.array([0.8, 0.6])}
+    pairs = [Pair(0, True, "A", 1, "A", 2), Pair(0, False, "A", 1, "B", 1), Pair(1, True, "A", 1, "A", 3)]
+    s, y, f = pair_scores(pairs, v)
+    np.testing.assert_allclose(s, [0.6, 0.0, NAN])
+    assert y.tolist() == [True, False, True] and f.tolist() == [0, 0, 1]
+    img = lambda n, k: Path(f"/x/images/{n}/{n}_{k:04d}.jpg")  # noqa: E731
+    # C's enrollment photo was not acquired: C is not enrolled, so C_0002 can only miss
+    split = OneToNSplit(
+        gallery={"A": img("A", 1), "C": img("C", 1)},
+        mated=[("A", img("A", 2)), ("A", img("A", 3)), ("C", img("C", 2))],
+        nonmated=[("B", img("B", 1)), ("D", img("D", 1))])
+    ids, ms, true, ns = identify(split, v)
+    assert ids == ["A", None, "A"] and true == ["A", "A", "C"]
+    np.testing.assert_allclose(ms, [0.6, NAN, 1.0])
+    np.testing.assert_allclose(ns, [0.0, 0.8])
+    r = m.open_set_1n(ids, ms, true, ns, fpirs=(0.5,))
+    assert r.rank1 == pytest.approx(1 / 3)

@@ -248,8 +248,7 @@ def _export(net: DlibResNet, onnx_path: Path) -> Path:
     from edge.atomic import atomic_write_bytes
 
     model = L2Normalized(net).eval()
-    mean = net.input_mean
-    probe = _probe(mean)
+    probe = _probe(net.input_mean)
     batch = torch.export.Dim("batch", min=1, max=1024)
     with torch.no_grad():
         program = torch.onnx.export(model, (probe,), dynamo=True, opset_version=ONNX_OPSET, external_data=False,

@@ -1,0 +1,210 @@
+"""facegate command line: python -m edge COMMAND --help"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .errors import FacegateError
+
+
+def _cfg(args):
+    from .config import load_config
+    from .pipeline import resolve
+
+    if getattr(args, "demo", False) or args.config is None and getattr(args, "default_demo", False):
+        from .demo import demo_config
+
+        return demo_config()
+    cfg = load_config(args.config)
+    return resolve(cfg, Path(args.config).resolve().parent) if args.config else cfg
+
+
+def cmd_check_config(args) -> int:
+    from .config import describe, load_config
+
+    if args.describe:
+        print(describe())
+        return 0
+    cfg = load_config(args.file)
+    print(f"{args.file}: OK")
+    print(json.dumps(cfg.model_dump(), indent=2))
+    return 0
+
+
+def _ensure_demo_gallery(cfg, stack) -> None:
+    """The demo enrolls its two sample people on first run (a real enrollment, same code path)."""
+    from . import gallery as G
+    from .demo import ENROLL, SAMPLES
+    from .enroll import apply, embed_photo
+    from .imageio import load_image
+
+    if Path(cfg.storage.key_file).exists() and Path(cfg.storage.gallery).exists():
+        try:
+            G.load(cfg.storage.gallery, G.load_key(cfg.storage.key_file), stack.encoder.sha256)
+            return
+        except FacegateError:
+            pass  # built with an older encoder: enroll again
+    if not Path(cfg.storage.key_file).exists():
+        G.new_key_file(cfg.storage.key_file)
+    g = G.Gallery(stack.encoder.sha256, stack.encoder.card.embedding.dim)
+    results = [embed_photo(stack, cfg.quality, load_image(SAMPLES / f), name, f) for name, f in ENROLL.items()]
+    for r in results:
+        print(f"demo enroll {r.name}: {r.reason}")
+    apply(g, results, cfg.storage.retention_days)
+    G.save(g, cfg.storage.gallery, G.load_key(cfg.storage.key_file))
+
+
+def cmd_run(args) -> int:
+    from .service import run_service
+
+    cfg = _cfg(args)
+    if args.demo:
+        from .pipeline import Stack
+
+        _ensure_demo_gallery(cfg, Stack.from_config(cfg))
+    return run_service(cfg, max_frames=args.max_frames, verbose=not args.quiet)
+
+
+def cmd_enroll(args) -> int:
+    from . import gallery as G
+    from .enroll import apply, enroll_folder
+    from .pipeline import Stack
+
+    cfg = _cfg(args)
+    stack = Stack.from_config(cfg)
+    key = G.load_key(cfg.storage.key_file)
+    if Path(cfg.storage.gallery).exists():
+        g = G.load(cfg.storage.gallery, key, stack.encoder.sha256)
+    else:
+        g = G.Gallery(stack.encoder.sha256, stack.encoder.card.embedding.dim)
+    results = enroll_folder(stack, cfg, Path(args.folder))
+    for r in results:
+        print(f"{'OK     ' if r.ok else 'REFUSED'} {r.name}: {r.reason}  ({r.source})")
+    n = apply(g, results, cfg.storage.retention_days)
+    if n:
+        G.save(g, cfg.storage.gallery, key)
+        _audit_event(cfg, "enroll", "enrolled", details={"people": [r.name for r in results if r.ok]})
+    print(f"{n} enrolled, {len(results) - n} refused; gallery has {len(g)} people")
+    return 0 if n == len(results) else 1
+
+
+def cmd_forget(args) -> int:
+    from . import gallery as G
+
+    cfg = _cfg(args)
+    key = G.load_key(cfg.storage.key_file)
+    g = G.load(cfg.storage.gallery, key)
+    if not g.remove(args.name):
+        print(f"{args.name}: not enrolled", file=sys.stderr)
+        return 1
+    G.save(g, cfg.storage.gallery, key)
+    _audit_event(cfg, "forget", "removed", identity=args.name)
+    print(f"{args.name}: removed; gallery has {len(g)} people")
+    return 0
+
+
+def _audit_event(cfg, kind, reason, **fields) -> None:
+    from .audit import AuditLog
+
+    log = AuditLog(cfg.storage.audit)
+    try:
+        log.record_event(kind, reason, **fields)
+    finally:
+        log.close()
+
+
+def _probe(args):
+    from . import gallery as G
+    from .imageio import load_image
+    from .pipeline import Stack, gallery_threshold
+
+    cfg = _cfg(args)
+    stack = Stack.from_config(cfg)
+    g = G.load(cfg.storage.gallery, G.load_key(cfg.storage.key_file), stack.encoder.sha256)
+    from .enroll import embed_photo
+
+    r = embed_photo(stack, cfg.quality, load_image(args.image), "probe", args.image)
+    return cfg, stack, g, r, gallery_threshold
+
+
+def cmd_identify(args) -> int:
+    from .match import cosine_scores, identify
+
+    cfg, stack, g, r, thr = _probe(args)
+    if not r.ok:
+        print(f"{args.image}: {r.reason}")
+        return 2
+    m = identify(cosine_scores(g.matrix, r.embedding), g.names, thr(cfg, stack.encoder, max(len(g), 1)), cfg.match.min_margin)
+    print(json.dumps({"identity": m.identity if m.accepted else None, "nearest": m.identity, "score": round(m.score, 4),
+                      "runner_up": m.runner_up, "runner_up_score": round(m.runner_up_score, 4) if m.runner_up else None,
+                      "threshold": round(m.threshold, 4), "reason": m.reason}))
+    return 0 if m.accepted else 1
+
+
+def cmd_verify(args) -> int:
+    from .match import cosine_scores, verify
+
+    cfg, stack, g, r, thr = _probe(args)
+    if not r.ok:
+        print(f"{args.image}: {r.reason}")
+        return 2
+    m = verify(cosine_scores(g.matrix, r.embedding), g.names, args.as_name, thr(cfg, stack.encoder, 1, verification=True))
+    print(json.dumps({"claim": args.as_name, "verified": m.accepted, "score": round(m.score, 4) if m.score > -1e9 else None,
+                      "threshold": round(m.threshold, 4), "reason": m.reason}))
+    return 0 if m.accepted else 1
+
+
+def cmd_bench(args) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m edge", description="facegate: face-recognition door gate")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def add(name, fn, help_):
+        s = sub.add_parser(name, help=help_, description=help_)
+        s.add_argument("--config", "-c", help="config YAML (default: built-in defaults)")
+        s.set_defaults(fn=fn)
+        return s
+
+    s = add("run", cmd_run, "run the gate loop (camera -> relay + audit)")
+    s.add_argument("--demo", action="store_true", help="the embedded demo: replayed sample faces, mock GPIO")
+    s.add_argument("--max-frames", type=int, default=None)
+    s.add_argument("--quiet", action="store_true")
+    s = add("enroll", cmd_enroll, "enroll one photo per person from a folder (file name = person)")
+    s.add_argument("folder")
+    s = add("verify", cmd_verify, "1:1: does IMAGE show the claimed person?")
+    s.add_argument("image")
+    s.add_argument("--as", dest="as_name", required=True, help="claimed identity (name or badge id)")
+    s = add("identify", cmd_identify, "1:N: who in the gallery does IMAGE show?")
+    s.add_argument("image")
+    s = add("forget", cmd_forget, "remove a person from the gallery")
+    s.add_argument("name")
+    s = add("check-config", cmd_check_config, "validate a config file and print it")
+    s.add_argument("file", nargs="?")
+    s.add_argument("--describe", action="store_true", help="list every field with bounds and meaning")
+    s = add("bench", cmd_bench, "per-stage and end-to-end latency per 640x480 frame, gallery search, peak RSS")
+    s.add_argument("--frames", type=int, default=200)
+    s.add_argument("--threads", default="1,2")
+    s.add_argument("--gallery-size", type=int, default=100000)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.cmd == "check-config" and not args.file and not args.describe:
+        p.error("check-config needs FILE or --describe")
+    try:
+        return args.fn(args)
+    except FacegateError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

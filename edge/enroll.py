@@ -1,0 +1,74 @@
+"""Enrollment: one photo per person -> one embedding in the gallery. Photos are not kept."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import FacegateError
+from .gallery import Gallery, Person
+from .imageio import load_image
+from .quality import assess
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+@dataclass(frozen=True)
+class EnrollResult:
+    name: str
+    source: str
+    ok: bool
+    reason: str  # "enrolled" or why the photo was refused
+    embedding: np.ndarray | None = None
+
+
+def embed_photo(stack, quality_cfg, image: np.ndarray, name: str, source: str) -> EnrollResult:
+    """Exactly one face, passing the quality gate; else a refusal with its reason."""
+    dets = stack.detector.detect(image)
+    if not dets:
+        return EnrollResult(name, source, False, "no face found")
+    if len(dets) > 1:
+        return EnrollResult(name, source, False, f"{len(dets)} faces found; an enrollment photo must show one")
+    aligned = stack.encoder.align(image, dets[0])
+    q = assess(dets[0], aligned.image, quality_cfg)
+    if not q.ok:
+        return EnrollResult(name, source, False, f"low quality: {q.reason} (face {q.face_px:.0f}px, "
+                                                 f"sharpness {q.sharpness:.0f}, yaw {q.yaw:.2f}, roll {q.roll:.0f} deg, "
+                                                 f"brightness {q.brightness:.0f})")
+    return EnrollResult(name, source, True, "enrolled", stack.encoder.embed(aligned).vector)
+
+
+def photos_in(folder: Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FacegateError(folder, "enrollment folder not found")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise FacegateError(folder, "enrollment folder is empty")
+    return files
+
+
+def enroll_folder(stack, cfg, folder: Path) -> list[EnrollResult]:
+    """File name (without extension) = person's name. Non-images are refused by content, not name."""
+    out = []
+    for p in photos_in(folder):
+        try:
+            img = load_image(p)
+        except FacegateError as e:
+            out.append(EnrollResult(p.stem, str(p), False, e.problem))
+            continue
+        out.append(embed_photo(stack, cfg.quality, img, p.stem, str(p)))
+    return out
+
+
+def apply(g: Gallery, results: list[EnrollResult], retention_days: int, person_ids: dict | None = None,
+          now: float | None = None) -> int:
+    now = time.time() if now is None else now
+    n = 0
+    for r in results:
+        if r.ok:
+            g.add(Person(r.name, r.embedding, (person_ids or {}).get(r.name, ""), now, now + retention_days * 86400.0))
+            n += 1
+    return n

@@ -1,0 +1,171 @@
+"""The gate: wires the stages, one direction only.
+
+Frame -> Detection -> (quality) -> AlignedFace -> liveness -> Embedding -> Match -> Decision -> relay + audit
+
+Any exception while handling a frame is a denial with reason "error", audited; the relay is only
+ever told to unlock by a "granted" decision."""
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import gallery as gallery_io
+from .config import Config
+from .decide import DecisionPolicy, Observation, choose_faces
+from .detect import Detector, load_detector
+from .embed import Encoder, load_encoder
+from .errors import GalleryError
+from .liveness import LivenessCheck, NoLiveness, make_liveness
+from .match import cosine_scores, identify, threshold_for_gallery, verify
+from .quality import assess
+from .records import Decision, Frame
+
+log = logging.getLogger(__name__)
+
+# Frame-level reasons that repeat every frame while nothing changes: audited on change only.
+_QUIET = {"no_face", "crowd", "backoff", "pending"}
+
+
+@dataclass
+class Stack:
+    """The models, loaded once and shared by the gate, enrollment and the evaluations."""
+
+    detector: Detector
+    encoder: Encoder
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "Stack":
+        return cls(load_detector(cfg.models.detector, cfg.models.threads),
+                   load_encoder(cfg.models.encoder, cfg.models.threads, flip=cfg.match.flip))
+
+
+def gallery_threshold(cfg: Config, encoder: Encoder, k: int, verification: bool = False) -> float:
+    """Operating threshold: fixed in config, or from the card's calibration for the gallery size
+    (1:1 verification is one comparison, so K = 1)."""
+    if cfg.match.threshold is not None:
+        return cfg.match.threshold
+    cal = encoder.card.calibration
+    if cal is None:
+        raise GalleryError(None, f"encoder {encoder.card.name} has no calibration in its card; set match.threshold")
+    return threshold_for_gallery(cal.fmr, cal.threshold, cfg.match.target_fpir, 1 if verification else k)
+
+
+@dataclass
+class Gate:
+    cfg: Config
+    stack: Stack
+    gallery: gallery_io.Gallery
+    relay: object | None = None  # edge.relay.DoorRelay
+    audit: object | None = None  # edge.audit.AuditLog
+    liveness: LivenessCheck = field(default_factory=NoLiveness)
+    claim: str | None = None  # badge id / claimed name: 1:1 verification instead of 1:N
+    timings: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.policy = DecisionPolicy(self.cfg.decision)
+        self._last_quiet: str | None = None
+        self.set_gallery(self.gallery)
+
+    def set_gallery(self, g: gallery_io.Gallery) -> None:
+        if g.encoder_sha256 != self.stack.encoder.sha256:
+            raise GalleryError(None, "gallery was built with another encoder; re-enroll")
+        self.gallery = g
+        self.threshold_1n = gallery_threshold(self.cfg, self.stack.encoder, max(len(g), 1))
+        self.threshold_1to1 = gallery_threshold(self.cfg, self.stack.encoder, 1, verification=True)
+
+    # ------------------------------------------------------------------ one frame
+    def process(self, frame: Frame) -> Decision:
+        try:
+            decision = self._judge(frame)
+        except Exception as e:  # a fault in any stage denies; the door stays locked
+            log.error("frame %d: %s", frame.index, traceback.format_exc(limit=3))
+            decision = Decision(False, "error", t_mono=frame.t_mono, t_wall=frame.t_wall,
+                                details={"error": f"{type(e).__name__}: {e}"[:300]})
+        self._act(decision)
+        return decision
+
+    def _judge(self, frame: Frame) -> Decision:
+        t = time.perf_counter
+        t0 = t()
+        dets = self.stack.detector.detect(frame.image)
+        t1 = t()
+        self.timings = {"detect": t1 - t0}
+        chosen, why = choose_faces(dets, frame.image.shape, self.cfg.decision.crowd_policy, self.cfg.decision.max_faces)
+        if why or not chosen:
+            return self.policy.frame_denial(why or "no_face", frame.t_mono, frame.t_wall)
+        det = chosen[0]
+        track = self.policy.track_for(det, frame.t_mono)
+        if self.policy.in_backoff(frame.t_mono):
+            return self.policy.update(track, Observation("backoff"), frame.t_mono, frame.t_wall)
+        enc = self.stack.encoder
+        aligned = enc.align(frame.image, det)
+        t2 = t()
+        self.timings["align"] = t2 - t1
+        q = assess(det, aligned.image, self.cfg.quality)
+        if not q.ok:
+            return self.policy.update(track, Observation("quality:" + q.reason), frame.t_mono, frame.t_wall)
+        live = self.liveness.assess(frame.image, det, track.track_id, frame.t_mono)
+        t3 = t()
+        self.timings["liveness"] = t3 - t2
+        emb = enc.embed(aligned)
+        t4 = t()
+        scores = cosine_scores(self.gallery.matrix, emb.vector)
+        if self.claim is not None:
+            m = verify(scores, self.gallery.names, self.claim, self.threshold_1to1)
+        else:
+            m = identify(scores, self.gallery.names, self.threshold_1n, self.cfg.match.min_margin)
+        t5 = t()
+        self.timings.update(embed=t4 - t3, match=t5 - t4)
+        if not live.live:
+            outcome = "liveness"
+        elif m.accepted:
+            outcome = "match"
+        else:
+            outcome = {"margin": "margin", "claim_unknown": "claim_unknown"}.get(m.reason, "unknown")
+        obs = Observation(outcome, m.identity if m.accepted else None, _finite(m.score), _finite(m.runner_up_score),
+                          m.threshold, live.score)
+        d = self.policy.update(track, obs, frame.t_mono, frame.t_wall)
+        if outcome != "match" and d.identity is None and m.identity is not None:
+            # Denials keep the nearest identity in the audit for investigation, never as a grant.
+            d.details["nearest"] = m.identity
+        return d
+
+    def _act(self, d: Decision) -> None:
+        if d.grant and self.relay is not None:
+            self.relay.unlock(d.t_mono)
+        if self.audit is None:
+            return
+        if d.reason in _QUIET:
+            if d.reason == self._last_quiet or d.reason == "pending":
+                return
+            self._last_quiet = d.reason
+        else:
+            self._last_quiet = None
+        self.audit.record(d)
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
+
+
+def open_gallery(cfg: Config, encoder: Encoder) -> gallery_io.Gallery:
+    key = gallery_io.load_key(cfg.storage.key_file)
+    g = gallery_io.load(cfg.storage.gallery, key, encoder.sha256)
+    expired = g.expire()
+    if expired:
+        log.warning("enrolments expired and ignored: %s", ", ".join(expired))
+    return g
+
+
+def resolve(cfg: Config, base: Path) -> Config:
+    """Relative storage paths are relative to the config file's folder."""
+    for name in ("gallery", "key_file", "audit"):
+        v = getattr(cfg.storage, name)
+        if v and not Path(v).is_absolute():
+            setattr(cfg.storage, name, str((base / v).resolve()))
+    return cfg

@@ -1,0 +1,141 @@
+"""The run loop as a systemd service: sd_notify READY / WATCHDOG / STOPPING, SIGHUP reload,
+SIGTERM/SIGINT lock-and-exit.
+
+Watchdog pings are sent from the frame loop only after a frame was fully processed, so a hung
+camera or pipeline stops the pings and systemd restarts the service (WatchdogSec=)."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import time
+
+from .config import Config
+from .errors import FacegateError
+
+log = logging.getLogger(__name__)
+
+
+class Notifier:
+    """sd_notify(3) over $NOTIFY_SOCKET (a datagram unix socket; '@' = abstract namespace)."""
+
+    def __init__(self, address: str | None = None):
+        address = address if address is not None else os.environ.get("NOTIFY_SOCKET")
+        self.sock = None
+        if address:
+            if address.startswith("@"):
+                address = "\0" + address[1:]
+            self.address = address
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        wd = os.environ.get("WATCHDOG_USEC")
+        pid = os.environ.get("WATCHDOG_PID")
+        self.watchdog_s = int(wd) / 1e6 if wd and (not pid or int(pid) == os.getpid()) else None
+        self._last_ping = float("-inf")
+
+    def send(self, message: str) -> bool:
+        if self.sock is None:
+            return False
+        try:
+            self.sock.sendto(message.encode(), self.address)
+            return True
+        except OSError as e:
+            log.warning("sd_notify failed: %s", e)
+            return False
+
+    def ready(self, status: str = "") -> None:
+        self.send("READY=1" + (f"\nSTATUS={status}" if status else ""))
+
+    def watchdog(self, now: float) -> None:
+        # Ping at twice the rate systemd needs; no more, so a busy loop does not flood the socket.
+        if self.watchdog_s is None or now - self._last_ping >= self.watchdog_s / 2:
+            if self.send("WATCHDOG=1"):
+                self._last_ping = now
+
+    def reloading(self) -> None:
+        self.send("RELOADING=1")
+
+    def stopping(self) -> None:
+        self.send("STOPPING=1")
+
+    def status(self, text: str) -> None:
+        self.send(f"STATUS={text}")
+
+
+def run_service(cfg: Config, max_frames: int | None = None, verbose: bool = True, notifier: Notifier | None = None) -> int:
+    from .audit import AuditLog
+    from .camera import CameraMonitor, make_camera
+    from .liveness import make_liveness
+    from .pipeline import Gate, Stack, open_gallery
+    from .relay import DoorRelay, make_pin_factory
+
+    notifier = notifier or Notifier()
+    relay = DoorRelay(cfg.relay, make_pin_factory(cfg.relay.pin_factory))  # locked from the first instant
+    audit = AuditLog(cfg.storage.audit)
+    stop = {"flag": False, "reload": False}
+
+    def on_term(signum, _frame):
+        stop["flag"] = True
+        relay.lock()
+
+    def on_hup(signum, _frame):
+        stop["reload"] = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    signal.signal(signal.SIGHUP, on_hup)
+    try:
+        stack = Stack.from_config(cfg)
+        audit.set_models(stack.encoder.sha256, stack.detector.card.sha256)
+        try:
+            gallery = open_gallery(cfg, stack.encoder)
+        except FacegateError as e:
+            audit.record_event("gallery", "refused", details={"error": str(e)})
+            raise
+        gate = Gate(cfg, stack, gallery, relay=relay, audit=audit, liveness=make_liveness(cfg, cfg.models.threads))
+        camera = CameraMonitor(lambda: make_camera(cfg.camera), cfg.camera)
+        audit.record_event("service", "started", details={"people": len(gallery), "threshold": round(gate.threshold_1n, 4)})
+        notifier.ready(f"{len(gallery)} enrolled")
+        frames = 0
+        while not stop["flag"]:
+            if stop["reload"]:
+                stop["reload"] = False
+                notifier.reloading()
+                try:
+                    gate.set_gallery(open_gallery(cfg, stack.encoder))
+                    audit.record_event("gallery", "reloaded", details={"people": len(gate.gallery)})
+                except FacegateError as e:  # keep the gallery we have; a bad update must not lock everyone out
+                    audit.record_event("gallery", "reload_refused", details={"error": str(e)})
+                notifier.ready(f"{len(gate.gallery)} enrolled")
+            frame = camera.read()
+            for ev in camera.pop_events():
+                audit.record_event("camera", ev.audit_reason, details=ev.details or None)
+            if frame is None:
+                if camera.ended:
+                    break
+                continue
+            d = gate.process(frame)
+            frames += 1
+            notifier.watchdog(time.monotonic())
+            if verbose and d.reason != "pending":
+                _print_decision(frame, d)
+            if max_frames is not None and frames >= max_frames:
+                break
+        if verbose:
+            st = relay.stats
+            print(f"done: {frames} frames, {st.openings} door opening(s), longest unlocked {st.longest_unlocked_s:.2f} s, "
+                  f"{audit.count()} audit records in {cfg.storage.audit}")
+        return 0
+    finally:
+        notifier.stopping()
+        relay.close()
+        try:
+            audit.record_event("service", "stopped")
+        finally:
+            audit.close()
+
+
+def _print_decision(frame, d) -> None:
+    who = d.identity or d.details.get("nearest") or ""
+    score = f" score {d.score:.3f} (threshold {d.threshold:.3f})" if d.score is not None and d.threshold is not None else ""
+    print(f"frame {frame.index:4d} {frame.source[-24:]:>24}  {'GRANT' if d.grant else 'deny '} {d.reason:<16} {who}{score}", flush=True)

@@ -1,0 +1,70 @@
+"""`python -m export build`: registry models -> clean fp32 ONNX -> INT8 ONNX, each with its card.
+
+INT8 uses the activation ranges committed in export/calibration/ (made by `export calibrate`), so
+the setup step needs no calibration images and gives the same model everywhere."""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from edge.modelcard import CalibrationSpec, load_card, write_card
+
+from .cards import sface_card, yunet_card
+from .fetch import RAW_DIR
+from .onnx_import import import_onnx
+from .prelu import int8_friendly
+from .quantize import quantize
+
+MODELS_DIR = RAW_DIR.parent
+CALIB_DIR = Path(__file__).with_name("calibration")
+
+
+def method(model: str) -> str:
+    """The calibration method `export calibrate` chose for this model (best parity on held-out faces)."""
+    return json.loads((CALIB_DIR / "methods.json").read_text())[model]
+
+
+def ranges_cache(model: str) -> Path:
+    return CALIB_DIR / f"{model}.ranges.json"
+
+
+def thresholds_for(name: str) -> CalibrationSpec | None:
+    p = CALIB_DIR / f"{name}.thresholds.json"
+    return CalibrationSpec.model_validate(json.loads(p.read_text())) if p.is_file() else None
+
+
+def _fresh(card_path: Path, sources: list[Path]) -> bool:
+    """Skip a rebuild when the card is valid and newer than what it was made from."""
+    try:
+        load_card(card_path)
+    except Exception:
+        return False
+    return all(card_path.stat().st_mtime >= s.stat().st_mtime for s in sources if s.exists())
+
+
+def build(out_dir: Path = MODELS_DIR, force: bool = False, quiet: bool = False) -> list[Path]:
+    made = []
+    say = (lambda *a: None) if quiet else (lambda *a: print("build:", *a))
+    sf32, yn32 = out_dir / "sface_fp32.onnx", out_dir / "yunet_fp32.onnx"
+    sf8, yn8 = out_dir / "sface_int8.onnx", out_dir / "yunet_int8.onnx"
+    if force or not _fresh(out_dir / "sface_fp32.card.json", [RAW_DIR / "sface_2021dec_int8bq.onnx", CALIB_DIR / "sface_fp32.thresholds.json"]):
+        say("SFace fp32 (dequantize, fold, free batch)")
+        import_onnx(RAW_DIR / "sface_2021dec_int8bq.onnx", sf32)
+        made.append(write_card(sface_card("sface_fp32", sf32, "fp32", calibration=thresholds_for("sface_fp32")), sf32))
+    if force or not _fresh(out_dir / "yunet_fp32.card.json", [RAW_DIR / "yunet_2023mar_int8bq.onnx"]):
+        say("YuNet fp32 (dequantize, fold, free input size)")
+        import_onnx(RAW_DIR / "yunet_2023mar_int8bq.onnx", yn32, spatial=True, batch=False)
+        made.append(write_card(yunet_card("yunet_fp32", yn32, "fp32"), yn32))
+    if force or not _fresh(out_dir / "sface_int8.card.json", [sf32, ranges_cache("sface"), CALIB_DIR / "sface_int8.thresholds.json"]):
+        say("SFace INT8 (PReLU rewrite, static QDQ from committed ranges)")
+        with tempfile.TemporaryDirectory() as tmp:
+            ready = Path(tmp) / "sface_int8ready.onnx"
+            int8_friendly(str(sf32), str(ready))
+            quantize(ready, sf8, method("sface"), None, ranges_cache("sface"))
+        made.append(write_card(sface_card("sface_int8", sf8, "int8", calibration=thresholds_for("sface_int8")), sf8))
+    if force or not _fresh(out_dir / "yunet_int8.card.json", [yn32, ranges_cache("yunet")]):
+        say("YuNet INT8 (static QDQ from committed ranges)")
+        quantize(yn32, yn8, method("yunet"), None, ranges_cache("yunet"))
+        made.append(write_card(yunet_card("yunet_int8", yn8, "int8"), yn8))
+    return made

@@ -1,0 +1,70 @@
+"""Calibration on a face folder (../shared/data/celeba in development; never LFW):
+
+1. INT8 activation ranges for each model, saved as a small JSON cache in export/calibration/ so
+   `build` reproduces the same INT8 model without the images;
+2. the encoder's impostor-score table (FMR at each threshold), which the gate turns into its
+   operating threshold for a gallery of K people (edge/match.py)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from edge.atomic import atomic_write_bytes
+from edge.embed import Encoder, load_encoder
+from edge.detect import load_detector
+from edge.errors import FacegateError
+from edge.imageio import load_image
+
+FMR_GRID = [10.0 ** e for e in np.arange(-6.0, -0.24, 0.25)]
+
+
+def identity_folder_faces(root: Path, detector_card: Path, template, size, limit_per_id: int = 1000):
+    """(identity, aligned crop) for each image of a one-folder-per-identity tree where a face is found."""
+    from edge.align import align
+
+    det = load_detector(detector_card)
+    out = []
+    for ident in sorted(p for p in Path(root).iterdir() if p.is_dir()):
+        for f in sorted(ident.iterdir())[:limit_per_id]:
+            try:
+                img = load_image(f)
+            except FacegateError:
+                continue
+            faces = det.detect(img)
+            if faces:
+                out.append((ident.name, align(img, faces[0], template, size).image))
+    if not out:
+        raise FacegateError(root, "no faces found in the calibration folder")
+    return out
+
+
+def impostor_table(vectors: np.ndarray, ids: list[str], grid=FMR_GRID) -> dict:
+    """Thresholds at which the share of different-identity pairs scoring >= threshold is each FMR."""
+    ids_arr = np.asarray(ids)
+    scores = []
+    for i in range(0, len(vectors), 512):
+        s = vectors[i:i + 512] @ vectors.T
+        rows = np.arange(i, min(i + 512, len(vectors)))[:, None]
+        mask = (np.arange(len(vectors))[None, :] > rows) & (ids_arr[i:i + 512, None] != ids_arr[None, :])
+        scores.append(s[mask])
+    imp = np.sort(np.concatenate(scores))
+    n = len(imp)
+    fmr, thr = [], []
+    for f in grid:
+        k = int(np.floor(f * n))
+        if k < 1:
+            continue
+        t = float(imp[n - k])  # k impostor pairs score at or above t
+        fmr.append(float(np.mean(imp >= t)))
+        thr.append(t)
+    return {"impostor_pairs": int(n), "fmr": fmr, "threshold": thr}
+
+
+def write_thresholds(encoder: Encoder, faces, out: Path, dataset: str) -> dict:
+    ids = [i for i, _ in faces]
+    vecs = np.concatenate([encoder.embed_images([c for _, c in faces[i:i + 64]]) for i in range(0, len(faces), 64)])
+    table = {"dataset": dataset, **impostor_table(vecs, ids)}
+    atomic_write_bytes(out, (json.dumps(table, indent=1) + "\n").encode())
+    return table

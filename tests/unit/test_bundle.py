@@ -1,0 +1,385 @@
+"""Signed enrollment bundles: signing, every rejection case, and applying one to a real gallery."""
+import base64
+import hashlib
+import json
+import os
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+from edge import bundle as B
+from edge import gallery as G
+from edge.audit import AuditLog
+from edge.errors import BundleError
+
+from _stack import gate_config, sample
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    d = tmp_path_factory.mktemp("keys")
+    priv, pub = B.generate_signing_key(d / "signing.key")
+    return B.load_private_key(priv), B.load_public_key(pub), d
+
+
+def write_photos(folder, names):
+    folder.mkdir(exist_ok=True)
+    for n in names:
+        (folder / n).write_bytes(b"photo bytes of " + n.encode())
+
+
+def make_bundle(tmp_path, priv, people=None, removals=(), sequence=5, name="bundle"):
+    people = people if people is not None else [
+        {"name": "alice", "id": "E1", "photo": "alice.jpg", "valid_from": "2024-01-01", "valid_until": "2099-01-01"},
+        {"name": "bob", "id": "E2", "photo": "bob.jpg"}]
+    photos = tmp_path / "photos"
+    write_photos(photos, [p["photo"] for p in people if (photos / p["photo"]).name == p["photo"]])
+    manifest = tmp_path / f"{name}.yaml"
+    manifest.write_text(yaml.safe_dump({"sequence": sequence, "people": people, "removals": list(removals)}))
+    out = tmp_path / name
+    B.create_bundle(photos, manifest, priv, out, now=1.7e9)
+    return out
+
+
+def resign(bundle_dir, priv, manifest: dict | bytes):
+    """What a stolen signing key or a buggy tool could produce: any manifest, validly signed."""
+    body = manifest if isinstance(manifest, bytes) else B.canonical_json(manifest)
+    (bundle_dir / B.MANIFEST).write_bytes(body)
+    (bundle_dir / B.SIGNATURE).write_bytes(base64.b64encode(priv.sign(B.signed_message(body))))
+
+
+def test_create_and_verify_round_trip(tmp_path, keys):
+    priv, pub, _ = keys
+    out = make_bundle(tmp_path, priv)
+    assert sorted(p.name for p in out.iterdir()) == ["alice.jpg", "bob.jpg", "manifest.json", "manifest.sig"]
+    vb = B.verify_bundle(out, pub)
+    m = vb.manifest
+    assert m.sequence == 5 and m.created == "2023-11-14T22:13:20Z"
+    assert [(p.name, p.id) for p in m.people] == [("alice", "E1"), ("bob", "E2")]
+    alice = m.people[0]
+    assert alice.valid_from == "2024-01-01T00:00:00Z" and alice.valid_until == "2099-01-01T00:00:00Z"
+    assert alice.sha256 == hashlib.sha256(b"photo bytes of alice.jpg").hexdigest()
+    assert vb.photos["bob.jpg"] == b"photo bytes of bob.jpg"
+    # the manifest on disk is exactly the canonical form that was signed
+    assert (out / B.MANIFEST).read_bytes() == B.canonical_json(json.loads((out / B.MANIFEST).read_bytes()))
+
+
+def test_signature_covers_domain_and_manifest_digest(tmp_path, keys):
+    priv, pub, _ = keys
+    out = make_bundle(tmp_path, priv)
+    sig = base64.b64decode((out / B.SIGNATURE).read_bytes())
+    body = (out / B.MANIFEST).read_bytes()
+    pub.verify(sig, b"facegate-bundle-v1\0" + hashlib.sha256(body).digest())  # raises if not
+
+
+def test_unsigned_bundle_refused(tmp_path, keys):
+    priv, pub, _ = keys
+    out = make_bundle(tmp_path, priv)
+    (out / B.SIGNATURE).unlink()
+    with pytest.raises(BundleError, match="unsigned"):
+        B.verify_bundle(out, pub)
+
+
+def test_other_key_refused(tmp_path, keys):
+    priv, _, _ = keys
+    out = make_bundle(tmp_path, priv)
+    _, other_pub = B.generate_signing_key(tmp_path / "other.key")
+    with pytest.raises(BundleError, match="signature does not verify"):
+        B.verify_bundle(out, B.load_public_key(other_pub))
+
+
+def test_garbage_signature_refused(tmp_path, keys):
+    priv, pub, _ = keys
+    out = make_bundle(tmp_path, priv)
+    (out / B.SIGNATURE).write_bytes(b"not base64 !!")
+    with pytest.raises(BundleError, match="signature does not verify"):
+        B.verify_bundle(out, pub)
+
+
+def test_tampered_manifest_refused(tmp_path, keys):
+    priv, pub, _ = keys
+    out = make_bundle(tmp_path, priv)
+    body = (out / B.MANIFEST).read_bytes()
+    (out / B.MANIFEST).write_bytes(body.replace(b'"bob"', b'"eve"'))
+    with pytest.raises(BundleError, match="signature does not verify"):
+        B.verify_bundle(out, pub)
+
+
+def test_tampered_photo_refused(tmp_path, keys):
+    priv, pub, _ = keys
+    out = make_bundle(tmp_path, priv)
+    data = bytearray((out / "bob.jpg").read_bytes())
+    data[3] ^= 1
+    (out / "bob.jpg").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="does not match its signed sha256"):
+        B.verify_bundle(out, pub)
+
+
+def test_swapped_photos_refused(tmp_path, keys):
+    priv, pub, _ = keys
+    out = make_bundle(tmp_path, priv)
+    a, b = (out / "alice.jpg").read_bytes(), (out / "bob.jpg").read_bytes()
+    (out / "alice.jpg").write_bytes(b)
+    (out / "bob.jpg").write_bytes(a)
+    with pytest.raises(BundleError, match="tampered"):
+        B.verify_bundle(out, pub)
+
+
+def test_missing_photo_refused(tmp_path, keys):
+    priv, pub, _ = keys
+    out = make_bundle(tmp_path, priv)
+    (out / "bob.jpg").unlink()
+    with pytest.raises(BundleError, match="photo not found"):
+        B.verify_bundle(out, pub)
+
+
+@pytest.mark.parametrize("applied,ok", [(0, True), (4, True), (5, False), (9, False)])
+def test_replay_refused_at_or_below_applied_sequence(tmp_path, keys, applied, ok):
+    priv, pub, _ = keys
+    out = make_bundle(tmp_path, priv, sequence=5)
+    if ok:
+        assert B.verify_bundle(out, pub, min_sequence=applied).manifest.sequence == 5
+    else:
+        with pytest.raises(BundleError, match="replayed or old bundle: sequence 5"):
+            B.verify_bundle(out, pub, min_sequence=applied)
+
+
+@pytest.mark.parametrize("bad", ["../alice.jpg", "/etc/passwd", "sub/alice.jpg", "a\0.jpg", "..", ".hidden.jpg",
+                                 "a\\b.jpg", "x..jpg"])
+def test_path_traversing_names_refused_even_when_signed(tmp_path, keys, bad):
+    priv, pub, _ = keys
+    out = make_bundle(tmp_path, priv)
+    m = json.loads((out / B.MANIFEST).read_bytes())
+    m["people"][0]["photo"] = bad
+    resign(out, priv, m)
+    with pytest.raises(BundleError, match="malformed manifest"):
+        B.verify_bundle(out, pub)
+
+
+@pytest.mark.parametrize("bad", ["../alice.jpg", "/etc/passwd", "sub/alice.jpg"])
+def test_create_refuses_path_names(tmp_path, keys, bad):
+    priv, _, _ = keys
+    with pytest.raises(BundleError, match="people\\[0\\]"):
+        make_bundle(tmp_path, priv, people=[{"name": "alice", "photo": bad}])
+
+
+def test_symlinked_photo_refused(tmp_path, keys):
+    priv, pub, _ = keys
+    out = make_bundle(tmp_path, priv)
+    outside = tmp_path / "outside.jpg"
+    outside.write_bytes((out / "bob.jpg").read_bytes())  # same bytes: only the link is wrong
+    (out / "bob.jpg").unlink()
+    (out / "bob.jpg").symlink_to(outside)
+    with pytest.raises(BundleError, match="symlinks are refused"):
+        B.verify_bundle(out, pub)
+
+
+def test_symlinked_manifest_and_bundle_folder_refused(tmp_path, keys):
+    priv, pub, _ = keys
+    out = make_bundle(tmp_path, priv)
+    link = tmp_path / "link"
+    link.symlink_to(out)
+    with pytest.raises(BundleError, match="not a folder"):
+        B.verify_bundle(link, pub)
+    shutil.move(out / B.MANIFEST, tmp_path / "m.json")
+    (out / B.MANIFEST).symlink_to(tmp_path / "m.json")
+    with pytest.raises(BundleError, match="symlinks are refused"):
+        B.verify_bundle(out, pub)
+
+
+def test_oversized_photo_refused(tmp_path, keys, monkeypatch):
+    priv, pub, _ = keys
+    out = make_bundle(tmp_path, priv)
+    monkeypatch.setattr(B, "MAX_PHOTO_BYTES", 10)
+    with pytest.raises(BundleError, match="photo is larger than 10 bytes"):
+        B.verify_bundle(out, pub)
+
+
+def test_oversized_bundle_refused(tmp_path, keys, monkeypatch):
+    priv, pub, _ = keys
+    out = make_bundle(tmp_path, priv)
+    monkeypatch.setattr(B, "MAX_BUNDLE_BYTES", 30)
+    with pytest.raises(BundleError, match="photos total 46 bytes"):
+        B.verify_bundle(out, pub)
+
+
+def test_oversized_manifest_refused_before_parsing(tmp_path, keys, monkeypatch):
+    priv, pub, _ = keys
+    out = make_bundle(tmp_path, priv)
+    monkeypatch.setattr(B, "MAX_MANIFEST_BYTES", 64)
+    with pytest.raises(BundleError, match="manifest is larger than 64 bytes"):
+        B.verify_bundle(out, pub)
+
+
+def test_signed_manifest_with_duplicate_or_unknown_keys_refused(tmp_path, keys):
+    priv, pub, _ = keys
+    out = make_bundle(tmp_path, priv)
+    body = (out / B.MANIFEST).read_bytes()
+    resign(out, priv, body[:-1] + b',"sequence":99}')
+    with pytest.raises(BundleError, match="duplicate key 'sequence'"):
+        B.verify_bundle(out, pub)
+    m = json.loads(body)
+    m["command"] = "rm -rf /"
+    resign(out, priv, m)
+    with pytest.raises(BundleError, match="command"):
+        B.verify_bundle(out, pub)
+
+
+def test_admin_manifest_rules(tmp_path, keys):
+    priv, _, _ = keys
+    with pytest.raises(BundleError, match="duplicate name"):
+        make_bundle(tmp_path, priv, people=[{"name": "a", "photo": "a.jpg"}, {"name": "a", "photo": "b.jpg"}], name="b1")
+    with pytest.raises(BundleError, match="both enrolled and removed: a"):
+        make_bundle(tmp_path, priv, people=[{"name": "a", "photo": "a.jpg"}], removals=["a"], name="b2")
+    with pytest.raises(BundleError, match="valid_until is not after valid_from"):
+        make_bundle(tmp_path, priv, people=[{"name": "a", "photo": "a.jpg", "valid_from": "2025-01-02",
+                                             "valid_until": "2025-01-01"}], name="b3")
+    with pytest.raises(BundleError, match="sequence"):
+        make_bundle(tmp_path, priv, sequence=0, name="b4")
+
+
+def test_admin_manifest_yaml_tags_refused(tmp_path, keys):
+    priv, _, _ = keys
+    m = tmp_path / "evil.yaml"
+    m.write_text("sequence: 1\npeople: !!python/object/apply:os.system ['touch pwned']\n")
+    with pytest.raises(BundleError, match="not valid YAML"):
+        B.create_bundle(tmp_path, m, priv, tmp_path / "out")
+    assert not (tmp_path / "pwned").exists() and not (tmp_path / "out").exists()
+
+
+def test_keygen_refuses_to_overwrite(tmp_path):
+    B.generate_signing_key(tmp_path / "k.key")
+    assert oct((tmp_path / "k.key").stat().st_mode & 0o777) == "0o600"
+    with pytest.raises(BundleError, match="refusing to overwrite"):
+        B.generate_signing_key(tmp_path / "k.key")
+
+
+# ------------------------------------------------------------------ applying to a real gallery
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    from edge.pipeline import Stack
+
+    return Stack.from_config(gate_config(tmp_path_factory.mktemp("cfg")))
+
+
+def photo_bundle(tmp_path, priv, people, removals=(), sequence=1, name="bundle", extra=None):
+    """A bundle of real photos: people = [(name, id, sample file)]; extra = {file: image array}."""
+    photos = tmp_path / f"{name}-photos"
+    photos.mkdir()
+    for _, _, f in people:
+        if not (extra and f in extra):
+            shutil.copy(sample(f), photos / f)
+    for f, img in (extra or {}).items():
+        cv2.imwrite(str(photos / f), img)
+    manifest = tmp_path / f"{name}.yaml"
+    manifest.write_text(yaml.safe_dump({"sequence": sequence, "removals": list(removals),
+                                        "people": [{"name": n, "id": i, "photo": f} for n, i, f in people]}))
+    B.create_bundle(photos, manifest, priv, tmp_path / name)
+    return tmp_path / name
+
+
+def test_apply_enrolls_refuses_removes_and_audits(tmp_path, keys, stack):
+    priv, pub, _ = keys
+    cfg = gate_config(tmp_path)
+    G.new_key_file(cfg.storage.key_file)
+    key = G.load_key(cfg.storage.key_file)
+    g = G.Gallery(stack.encoder.sha256, stack.encoder.card.embedding.dim)
+    suit = cv2.imread(str(sample("astronaut.png")))[300:512, 0:180]  # the astronaut's suit: no face
+    b1 = photo_bundle(tmp_path, priv, [("obama", "E1", "obama.jpg"), ("astronaut", "E2", "astronaut.png"),
+                                       ("nobody", "E3", "suit.png")], sequence=3, name="b1", extra={"suit.png": suit})
+    with AuditLog(cfg.storage.audit) as audit:
+        r = B.apply_bundle(b1, pub, g, stack, cfg, audit=audit)
+        assert r.enrolled == ["obama", "astronaut"] and list(r.refused) == ["nobody"]
+        assert r.refused["nobody"] == "no face found"
+        on_disk = G.load(cfg.storage.gallery, key, stack.encoder.sha256)
+        assert on_disk.names == ["obama", "astronaut"] and on_disk.bundle_sequence == 3
+        assert [p.person_id for p in on_disk.people] == ["E1", "E2"]
+        assert all(p.expires_at > p.enrolled_at + 1094 * 86400 for p in on_disk.people)
+
+        # replaying the same bundle changes nothing and is audited
+        before = (tmp_path / "gallery.fgg").read_bytes()
+        with pytest.raises(BundleError, match="replayed"):
+            B.apply_bundle(b1, pub, on_disk, stack, cfg, audit=audit)
+        assert (tmp_path / "gallery.fgg").read_bytes() == before
+
+        b2 = photo_bundle(tmp_path, priv, [], removals=["E2"], sequence=4, name="b2")
+        r2 = B.apply_bundle(b2, pub, on_disk, stack, cfg, audit=audit)
+        assert r2.removed == ["astronaut"]
+        after = G.load(cfg.storage.gallery, key, stack.encoder.sha256)
+        assert after.names == ["obama"] and after.bundle_sequence == 4
+        rows = [(r["kind"], r["reason"], r["identity"]) for r in audit.tail(20)]
+    assert rows == [("enroll", "enrolled", "obama"), ("enroll", "enrolled", "astronaut"),
+                    ("enroll", "refused", "nobody"), ("enroll", "bundle_applied", None),
+                    ("enroll", "bundle_refused", None),
+                    ("enroll", "revoked", "astronaut"), ("enroll", "bundle_applied", None)]
+    # photos are not kept anywhere next to the gallery
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".jpg", ".png")) == []
+
+
+def test_apply_validity_window(tmp_path, keys, stack):
+    priv, pub, _ = keys
+    cfg = gate_config(tmp_path)
+    G.new_key_file(cfg.storage.key_file)
+    photos = tmp_path / "p"
+    photos.mkdir()
+    for f in ("obama.jpg", "astronaut.png", "biden.jpg"):
+        shutil.copy(sample(f), photos / f)
+    m = tmp_path / "m.yaml"
+    m.write_text(yaml.safe_dump({"sequence": 1, "people": [
+        {"name": "early", "photo": "obama.jpg", "valid_from": "2030-01-01"},
+        {"name": "late", "photo": "astronaut.png", "valid_until": "2020-01-01"},
+        {"name": "short", "photo": "biden.jpg", "valid_until": "2026-01-01"}]}))
+    B.create_bundle(photos, m, priv, tmp_path / "b")
+    g = G.Gallery(stack.encoder.sha256, stack.encoder.card.embedding.dim)
+    now = B.to_epoch("2025-06-01", "")
+    r = B.apply_bundle(tmp_path / "b", pub, g, stack, cfg, now=now)
+    assert r.enrolled == ["short"]
+    assert r.refused["early"].startswith("not valid before 2030-01-01")
+    assert r.refused["late"].startswith("validity ended 2020-01-01")
+    assert g.people[0].expires_at == B.to_epoch("2026-01-01", "")  # the earlier of valid_until and retention
+
+
+def test_cli_keygen_create_verify_apply(tmp_path, stack, capsys):
+    from edge.__main__ import main
+
+    cfg = gate_config(tmp_path)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump()))
+    assert main(["keygen", "--signing", str(tmp_path / "admin.key"), "--gallery", str(tmp_path / "gallery.key")]) == 0
+    assert oct((tmp_path / "gallery.key").stat().st_mode & 0o777) == "0o600"
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(sample("obama.jpg"), photos / "obama.jpg")
+    (tmp_path / "m.yaml").write_text("sequence: 1\ncreated: 2025-01-01\npeople:\n  - {name: obama, id: E1, photo: obama.jpg}\n")
+    assert main(["bundle", "create", "--photos", str(photos), "--manifest", str(tmp_path / "m.yaml"),
+                 "--key", str(tmp_path / "admin.key"), "--out", str(tmp_path / "b")]) == 0
+    pub = str(tmp_path / "admin.pub")
+    assert main(["bundle", "verify", str(tmp_path / "b"), "--public-key", pub]) == 0
+    assert main(["bundle", "apply", str(tmp_path / "b"), "--public-key", pub, "--config", str(tmp_path / "config.yaml")]) == 0
+    assert main(["bundle", "apply", str(tmp_path / "b"), "--public-key", pub, "--config", str(tmp_path / "config.yaml")]) == 2
+    out = capsys.readouterr()
+    assert "bundle 1 applied: 1 enrolled" in out.out and "replayed" in out.err
+    g = G.load(tmp_path / "gallery.fgg", G.load_key(tmp_path / "gallery.key"))
+    assert g.names == ["obama"] and g.bundle_sequence == 1
+
+
+def test_cli_rekey(tmp_path, capsys):
+    from edge.__main__ import main
+
+    G.new_key_file(tmp_path / "k1")
+    G.new_key_file(tmp_path / "k2")
+    g = G.Gallery("e" * 64, 4)
+    g.add(G.Person("a", np.ones(4, np.float32)))
+    G.save(g, tmp_path / "g.fgg", G.load_key(tmp_path / "k1"))
+    (tmp_path / "c.yaml").write_text(f"storage: {{gallery: g.fgg, audit: a.sqlite3, key_file: k1}}\n")
+    assert main(["rekey", "--config", str(tmp_path / "c.yaml"), "--old", str(tmp_path / "k1"), "--new", str(tmp_path / "k2")]) == 0
+    assert G.load(tmp_path / "g.fgg", G.load_key(tmp_path / "k2")).names == ["a"]
+    with pytest.raises(Exception, match="failed authentication"):
+        G.load(tmp_path / "g.fgg", G.load_key(tmp_path / "k1"))
+    # a wrong old key changes nothing
+    before = (tmp_path / "g.fgg").read_bytes()
+    assert main(["rekey", "--config", str(tmp_path / "c.yaml"), "--old", str(tmp_path / "k1"), "--new", str(tmp_path / "k2")]) == 2
+    assert (tmp_path / "g.fgg").read_bytes() == before
+    assert os.stat(tmp_path / "g.fgg").st_mode & 0o777 == 0o600

@@ -53,12 +53,14 @@ def weighted_nms(boxes: np.ndarray, kps: np.ndarray, scores: np.ndarray, iou_thr
     out = []
     while order.size:
         i = int(order[0])
-        overlap = iou(boxes[i], boxes[order])
-        group = order[overlap > iou_threshold]
+        merge = iou(boxes[i], boxes[order]) > iou_threshold
+        # A degenerate (zero-area) box has IoU 0 with itself: it must still head its own group.
+        merge[0] = True
+        group = order[merge]
         w = scores[group][:, None]
         out.append(((boxes[group] * w).sum(0) / w.sum(), (kps[group].reshape(len(group), -1) * w).sum(0) / w.sum(),
                     float(scores[i])))
-        order = order[overlap <= iou_threshold]
+        order = order[~merge]
     return out
 
 
@@ -70,6 +72,11 @@ def yunet_decode(outputs: dict[str, np.ndarray], strides: list[int], pad_w: int,
     boxes, kps, scores = [], [], []
     for s in strides:
         cols, rows = pad_w // s, pad_h // s
+        for name, per_cell in (("cls", 1), ("obj", 1), ("bbox", 4), ("kps", 10)):
+            got = outputs[f"{name}_{s}"].size
+            if got != rows * cols * per_cell:
+                raise ValueError(f"YuNet output {name}_{s} has {got} values, expected {rows * cols * per_cell} "
+                                 f"({cols}x{rows} cells at stride {s} for a {pad_w}x{pad_h} padded input)")
         cls = np.clip(outputs[f"cls_{s}"].reshape(-1), 0, 1)
         obj = np.clip(outputs[f"obj_{s}"].reshape(-1), 0, 1)
         score = np.sqrt(cls * obj)
@@ -85,7 +92,6 @@ def yunet_decode(outputs: dict[str, np.ndarray], strides: list[int], pad_w: int,
         boxes.append(np.stack([cx - w / 2, cy - h / 2, w, h], 1))
         kps.append((k + np.stack([col, row], 1)[:, None, :]) * s)
         scores.append(score[idx])
-        assert rows * cols == cls.size, "YuNet output size does not match the padded input"
     if not boxes:
         return np.zeros((0, 4), np.float32), np.zeros((0, 5, 2), np.float32), np.zeros(0, np.float32)
     return np.concatenate(boxes), np.concatenate(kps), np.concatenate(scores)
@@ -113,7 +119,7 @@ def blazeface_decode(raw: np.ndarray, logits: np.ndarray, anchors: np.ndarray, i
     """Decode BlazeFace regressors (N x 16: dx, dy, w, h, then 6 keypoints) against anchors.
 
     Returns boxes and keypoints in [0, 1] input coordinates, and sigmoid scores."""
-    scores = 1.0 / (1.0 + np.exp(-np.clip(logits.reshape(-1), -100, 100)))
+    scores = 1.0 / (1.0 + np.exp(-np.clip(logits.reshape(-1).astype(np.float64), -100, 100)))  # float32 exp(100) overflows
     idx = np.nonzero(scores >= score_threshold)[0]
     r = raw.reshape(-1, raw.shape[-1])[idx] / input_size
     a = anchors[idx]

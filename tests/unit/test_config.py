@@ -1,0 +1,110 @@
+"""edge.config.load_config: defaults, every refusal names the file, YAML is loaded safely."""
+import pytest
+
+from edge.config import Config, describe, load_config
+from edge.errors import ConfigError, FacegateError
+
+
+def write(tmp_path, text, name="gate.yaml"):
+    p = tmp_path / name
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+def refused(path, *words):
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert str(path) in msg and e.value.path == str(path)
+    for w in words:
+        assert w in msg, msg
+    return msg
+
+
+def test_no_file_gives_defaults():
+    cfg = load_config(None)
+    assert cfg == Config()
+    assert (cfg.decision.k, cfg.decision.n, cfg.camera.source, cfg.match.threshold) == (2, 3, "replay", None)
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    assert load_config(write(tmp_path, "")) == Config()
+    assert load_config(write(tmp_path, "# only a comment\n")) == Config()
+
+
+def test_a_file_overrides_only_what_it_names(tmp_path):
+    cfg = load_config(write(tmp_path, "decision:\n  k: 3\n  n: 5\nrelay:\n  pin_factory: mock\n"))
+    assert (cfg.decision.k, cfg.decision.n, cfg.relay.pin_factory) == (3, 5, "mock")
+    assert cfg.decision.cooldown_s == Config().decision.cooldown_s
+    assert cfg.camera == Config().camera
+
+
+def test_config_errors_are_facegate_errors(tmp_path):
+    with pytest.raises(FacegateError):
+        load_config(write(tmp_path, "camra: {}\n"))
+
+
+def test_unknown_section_is_refused(tmp_path):
+    refused(write(tmp_path, "camra:\n  fps: 10\n"), "camra", "Extra inputs")
+
+
+def test_unknown_key_in_a_section_is_refused(tmp_path):
+    refused(write(tmp_path, "decision:\n  cooldown: 3\n"), "decision.cooldown", "Extra inputs")
+
+
+def test_wrong_type_is_refused(tmp_path):
+    refused(write(tmp_path, "decision:\n  k: two\n"), "decision.k")
+    refused(write(tmp_path, "camera: 15\n"), "camera")
+
+
+@pytest.mark.parametrize("text,where", [
+    ("decision:\n  k: 0\n", "decision.k"),
+    ("decision:\n  backoff_s: 5\n", "decision.backoff_s"),  # a back-off shorter than 30 s is no back-off
+    ("match:\n  target_fpir: 1.0\n", "match.target_fpir"),
+    ("camera:\n  fps: 0\n", "camera.fps"),
+    ("camera:\n  source: webcam\n", "camera.source"),
+])
+def test_out_of_range_value_is_refused(tmp_path, text, where):
+    refused(write(tmp_path, text), where)
+
+
+def test_k_above_n_is_refused(tmp_path):
+    refused(write(tmp_path, "decision:\n  k: 4\n  n: 3\n"), "decision.k must not exceed decision.n")
+    assert load_config(write(tmp_path, "decision:\n  k: 3\n  n: 3\n")).decision.k == 3
+
+
+def test_pulse_longer_than_max_hold_is_refused(tmp_path):
+    refused(write(tmp_path, "relay:\n  pulse_s: 6\n  max_hold_s: 5\n"), "relay.pulse_s must not exceed")
+
+
+@pytest.mark.parametrize("text", ["- camera\n- relay\n", "just words\n", "42\n"])
+def test_non_mapping_yaml_is_refused(tmp_path, text):
+    refused(write(tmp_path, text), "mapping")
+
+
+def test_python_object_tags_are_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    text = f"!!python/object/apply:os.system ['touch {marker}']\n"
+    refused(write(tmp_path, text), "not valid YAML")
+    assert not marker.exists()
+    refused(write(tmp_path, "decision: !!python/object:edge.config.DecisionConfig {k: 1}\n"), "not valid YAML")
+
+
+def test_broken_yaml_missing_file_and_bad_encoding_are_refused(tmp_path):
+    refused(write(tmp_path, "decision: {k: 2\n"), "not valid YAML")
+    refused(tmp_path / "absent.yaml", "not found")
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes(b"camera:\n  path: caf\xe9\n")
+    refused(p, "not valid YAML")
+
+
+def test_describe_lists_every_field():
+    lines = describe().splitlines()
+    expected = []
+    for sname, sfield in Config.model_fields.items():
+        expected.append(f"{sname}:")
+        expected += [f"  {fname}: default " for fname in sfield.annotation.model_fields]
+    assert len(lines) == len(expected)
+    for line, start in zip(lines, expected):
+        assert line.startswith(start), (line, start)
+    assert "  k: default 2 (Ge(ge=1), Le(le=30)) - frames that must agree on one identity" in lines

@@ -1,0 +1,156 @@
+"""edge.match: FPIR -> per-comparison FMR -> threshold, 1:N identify, 1:1 verify, AS-norm. Hand cases."""
+import math
+
+import numpy as np
+import pytest
+
+from edge.match import (as_norm, cohort_stats, cosine_scores, identify, per_comparison_fmr, threshold_for_fmr,
+                        threshold_for_gallery, verify)
+
+FMR = [1e-1, 1e-2, 1e-3]
+THR = [0.2, 0.3, 0.4]
+
+
+# ---------------------------------------------------------------- FMR and thresholds
+
+def test_one_comparison_fmr_is_the_fpir():
+    assert per_comparison_fmr(0.01, 1) == pytest.approx(0.01, rel=1e-12)
+
+
+def test_k_comparisons_share_the_fpir():
+    got = per_comparison_fmr(0.01, 100)
+    assert got == pytest.approx(1 - 0.99 ** (1 / 100), rel=1e-12)
+    assert got == pytest.approx(0.01 / 100, rel=0.01)  # the union-bound approximation, within 1 %
+    # and the exact inverse: K independent comparisons at that FMR give back the FPIR
+    assert 1 - (1 - got) ** 100 == pytest.approx(0.01, rel=1e-9)
+
+
+def test_an_empty_gallery_counts_as_one_comparison():
+    assert per_comparison_fmr(0.01, 0) == per_comparison_fmr(0.01, 1)
+
+
+@pytest.mark.parametrize("fpir", [0.0, 1.0, -0.1, 1.5])
+def test_fpir_outside_the_open_unit_interval_is_refused(fpir):
+    with pytest.raises(ValueError):
+        per_comparison_fmr(fpir, 10)
+
+
+@pytest.mark.parametrize("fmr,expected", [
+    (1e-1, 0.2), (1e-2, 0.3), (1e-3, 0.4),  # on the table
+    (10 ** -2.5, 0.35), (10 ** -1.25, 0.225),  # log-linear between rows
+    (0.5, 0.2), (1e-6, 0.4), (0.0, 0.4),  # beyond either end: the end's threshold
+])
+def test_threshold_for_fmr_by_hand(fmr, expected):
+    assert threshold_for_fmr(FMR, THR, fmr) == pytest.approx(expected, abs=1e-12)
+
+
+def test_threshold_table_order_does_not_matter():
+    assert threshold_for_fmr(FMR[::-1], THR[::-1], 10 ** -2.5) == pytest.approx(0.35)
+
+
+def test_a_table_whose_fmr_rises_with_the_threshold_is_refused():
+    with pytest.raises(ValueError, match="must not increase"):
+        threshold_for_fmr([1e-3, 1e-2, 1e-1], THR, 1e-2)
+
+
+def test_threshold_for_gallery_tightens_as_the_gallery_grows():
+    fmr = [1e-1, 1e-2, 1e-3, 1e-4, 1e-5]
+    thr = [0.2, 0.3, 0.4, 0.5, 0.6]
+    got = {k: threshold_for_gallery(fmr, thr, 0.01, k) for k in (1, 10, 100, 1000)}
+    for k, t in got.items():
+        # 0.1 per decade of FMR, starting at 0.2 for FMR 1e-1
+        assert t == pytest.approx(0.2 + 0.1 * (-math.log10(1 - 0.99 ** (1 / k)) - 1), abs=1e-12)
+    assert got[1] == pytest.approx(0.3)
+    assert got[1] < got[10] < got[100] < got[1000]
+
+
+# ---------------------------------------------------------------- identify / verify
+
+NAMES = ["ann", "bob", "cat"]
+SCORES = np.array([0.2, 0.8, 0.5])
+
+
+def test_cosine_scores_are_dot_products():
+    g = np.array([[1, 0], [0.6, 0.8]], np.float32)
+    np.testing.assert_allclose(cosine_scores(g, np.array([0.6, 0.8])), [0.6, 1.0], rtol=1e-6)
+
+
+def test_identify_best_and_runner_up():
+    m = identify(SCORES, NAMES, threshold=0.6)
+    assert (m.identity, m.score, m.runner_up, m.runner_up_score) == ("bob", 0.8, "cat", 0.5)
+    assert (m.normalized_score, m.threshold, m.accepted, m.reason) == (0.8, 0.6, True, "match")
+
+
+def test_identify_margin_rule_uses_the_runner_up():
+    m = identify(SCORES, NAMES, threshold=0.6, min_margin=0.31)  # 0.8 - 0.5 = 0.3 < 0.31
+    assert (m.identity, m.accepted, m.reason) == ("bob", False, "margin")
+    assert identify(SCORES, NAMES, threshold=0.6, min_margin=0.29).accepted
+
+
+def test_identify_below_threshold_names_the_nearest_but_does_not_accept():
+    m = identify(SCORES, NAMES, threshold=0.81)
+    assert (m.identity, m.score, m.accepted, m.reason) == ("bob", 0.8, False, "below_threshold")
+
+
+def test_identify_threshold_is_inclusive():
+    assert identify(SCORES, NAMES, threshold=0.8).accepted
+
+
+def test_identify_single_enrolee_has_no_runner_up_and_no_margin_rule():
+    m = identify(np.array([0.7]), ["ann"], threshold=0.5, min_margin=1.0)
+    assert (m.identity, m.runner_up, m.runner_up_score, m.accepted) == ("ann", None, float("-inf"), True)
+
+
+def test_identify_empty_gallery():
+    m = identify(np.zeros(0), [], threshold=0.5)
+    assert (m.identity, m.accepted, m.reason) == (None, False, "empty_gallery")
+    assert m.score == float("-inf")
+
+
+def test_identify_applies_the_threshold_to_normalised_scores_and_the_margin_to_raw_ones():
+    norm = np.array([0.1, 3.0, 1.0])
+    m = identify(SCORES, NAMES, threshold=2.5, normalized=norm)
+    assert (m.identity, m.score, m.normalized_score, m.accepted) == ("bob", 0.8, 3.0, True)
+    # raw 0.8 would pass 0.6, but the normalised score is what the threshold sees
+    assert identify(SCORES, NAMES, threshold=3.5, normalized=norm).reason == "below_threshold"
+    assert identify(SCORES, NAMES, threshold=2.5, min_margin=0.31, normalized=norm).reason == "margin"
+
+
+def test_verify_scores_only_the_claimed_identity():
+    m = verify(SCORES, NAMES, "cat", threshold=0.4)
+    assert (m.identity, m.score, m.accepted, m.reason) == ("cat", 0.5, True, "match")
+    # bob scores higher, but 1:1 never looks past the claim
+    m = verify(SCORES, NAMES, "ann", threshold=0.4)
+    assert (m.identity, m.score, m.accepted, m.reason) == ("ann", 0.2, False, "below_threshold")
+
+
+def test_verify_claim_not_enrolled():
+    m = verify(SCORES, NAMES, "dan", threshold=0.0)
+    assert (m.identity, m.accepted, m.reason) == ("dan", False, "claim_unknown")
+
+
+# ---------------------------------------------------------------- score normalisation
+
+def test_as_norm_by_hand():
+    # probe's top 3 cohort scores 0.3, 0.4, 0.5: mean 0.4, population sd sqrt(0.02 / 3);
+    # (0.6 - 0.4) / sqrt(0.02 / 3) = sqrt(6); enrollee (0.6 - 0.2) / 0.1 = 4
+    got = as_norm(0.6, np.array([0.5, 0.1, 0.4, 0.2, 0.3]), (0.2, 0.1), top_k=3)
+    assert got == pytest.approx(0.5 * (math.sqrt(6) + 4), rel=1e-12)
+
+
+def test_as_norm_flat_cohort_does_not_divide_by_zero():
+    got = as_norm(0.5, np.full(10, 0.3), (0.3, 0.0), top_k=4)
+    assert got == pytest.approx(0.2 / 1e-6)
+
+
+def test_cohort_stats_by_hand():
+    mean, sd = cohort_stats(np.array([[4.0, 1.0, 3.0, 2.0], [5.0, 5.0, 5.0, 5.0]]), top_k=2)
+    np.testing.assert_allclose(mean, [3.5, 5.0])  # top 2 of row 0 are 3 and 4
+    np.testing.assert_allclose(sd, [0.5, 1e-6])
+
+
+def test_cohort_stats_feed_as_norm_consistently():
+    # A score equal to both cohort means normalises to 0.
+    cohort = np.array([[0.1, 0.3, 0.5]])
+    mu, sd = cohort_stats(cohort, top_k=2)
+    assert as_norm(0.4, cohort[0], (mu[0], sd[0]), top_k=2) == pytest.approx(0.0, abs=1e-12)

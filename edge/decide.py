@@ -88,7 +88,8 @@ class DecisionPolicy:
         matches = Counter(o.identity for o in track.history if o.outcome == "match")
         if matches:
             ident, votes = matches.most_common(1)[0]
-            if votes >= self.cfg.k:
+            # A track whose frames name two different people is not sure of anyone: no grant.
+            if votes >= self.cfg.k and len(matches) == 1:
                 track.history.clear()
                 last = self.last_grant.get(ident)
                 if last is not None and now - last < self.cfg.cooldown_s:

@@ -64,7 +64,7 @@ class Match:
     normalized_score: float  # the score the threshold is applied to (raw, or cohort-normalised)
     threshold: float
     accepted: bool  # normalized_score >= threshold and the margin rule holds
-    reason: str  # "match", "below_threshold", "margin", "empty_gallery", "claim_mismatch"
+    reason: str  # "match", "below_threshold", "margin", "empty_gallery", "claim_unknown"
 
 
 @dataclass(frozen=True)

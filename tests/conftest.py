@@ -1,0 +1,51 @@
+"""Shared fixtures: the built models, the fetched sample faces, ../shared when present."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+MODELS = REPO / "models"
+SAMPLES = MODELS / "raw" / "images"
+SHARED = REPO.parent / "shared"
+
+os.environ.setdefault("GPIOZERO_PIN_FACTORY", "mock")
+
+
+def _need(path: Path, how: str):
+    if not path.exists():
+        pytest.skip(f"{path} is missing: {how}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def samples() -> Path:
+    return _need(SAMPLES / "obama.jpg", "run `python -m export fetch`").parent
+
+
+@pytest.fixture(scope="session")
+def model_cards() -> dict:
+    """The device default models (INT8), as `python -m export setup` builds them."""
+    cards = {"detector": MODELS / "yunet_int8.card.json", "encoder": MODELS / "sface_int8.card.json"}
+    for p in cards.values():
+        _need(p, "run `python -m export setup`")
+    return cards
+
+
+@pytest.fixture(scope="session")
+def stack(model_cards):
+    from edge.config import Config
+    from edge.pipeline import Stack
+
+    cfg = Config()
+    cfg.models.detector, cfg.models.encoder = str(model_cards["detector"]), str(model_cards["encoder"])
+    return Stack.from_config(cfg)
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    if not (SHARED / "data").is_dir():
+        pytest.skip("../shared (evaluation data) is absent beside the repo")
+    return SHARED

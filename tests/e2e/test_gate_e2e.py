@@ -1,0 +1,110 @@
+"""End to end: replayed real-face frames through every stage with real models, a real SQLite
+audit and gpiozero mock pins. An enrolled person gets exactly one pulse of the configured length;
+a stranger, an empty scene and a blurred face get none, each with its audit reason."""
+from __future__ import annotations
+
+import time
+
+import cv2
+import numpy as np
+import pytest
+from gpiozero.pins.mock import MockFactory
+
+from edge import gallery as G
+from edge.audit import AuditLog
+from edge.config import Config
+from edge.demo import fit
+from edge.enroll import apply, embed_photo
+from edge.imageio import load_image
+from edge.pipeline import Gate
+from edge.records import Frame
+from edge.relay import DoorRelay
+
+PULSE = 0.4
+
+
+@pytest.fixture()
+def gate(stack, samples, tmp_path, model_cards):
+    cfg = Config()
+    cfg.models.detector, cfg.models.encoder = str(model_cards["detector"]), str(model_cards["encoder"])
+    cfg.relay.pulse_s, cfg.relay.max_hold_s = PULSE, 1.0
+    cfg.decision.k, cfg.decision.n, cfg.decision.cooldown_s = 2, 3, 60.0
+    g = G.Gallery(stack.encoder.sha256, stack.encoder.card.embedding.dim)
+    results = [embed_photo(stack, cfg.quality, load_image(samples / f), n, f)
+               for n, f in (("obama", "obama.jpg"), ("astronaut", "astronaut.png"))]
+    assert all(r.ok for r in results), [r.reason for r in results]
+    apply(g, results, 30)
+    factory = MockFactory()
+    relay = DoorRelay(cfg.relay, factory)
+    audit = AuditLog(tmp_path / "audit.sqlite3")
+    gate = Gate(cfg, stack, g, relay=relay, audit=audit)
+    yield gate
+    relay.close()
+    audit.close()
+
+
+def frames_of(image, n, blur=0.0, start=0):
+    out = []
+    for i in range(n):
+        img = fit(image, zoom=1.0 + 0.03 * i, dx=4 * i)
+        if blur:
+            img = cv2.GaussianBlur(img, (0, 0), blur)
+        out.append(Frame(img, time.monotonic(), time.time(), start + i, "test"))
+    return out
+
+
+def run(gate, frames):
+    return [gate.process(f) for f in frames]
+
+
+def reasons(gate):
+    return [r["reason"] for r in gate.audit.tail(100) if r["kind"] == "decision"][::-1]
+
+
+def test_enrolled_person_gets_exactly_one_pulse(gate, samples):
+    pin = gate.relay.pin
+    decisions = run(gate, frames_of(load_image(samples / "obama2.jpg"), 6))
+    grants = [d for d in decisions if d.grant]
+    assert len(grants) == 1 and grants[0].identity == "obama"
+    assert grants[0].score > grants[0].threshold
+    # later frames of the same person fall in the cooldown: no second pulse
+    assert any(d.reason == "cooldown" for d in decisions[decisions.index(grants[0]) + 1:]) or len(decisions) - decisions.index(grants[0]) <= 2
+    time.sleep(PULSE + 0.3)
+    pin.assert_states_and_times([(0.0, False), (None, True), (PULSE, False)])  # locked, one pulse, locked
+    assert "granted" in reasons(gate)
+
+
+def test_stranger_is_denied(gate, samples):
+    decisions = run(gate, frames_of(load_image(samples / "biden.jpg"), 6))
+    assert not any(d.grant for d in decisions)
+    assert gate.relay.pin.states[-1].state is False and len(gate.relay.pin.states) == 1
+    assert "unknown" in reasons(gate)
+
+
+def test_empty_scene_is_denied_with_no_face(gate, samples):
+    empty = cv2.resize(load_image(samples / "astronaut.png")[300:512, 0:180], (640, 480))
+    decisions = run(gate, [Frame(empty, time.monotonic(), time.time(), i) for i in range(4)])
+    assert all(d.reason == "no_face" and not d.grant for d in decisions)
+    assert len(gate.relay.pin.states) == 1
+    assert reasons(gate) == ["no_face"]  # repeats of a quiet state are audited once
+
+
+def test_blurred_face_is_denied_for_quality(gate, samples):
+    decisions = run(gate, frames_of(load_image(samples / "obama3.jpg"), 6, blur=6))
+    assert not any(d.grant for d in decisions)
+    assert len(gate.relay.pin.states) == 1
+    assert "quality:blurry" in reasons(gate)
+
+
+def test_stage_exception_denies_and_is_audited(gate, samples):
+    class Broken:
+        card = gate.stack.detector.card
+
+        def detect(self, image):
+            raise RuntimeError("injected detector fault")
+
+    gate.stack = type(gate.stack)(Broken(), gate.stack.encoder)
+    d = gate.process(frames_of(load_image(samples / "obama2.jpg"), 1)[0])
+    assert not d.grant and d.reason == "error"
+    assert len(gate.relay.pin.states) == 1
+    assert reasons(gate) == ["error"]

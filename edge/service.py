@@ -62,7 +62,9 @@ class Notifier:
         self.send(f"STATUS={text}")
 
 
-def run_service(cfg: Config, max_frames: int | None = None, verbose: bool = True, notifier: Notifier | None = None) -> int:
+def run_service(cfg: Config, max_frames: int | None = None, verbose: bool = True, notifier: Notifier | None = None,
+                camera_factory=None) -> int:
+    """`camera_factory`: a callable returning an edge.camera.Camera (default: make_camera(cfg.camera))."""
     from .audit import AuditLog
     from .camera import CameraMonitor, make_camera
     from .liveness import make_liveness
@@ -81,9 +83,8 @@ def run_service(cfg: Config, max_frames: int | None = None, verbose: bool = True
     def on_hup(signum, _frame):
         stop["reload"] = True
 
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
-    signal.signal(signal.SIGHUP, on_hup)
+    previous = {sig: signal.signal(sig, handler)
+                for sig, handler in ((signal.SIGTERM, on_term), (signal.SIGINT, on_term), (signal.SIGHUP, on_hup))}
     try:
         stack = Stack.from_config(cfg)
         audit.set_models(stack.encoder.sha256, stack.detector.card.sha256)
@@ -93,7 +94,7 @@ def run_service(cfg: Config, max_frames: int | None = None, verbose: bool = True
             audit.record_event("gallery", "refused", details={"error": str(e)})
             raise
         gate = Gate(cfg, stack, gallery, relay=relay, audit=audit, liveness=make_liveness(cfg, cfg.models.threads))
-        camera = CameraMonitor(lambda: make_camera(cfg.camera), cfg.camera)
+        camera = CameraMonitor(camera_factory or (lambda: make_camera(cfg.camera)), cfg.camera)
         audit.record_event("service", "started", details={"people": len(gallery), "threshold": round(gate.threshold_1n, 4)})
         notifier.ready(f"{len(gallery)} enrolled")
         frames = 0
@@ -133,6 +134,8 @@ def run_service(cfg: Config, max_frames: int | None = None, verbose: bool = True
             audit.record_event("service", "stopped")
         finally:
             audit.close()
+            for sig, handler in previous.items():  # an embedding caller (tests, CLI) gets its handlers back
+                signal.signal(sig, handler)
 
 
 def _print_decision(frame, d) -> None:

@@ -243,6 +243,12 @@ def cmd_bench(args) -> int:
     return bench_main(args)
 
 
+def cmd_evaluate_1n(args) -> int:
+    from .evaluate import main_1n
+
+    return main_1n(args)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m edge", description="facegate: face-recognition door gate")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -295,6 +301,10 @@ def main(argv=None) -> int:
     s.add_argument("--frames", type=int, default=200)
     s.add_argument("--threads", default="1,2")
     s.add_argument("--gallery-size", type=int, default=100000)
+    s = add("evaluate-1n", cmd_evaluate_1n, "LFW 10-fold + one-shot open-set 1:N through the gate's pipeline (needs ../shared)")
+    from .evaluate import add_arguments
+
+    add_arguments(s)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.cmd == "check-config" and not args.file and not args.describe:

@@ -1,4 +1,4 @@
-"""python -m export COMMAND --help: fetch, build, calibrate, verify, bench, import-onnx."""
+"""python -m export COMMAND --help: fetch, build, calibrate, verify, bench, cohort, import-onnx."""
 from __future__ import annotations
 
 import argparse
@@ -41,6 +41,30 @@ def cmd_calibrate(args) -> int:
     return main(args)
 
 
+def cmd_verify(args) -> int:
+    from .verify import main
+
+    return main(args)
+
+
+def cmd_bench(args) -> int:
+    from .bench import main
+
+    return main(args)
+
+
+def cmd_cohort(args) -> int:
+    from .cohort import main
+
+    return main(args)
+
+
+def cmd_import_onnx(args) -> int:
+    from .import_user import main
+
+    return main(args)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m export", description="facegate model export")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -57,6 +81,40 @@ def main(argv=None) -> int:
     s.add_argument("--methods", default="minmax,entropy,percentile")
     s.add_argument("--limit", type=int, default=400, help="crops used for the activation ranges")
     s.set_defaults(fn=cmd_calibrate)
+    models = Path(__file__).resolve().parent.parent / "models"
+    s = sub.add_parser("verify", help="LFW 10-fold verification of every encoder artifact (needs ../shared)")
+    s.add_argument("--lfw", default=str(SHARED / "data" / "lfw"))
+    s.add_argument("--models", default=str(models))
+    s.add_argument("--detector", default=str(models / "yunet_fp32.card.json"))
+    s.add_argument("--cache-dir", default=str(models.parent / "out" / "eval_cache"))
+    s.add_argument("--flip", action="store_true")
+    s.add_argument("--pairs-per-fold", type=int, default=0, help="SUBSET: first N pairs of each kind per fold")
+    s.add_argument("--json")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=cmd_verify)
+    s = sub.add_parser("bench", help="per-face latency (1 and 2 threads) and file size of every encoder artifact")
+    s.add_argument("--models", default=str(models))
+    s.add_argument("--detector", default=str(models / "yunet_fp32.card.json"))
+    s.add_argument("--sample", default=str(models / "raw" / "images" / "obama.jpg"))
+    s.add_argument("--runs", type=int, default=100)
+    s.add_argument("--threads", default="1,2")
+    s.add_argument("--json")
+    s.set_defaults(fn=cmd_bench)
+    s = sub.add_parser("cohort", help="AS-norm cohort file and its calibration from a face folder (never LFW)")
+    s.add_argument("--encoder", default=str(models / "sface_int8.card.json"))
+    s.add_argument("--detector", default=str(models / "yunet_fp32.card.json"))
+    s.add_argument("--faces", default=str(SHARED / "data" / "celeba" / "images"), help="one sub-folder per identity")
+    s.add_argument("--per-identity", type=int, default=0, help="use the first N images of each identity (0 = all)")
+    s.add_argument("--top-k", type=int, default=None, help="fixed top-k (default: chosen on the calibration half)")
+    s.add_argument("--fusion-with", help="second encoder card: choose the score-fusion weight on the calibration half")
+    s.add_argument("--out", help="default: <model>.cohort.npz beside the encoder")
+    s.add_argument("--cache-dir", default=str(models.parent / "out" / "eval_cache"))
+    s.set_defaults(fn=cmd_cohort)
+    s = sub.add_parser("import-onnx", help="a user's ONNX face encoder -> clean fp32 + INT8 ONNX with cards")
+    from .import_user import add_arguments
+
+    add_arguments(s)
+    s.set_defaults(fn=cmd_import_onnx)
     args = p.parse_args(argv)
     try:
         return args.fn(args)

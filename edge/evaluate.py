@@ -1,0 +1,736 @@
+"""The shared evaluation runner: face images -> embeddings through the device pipeline, cached,
+then the LFW protocols (../shared/README.md) scored in seconds for any matcher setting.
+
+Used by `python -m edge evaluate-1n`, `python -m export verify` and `python -m export cohort`.
+The pipeline is the gate's: our detector (the subject of an image is the detected face nearest
+its centre, the README's rule), the encoder card's similarity alignment, the gate's quality gate
+(its rejections are failures to acquire, counted per reason), the encoder. Every image is
+embedded as is and mirrored, so test-time flip is a scoring choice, not a second run.
+
+Cache: one npz per (encoder card, detector card, alignment setting), loaded with
+allow_pickle=False, written atomically and every few thousand images, so an interrupted run loses
+little. LFW is for evaluation only: nothing here feeds training or calibration.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .align import align as align_face
+from .atomic import atomic_write_bytes
+from .cohort import as_norm_matrix
+from .embed import l2_normalize
+from .errors import FacegateError
+from .imageio import load_image
+from .quality import assess
+
+# A probe refused by the margin rule passes no threshold; a finite sentinel (not NaN) keeps it
+# out of the failure-to-acquire count, which NaN means in edge.metrics.
+REFUSED = -1.0e6
+FLUSH_EVERY = 500
+
+
+# ---------------------------------------------------------------- pure helpers
+
+def nearest_centre(dets, shape) -> int | None:
+    """Index of the detected face nearest the image centre (the subject of an LFW image)."""
+    if not dets:
+        return None
+    cy, cx = shape[0] / 2.0, shape[1] / 2.0
+    return int(np.argmin([(d.centre[0] - cx) ** 2 + (d.centre[1] - cy) ** 2 for d in dets]))
+
+
+def scaled_template(template, size, scale: float) -> np.ndarray:
+    """The template shrunk (scale < 1) or grown about the crop centre: scale 0.9 puts the same
+    face 10% smaller in the crop, i.e. the encoder sees a crop 1/0.9 = 1.11x wider."""
+    c = np.asarray(size, np.float64) / 2.0
+    return c + (np.asarray(template, np.float64) - c) * float(scale)
+
+
+def jitter_keypoints(kps: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """Keypoints moved by N(0, sigma * eye distance): the landmark noise between video frames."""
+    eye = float(np.linalg.norm(kps[1] - kps[0]))
+    return (kps + rng.normal(0.0, sigma * eye, kps.shape)).astype(np.float32)
+
+
+def combine(vec: np.ndarray, vec_flip: np.ndarray, flip: bool, extra: np.ndarray | None = None) -> np.ndarray:
+    """Unit embeddings of each face: as is, or the mean with its mirror (test-time flip), and
+    with `extra` (J x N x d, the emulated extra frames) averaged in as well."""
+    parts = [vec] + ([vec_flip] if flip else [])
+    if extra is not None:
+        parts += list(extra)
+    return l2_normalize(np.sum(parts, axis=0)).astype(np.float32)
+
+
+def search_1n(norm: np.ndarray, raw: np.ndarray, min_margin: float = 0.0):
+    """Best enrolled column of each probe row by (normalised) score, as edge.match.identify picks
+    it, and the score a threshold is applied to: REFUSED where the best raw score beats the
+    runner-up's by less than min_margin > 0 (the runner-up is the second by normalised score).
+    Returns (best column, decision score, margin)."""
+    norm = np.asarray(norm, np.float64)
+    raw = np.asarray(raw, np.float64)
+    rows = np.arange(norm.shape[0])
+    if norm.shape[1] < 2:
+        best = np.zeros(norm.shape[0], int)
+        return best, norm[rows, best], np.full(norm.shape[0], np.inf)
+    top2 = np.argpartition(-norm, 1, axis=1)[:, :2]
+    first_is_best = norm[rows, top2[:, 0]] >= norm[rows, top2[:, 1]]
+    best = np.where(first_is_best, top2[:, 0], top2[:, 1])
+    second = np.where(first_is_best, top2[:, 1], top2[:, 0])
+    margin = raw[rows, best] - raw[rows, second]
+    # No rule at all when min_margin is 0: with normalised scores the raw margin can be negative.
+    score = np.where((margin >= min_margin) | (min_margin <= 0), norm[rows, best], REFUSED)
+    return best, score, margin
+
+
+def fuse(scores: list[np.ndarray], weights: list[float], means: list[float], stds: list[float]) -> np.ndarray:
+    """Weighted sum of several encoders' scores, each first standardised by its impostor mean and
+    std (measured on the calibration set), so the weights compare like with like."""
+    return sum(w * (np.asarray(s, np.float64) - m) / sd for s, w, m, sd in zip(scores, weights, means, stds))
+
+
+# ---------------------------------------------------------------- the embedding table
+
+@dataclass
+class Table:
+    """Per image: acquired or not, why not, and its unit embeddings (as is, mirrored, jittered)."""
+
+    keys: list[str]
+    ok: np.ndarray  # face found (quality not applied)
+    vec: np.ndarray
+    vec_flip: np.ndarray
+    quality: np.ndarray  # "ok", "no_face", or the quality gate's reason code
+    jit: np.ndarray | None = None  # J x N x d embeddings of jittered alignments (multi-frame emulation)
+    seconds: float = 0.0
+    index: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.index = {k: i for i, k in enumerate(self.keys)}
+
+    def rows(self, keys: list[str]) -> np.ndarray:
+        return np.asarray([self.index[k] for k in keys], int)
+
+    def acquired(self, gate_quality: bool = True) -> np.ndarray:
+        return self.quality == "ok" if gate_quality else self.ok
+
+    def vectors(self, flip: bool = False, frames: int = 1) -> np.ndarray:
+        extra = None
+        if frames > 1:
+            if self.jit is None or len(self.jit) < frames - 1:
+                raise ValueError(f"multi-frame emulation of {frames} frames needs {frames - 1} jittered embeddings per image")
+            extra = self.jit[: frames - 1]
+        return combine(self.vec, self.vec_flip, flip, extra)
+
+
+def _card_tag(card) -> str:
+    return hashlib.sha256(card.model_dump_json().encode()).hexdigest()
+
+
+def cache_file(cache_dir: Path, encoder, detector, template_scale: float, jitter: int, sigma: float) -> tuple[Path, str]:
+    """Cache path and tag: the encoder's and detector's sha256 and full cards (input settings
+    count, not only weights), and the alignment settings."""
+    settings = {"encoder_sha256": encoder.card.sha256, "encoder_card": _card_tag(encoder.card),
+                "detector_sha256": detector.card.sha256, "detector_card": _card_tag(detector.card),
+                "template_scale": round(float(template_scale), 6), "jitter": int(jitter), "sigma": float(sigma),
+                "flip_stored": True}
+    tag = json.dumps(settings, sort_keys=True)
+    name = f"emb_{encoder.card.name}_{hashlib.sha256(tag.encode()).hexdigest()[:16]}.npz"
+    return Path(cache_dir) / name, tag
+
+
+def _save(path: Path, tag: str, qtag: str, rec: dict, dim: int, jitter: int) -> None:
+    keys = sorted(rec)
+    z = np.zeros(dim, np.float32)
+    arrays = {"tag": np.asarray(tag), "qtag": np.asarray(qtag), "keys": np.asarray(keys),
+              "ok": np.asarray([rec[k]["ok"] for k in keys]),
+              "quality": np.asarray([rec[k]["quality"] for k in keys]),
+              "vec": np.stack([rec[k].get("vec", z) for k in keys]),
+              "vec_flip": np.stack([rec[k].get("vec_flip", z) for k in keys])}
+    if jitter:
+        arrays["jit"] = np.stack([np.stack([rec[k]["jit"][j] if "jit" in rec[k] else z for k in keys]) for j in range(jitter)])
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _load(path: Path, tag: str, qtag: str) -> dict:
+    """Records from a cache file whose tag matches; the quality verdicts only if made with the
+    same quality settings (else they are recomputed, which needs no encoder run)."""
+    if not path.is_file():
+        return {}
+    try:
+        z = np.load(path, allow_pickle=False)
+        if str(z["tag"]) != tag:
+            return {}
+        same_q = str(z["qtag"]) == qtag
+        jit = z["jit"] if "jit" in z.files else None
+        rec = {}
+        for i, k in enumerate(z["keys"].tolist()):
+            r = {"ok": bool(z["ok"][i]), "quality": str(z["quality"][i]) if same_q else None}
+            if r["ok"]:
+                r["vec"], r["vec_flip"] = z["vec"][i], z["vec_flip"][i]
+                if jit is not None:
+                    r["jit"] = [jit[j, i] for j in range(len(jit))]
+            rec[k] = r
+        return rec
+    except (OSError, KeyError, ValueError) as e:
+        print(f"evaluate: ignoring unreadable cache {path}: {e}", file=sys.stderr)
+        return {}
+
+
+class _Progress:
+    """tqdm where installed, else a line every few hundred items."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.total, self.desc, self.n, self.bar = total, desc, 0, None
+        self.enabled = enabled and total > 0
+        if self.enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr)
+            except ImportError:
+                self.t0 = time.time()
+
+    def update(self, k: int = 1) -> None:
+        if not self.enabled:
+            return
+        self.n += k
+        if self.bar is not None:
+            self.bar.update(k)
+        elif self.n % 500 < k or self.n == self.total:
+            print(f"{self.desc}: {self.n}/{self.total} ({time.time() - self.t0:.0f} s)", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def embed_folder(images_root: str | Path, keys: list[str], detector, encoder, quality_cfg, *,
+                 template_scale: float = 1.0, jitter: int = 0, sigma: float = 0.03,
+                 cache_dir: str | Path | None = None, progress: bool = True, batch: int = 32) -> Table:
+    """Embed `keys` (paths relative to `images_root`) through the device pipeline.
+
+    `encoder` must be an edge.embed.Encoder without flip (both views are stored); `jitter` extra
+    alignments per image with keypoints moved by N(0, sigma eye distances), seeded by the key,
+    emulate further frames of one track. Images already in the cache are not run again."""
+    if encoder.flip:
+        raise ValueError("pass an encoder without flip: the runner stores both views")
+    root = Path(images_root)
+    qtag = json.dumps(quality_cfg.model_dump(), sort_keys=True)
+    path = tag = None
+    rec: dict = {}
+    if cache_dir is not None:
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        path, tag = cache_file(Path(cache_dir), encoder, detector, template_scale, jitter, sigma)
+        rec = _load(path, tag, qtag)
+    tpl = scaled_template(encoder.card.alignment.template, encoder.card.alignment.size, template_scale)
+    size = encoder.card.alignment.size
+    todo = [k for k in keys if k not in rec or rec[k]["quality"] is None]
+    t0 = time.time()
+    bar = _Progress(len(todo), f"embed {encoder.card.name} x{template_scale:g}", progress)
+    pending: list[tuple[str, list[np.ndarray]]] = []
+
+    def flush():
+        if not pending:
+            return
+        crops = [c for _, cs in pending for c in cs]
+        v = encoder.embed_images(crops)
+        vf = encoder.embed_images([c[:, ::-1] for c in crops])
+        i = 0
+        for k, cs in pending:
+            rec[k]["vec"], rec[k]["vec_flip"] = v[i], vf[i]
+            if len(cs) > 1:
+                rec[k]["jit"] = [v[i + j] for j in range(1, len(cs))]
+            i += len(cs)
+        pending.clear()
+
+    done = 0
+    for k in todo:
+        try:
+            img = load_image(root / k)
+        except FacegateError:
+            img = None
+        dets = detector.detect(img) if img is not None else []
+        i = nearest_centre(dets, img.shape) if dets else None
+        if i is None:
+            rec[k] = {"ok": False, "quality": "no_face"}
+        else:
+            det = dets[i]
+            crop = align_face(img, det, tpl, size).image
+            q = assess(det, crop, quality_cfg)
+            reason = "ok" if q.ok else q.reason
+            if k in rec and rec[k]["ok"] and "vec" in rec[k]:
+                rec[k]["quality"] = reason  # embeddings cached; only the quality settings changed
+            else:
+                rec[k] = {"ok": True, "quality": reason}
+                crops = [crop]
+                if jitter:
+                    rng = np.random.default_rng(int(hashlib.sha256(k.encode()).hexdigest()[:8], 16))
+                    for _ in range(jitter):
+                        moved = type(det)(det.box, jitter_keypoints(det.keypoints, sigma, rng), det.score)
+                        crops.append(align_face(img, moved, tpl, size).image)
+                pending.append((k, crops))
+                if sum(len(c) for _, c in pending) >= batch:
+                    flush()
+        done += 1
+        bar.update()
+        if path is not None and done % FLUSH_EVERY == 0:
+            flush()
+            _save(path, tag, qtag, rec, encoder.card.embedding.dim, jitter)
+    flush()
+    bar.close()
+    if path is not None and todo:
+        _save(path, tag, qtag, rec, encoder.card.embedding.dim, jitter)
+    dim = encoder.card.embedding.dim
+    z = np.zeros(dim, np.float32)
+    return Table(keys=list(keys), ok=np.asarray([rec[k]["ok"] for k in keys]),
+                 vec=np.stack([rec[k].get("vec", z) for k in keys]).astype(np.float32),
+                 vec_flip=np.stack([rec[k].get("vec_flip", z) for k in keys]).astype(np.float32),
+                 quality=np.asarray([rec[k]["quality"] for k in keys]),
+                 jit=(np.stack([np.stack([rec[k]["jit"][j] if "jit" in rec[k] else z for k in keys]) for j in range(jitter)])
+                      if jitter else None),
+                 seconds=time.time() - t0)
+
+
+# ---------------------------------------------------------------- scoring one configuration
+
+@dataclass(frozen=True)
+class Scoring:
+    """One matcher configuration (a lever setting); every field is a pure scoring choice."""
+
+    flip: bool = False
+    norm: str | None = None  # None (raw cosine) or "asnorm"
+    margin: float = 0.0
+    frames: int = 1  # > 1: multi-frame emulation (needs the jittered embeddings)
+    weights: tuple[float, ...] = (1.0,)  # one per encoder: score fusion when several
+    gate_quality: bool = True  # quality-gate rejections are failures to acquire
+
+
+@dataclass
+class Member:
+    """One encoder's part in a scoring: its embedding table and (optional) cohort."""
+
+    table: Table
+    cohort: object | None = None  # edge.cohort.Cohort
+
+
+def score_matrices(members: list[Member], s: Scoring, probe_keys: list[str], ref_keys: list[str]):
+    """(decision scores, raw scores) of probes x references: the (fused, normalised) score the
+    threshold applies to, and the first encoder's raw cosine (what the margin rule looks at)."""
+    if len(members) != len(s.weights):
+        raise ValueError("one weight per encoder")
+    fused, raw0 = [], None
+    for m in members:
+        v = m.table.vectors(s.flip, s.frames)
+        p, r = v[m.table.rows(probe_keys)], v[m.table.rows(ref_keys)]
+        raw = p @ r.T
+        if raw0 is None:
+            raw0 = raw
+        if s.norm == "asnorm":
+            if m.cohort is None:
+                raise ValueError("AS-norm needs a cohort for every encoder")
+            fused.append(as_norm_matrix(raw, m.cohort.stats(p), m.cohort.stats(r)))
+        elif s.norm is None:
+            fused.append(raw)
+        else:
+            raise ValueError(f"unknown normalisation {s.norm!r}")
+    if len(members) == 1:
+        return np.asarray(fused[0], np.float64), raw0
+    if s.norm == "asnorm":  # already on a common (standardised) scale
+        means, stds = [0.0] * len(members), [1.0] * len(members)
+    else:
+        means = [m.cohort.impostor_mean for m in members]
+        stds = [m.cohort.impostor_std for m in members]
+    return fuse(fused, list(s.weights), means, stds), raw0
+
+
+def acquired_mask(members: list[Member], s: Scoring) -> np.ndarray:
+    """A face is acquired when every encoder of the fusion got it (same detector, so the same
+    detection; the quality gate is the first encoder's, on its own aligned crop)."""
+    ok = members[0].table.acquired(s.gate_quality)
+    for m in members[1:]:
+        ok = ok & m.table.ok
+    return ok
+
+
+def pair_scores(members: list[Member], s: Scoring, pairs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """View 2 pair scores (NaN where a face was not acquired), labels, folds."""
+    from .lfw import rel
+
+    a = [rel(p.name1, p.n1) for p in pairs]
+    b = [rel(p.name2, p.n2) for p in pairs]
+    uniq = sorted(set(a) | set(b))
+    pos = {k: i for i, k in enumerate(uniq)}
+    full, _ = score_matrices(members, s, uniq, uniq)
+    sc = full[[pos[k] for k in a], [pos[k] for k in b]]
+    tab = members[0].table
+    acq = acquired_mask(members, s)
+    ok = acq[tab.rows(a)] & acq[tab.rows(b)]
+    return np.where(ok, sc, np.nan), np.array([p.same for p in pairs]), np.array([p.fold for p in pairs])
+
+
+@dataclass
+class OneToN:
+    gallery: list[str]  # identity per gallery column (acquired gallery images only)
+    probe_keys: list[str]
+    true_ids: list[str | None]  # None for non-mated probes
+    best: list[str | None]
+    score: np.ndarray  # decision score (NaN = not acquired, REFUSED = margin rule)
+    margin: np.ndarray
+
+
+def one_to_n(members: list[Member], s: Scoring, split, gallery_names: list[str] | None = None) -> OneToN:
+    """Search every probe of the split against the gallery (or the `gallery_names` subset)."""
+    key = lambda p: f"{p.parent.name}/{p.name}"  # noqa: E731
+    tab = members[0].table
+    acq = acquired_mask(members, s)
+    names = [n for n in (gallery_names if gallery_names is not None else split.gallery)
+             if acq[tab.index[key(split.gallery[n])]]]
+    gkeys = [key(split.gallery[n]) for n in names]
+    probes = [(n, key(p)) for n, p in split.mated] + [(None, key(p)) for _, p in split.nonmated]
+    pkeys = [k for _, k in probes]
+    norm, raw = score_matrices(members, s, pkeys, gkeys)
+    best, score, margin = search_1n(norm, raw, s.margin)
+    p_ok = acq[tab.rows(pkeys)]
+    score = np.where(p_ok, score, np.nan)
+    return OneToN(names, pkeys, [n for n, _ in probes], [names[b] if ok else None for b, ok in zip(best, p_ok)],
+                  score, margin)
+
+
+def figures_1n(r: OneToN, fpirs=(0.003, 0.01)):
+    """edge.metrics.open_set_1n on a search result; also returns the mated/non-mated masks."""
+    from .metrics import open_set_1n
+
+    mated = np.array([t is not None for t in r.true_ids])
+    ids = np.asarray(r.best, dtype=object)
+    res = open_set_1n(ids[mated], r.score[mated], np.asarray(r.true_ids, dtype=object)[mated], r.score[~mated], fpirs)
+    return res, mated
+
+
+def false_matches(r: OneToN, threshold: float) -> list[dict]:
+    """Every probe accepted as someone it is not at `threshold`: non-mated probes (strangers let
+    in) and mated probes returned as another enrolled person."""
+    out = []
+    for k, t, b, sc in zip(r.probe_keys, r.true_ids, r.best, r.score):
+        if np.isfinite(sc) and sc >= threshold and b != t:
+            out.append({"probe": k, "kind": "non-mated" if t is None else "mated, wrong identity",
+                        "matched": b, "score": round(float(sc), 4)})
+    return sorted(out, key=lambda d: -d["score"])
+
+
+# ---------------------------------------------------------------- evaluate-1n
+
+def subset(pairs, split, every: int = 1, pairs_per_fold: int = 0):
+    """A quick-look subset, never the protocol's figures: every Nth gallery person (with their
+    mated probes) and every Nth non-mated person; the first n pairs of each kind per fold."""
+    from .lfw import OneToNSplit
+
+    names = sorted(split.gallery)[::max(every, 1)]
+    keep = set(names)
+    sub = OneToNSplit({n: split.gallery[n] for n in names}, [(n, p) for n, p in split.mated if n in keep],
+                      split.nonmated[::max(every, 1)])
+    if pairs_per_fold:
+        seen: dict = {}
+        out = []
+        for p in pairs:
+            k = (p.fold, p.same)
+            if seen.get(k, 0) < pairs_per_fold:
+                out.append(p)
+                seen[k] = seen.get(k, 0) + 1
+        pairs = out
+    return pairs, sub
+
+
+def verification_figures(members: list[Member], s: Scoring, pairs) -> dict:
+    from .metrics import eer, kfold_verification, tar_at_far
+
+    sc, y, f = pair_scores(members, s, pairs)
+    k = kfold_verification(sc, y, f)
+    return {"lfw_mean": k.mean, "lfw_std": k.std, "tar_at_far_1e-3": tar_at_far(sc[y], sc[~y], 1e-3),
+            "eer": eer(sc[y], sc[~y]), "pairs_failed": k.failures}
+
+
+def threshold_from_k(r: OneToN, table: tuple[list, list], targets=(0.003, 0.01), seed: int = 0,
+                     members=None, s=None, split=None) -> list[dict]:
+    """The gate's rule (edge.match.threshold_for_gallery: FMR = 1 - (1 - FPIR)^(1/K), read off the
+    calibration table) checked on the benchmark: measured FPIR of the non-mated probes with the full
+    gallery (K) and with a fixed random half of it (K/2), against the target."""
+    from .match import threshold_for_gallery
+
+    rng = np.random.default_rng(seed)
+    half = sorted(rng.choice(r.gallery, len(r.gallery) // 2, replace=False).tolist())
+    runs = [(len(r.gallery), r), (len(half), one_to_n(members, s, split, half))]
+    out = []
+    for k, res in runs:
+        mated = np.array([t is not None for t in res.true_ids])
+        non = res.score[~mated]
+        hit = np.array([b == t for b, t in zip(res.best, res.true_ids)])[mated]
+        for target in targets:
+            t = threshold_for_gallery(table[0], table[1], target, k)
+            passed = np.isfinite(non) & (non >= t)
+            ms = res.score[mated]
+            out.append({"K": k, "target_fpir": target, "threshold": round(t, 4),
+                        "measured_fpir": float(passed.mean()), "false_positives": int(passed.sum()),
+                        "nonmated": int(len(non)),
+                        "fnir": float(1 - np.mean(hit & np.isfinite(ms) & (ms >= t)))})
+    return out
+
+
+def _median_ms(fn, n: int = 30) -> float:
+    fn()
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return 1000 * float(np.median(ts))
+
+
+def lever_costs(encoder_card, detector, image: np.ndarray, cohort=None, other_card=None, n: int = 30) -> dict:
+    """Per-frame latency each lever adds, here, 1 thread: the encoder's own time for the face
+    (flip = the mirror in the same batch), AS-norm (probe x cohort scores and top-k), a second
+    encoder (its alignment and embedding). Crop scale and the margin rule cost nothing."""
+    from .embed import load_encoder
+
+    enc = load_encoder(encoder_card, 1)
+    dets = detector.detect(image)
+    det = dets[nearest_centre(dets, image.shape)]
+    crop = enc.align(image, det).image
+    base = _median_ms(lambda: enc.embed_images([crop]), n)
+    costs = {"encoder_ms": base, "flip_ms": _median_ms(lambda: enc.embed_images([crop, crop[:, ::-1]]), n) - base,
+             "margin_ms": 0.0, "crop_scale_ms": 0.0}
+    if cohort is not None:
+        v = enc.embed_images([crop])
+        costs["asnorm_ms"] = _median_ms(lambda: cohort.stats(v), n)
+    if other_card is not None:
+        other = load_encoder(other_card, 1)
+        costs["fusion_ms"] = _median_ms(lambda: other.embed_images([other.align(image, det).image]), n)
+    return costs
+
+
+def _row_text(name: str, v: dict, o: dict, fta: int, cost: str) -> str:
+    return (f"{name:<38} {100 * v['lfw_mean']:6.2f} +- {100 * v['lfw_std']:4.2f}  {100 * v['tar_at_far_1e-3']:6.2f}"
+            f"  {100 * v['eer']:5.2f}  {100 * o['fnir_0.003']:5.1f}%  {100 * o['fnir_0.01']:5.1f}%"
+            f"  {100 * o['rank1']:5.1f}%  {fta:4d}  {cost}")
+
+
+HEADER = (f"{'configuration':<38} {'LFW 10-fold':>14}  {'TAR@1e-3':>6}  {'EER':>5}  {'FNIR.003':>6}  "
+          f"{'FNIR.01':>6}  {'rank-1':>6}  {'FTA':>4}  per-frame cost")
+
+
+def score_row(members, s: Scoring, pairs, split) -> tuple[dict, OneToN, object]:
+    v = verification_figures(members, s, pairs)
+    r = one_to_n(members, s, split)
+    res, _ = figures_1n(r)
+    o = {"fnir_0.003": res.fnir[0.003], "fnir_0.01": res.fnir[0.01], "fpir_0.003": res.fpir[0.003],
+         "fpir_0.01": res.fpir[0.01], "threshold_0.003": res.thresholds[0.003], "threshold_0.01": res.thresholds[0.01],
+         "rank1": res.rank1, "gallery": len(r.gallery), "mated": int(sum(t is not None for t in r.true_ids)),
+         "nonmated": int(sum(t is None for t in r.true_ids))}
+    return {**v, **o}, r, res
+
+
+def main_1n(args) -> int:
+    """`python -m edge evaluate-1n`: the LFW protocols of ../shared/README.md through the device
+    pipeline, for one configuration or (--levers) each lever alone and combined."""
+    from .cohort import cohort_path_for, load_cohort
+    from .config import load_config
+    from .detect import load_detector
+    from .embed import load_encoder
+    from .lfw import lfw_pairs, one_to_n_split
+    from .modelcard import load_card
+
+    cfg = load_config(args.config)
+    lfw = Path(args.lfw)
+    if not (lfw / "pairs.txt").is_file():
+        raise FacegateError(lfw, "LFW not found (pairs.txt and images/); see ../shared/README.md")
+    pairs, split = lfw_pairs(lfw / "pairs.txt"), one_to_n_split(lfw)
+    if args.every > 1 or args.pairs_per_fold:
+        pairs, split = subset(pairs, split, args.every, args.pairs_per_fold)
+        print(f"SUBSET (not the protocol's figures): every {args.every}th person for 1:N, "
+              f"{args.pairs_per_fold or 300} pairs of each kind per fold")
+    from .lfw import rel
+
+    keys = sorted({f"{p.parent.name}/{p.name}" for p in split.gallery.values()}
+                  | {f"{p.parent.name}/{p.name}" for _, p in split.mated + split.nonmated}
+                  | {rel(p.name1, p.n1) for p in pairs} | {rel(p.name2, p.n2) for p in pairs})
+    det = load_detector(args.detector or cfg.models.detector, 2)
+    enc_card = args.encoder or cfg.models.encoder
+    frames = max(1, args.frames)
+
+    def table(card, scale=1.0, jitter=0):
+        return embed_folder(lfw / "images", keys, det, load_encoder(card, 2), cfg.quality, template_scale=scale,
+                            jitter=jitter, cache_dir=args.cache_dir, progress=not args.quiet)
+
+    def cohort_for(card, flip, required):
+        _, model = load_card(card)
+        p = cohort_path_for(model)
+        if not p.is_file() and not required:
+            return None
+        return load_cohort(p, load_card(card)[0].sha256, flip)
+
+    main_t = table(enc_card, args.scale, frames - 1)
+    other = None
+    if args.fusion:
+        card2, _, w = args.fusion.rpartition(":")
+        other = (card2, float(w), table(card2))
+    want_norm = args.norm == "asnorm"
+
+    def members_for(flip, norm, fusion, t=main_t):
+        need = norm or fusion
+        ms = [Member(t, cohort_for(enc_card, flip, need) if need else None)]
+        if fusion:
+            ms.append(Member(other[2], cohort_for(other[0], flip, True)))
+        return ms
+
+    def scoring(flip=False, norm=False, margin=0.0, fusion=False, fr=1):
+        w = (1 - other[1], other[1]) if fusion else (1.0,)
+        return Scoring(flip=flip, norm="asnorm" if norm else None, margin=margin, frames=fr, weights=w,
+                       gate_quality=not args.no_quality)
+
+    main_s = scoring(args.flip, want_norm, args.margin, bool(other), frames)
+    configs = [("selected: " + _describe(args), members_for(args.flip, want_norm, bool(other)), main_s, args.scale)]
+    if args.levers:
+        m = args.margin or 0.05
+        lv = [("baseline (ArcFace template x1.0)", False, False, 0.0, False, 1),
+              ("+ flip", True, False, 0.0, False, 1), ("+ AS-norm", False, True, 0.0, False, 1),
+              (f"+ margin {m:g}", False, False, m, False, 1)]
+        if other:
+            lv.append((f"+ fusion {Path(other[0]).name.split('.')[0]} w={other[1]:g}", False, False, 0.0, True, 1))
+        if frames > 1:
+            lv.append((f"+ multi-frame EMULATION k={frames}", False, False, 0.0, False, frames))
+        lv += [("flip + AS-norm", True, True, 0.0, False, 1), (f"flip + AS-norm + margin {m:g}", True, True, m, False, 1)]
+        if other:
+            lv += [("flip + AS-norm + fusion", True, True, 0.0, True, 1), (f"flip + AS-norm + fusion + margin {m:g}", True, True, m, True, 1)]
+        configs = [(n, members_for(f, nm, fu), scoring(f, nm, mg, fu, fr), 1.0) for n, f, nm, mg, fu, fr in lv]
+        for sc in args.scales:
+            configs.insert(1, (f"crop: template x{sc:g}", [Member(table(enc_card, sc))], scoring(), sc))
+    from .imageio import load_image
+
+    sample = load_image(lfw / "images" / keys[0])
+    c0 = cohort_for(enc_card, False, False)
+    costs = lever_costs(enc_card, det, sample, c0, other[0] if other else None)
+    report = {"subset": {"every": args.every, "pairs_per_fold": args.pairs_per_fold}, "encoder": str(enc_card), "detector": str(args.detector or cfg.models.detector), "lfw": str(lfw),
+              "quality_gate": not args.no_quality, "costs_ms_1thread": costs, "rows": []}
+    qual, counts = np.unique(main_t.quality, return_counts=True)
+    report["acquisition"] = {str(q): int(c) for q, c in zip(qual, counts)}
+    print(f"encoder {enc_card}; detector {report['detector']}; images {len(keys)}; "
+          f"acquisition {report['acquisition']}")
+    print(f"per-frame costs here (1 thread, ms): " + ", ".join(f"{k} {v:.2f}" for k, v in costs.items()))
+    print(HEADER)
+    curves = {}
+    for i, (name, ms, s, scale) in enumerate(configs):
+        fig, r, res = score_row(ms, s, pairs, split)
+        acq = acquired_mask(ms, s)
+        fta = int((~acq).sum())
+        cost = _cost_of(s, costs, ms)
+        print(_row_text(name, fig, fig, fta, cost), flush=True)
+        row = {"name": name, "scoring": s.__dict__ | {"template_scale": scale}, "failures_to_acquire": fta,
+               "cost": cost, **{k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in fig.items()}}
+        curves[name] = (res.curve_fpir, res.curve_fnir)
+        if i == 0 or name.startswith("flip + AS-norm + margin"):
+            row["false_matches_at_fpir_0.003"] = false_matches(r, res.thresholds[0.003])
+            tbl = _k_table(ms, s, cohort_for, enc_card)
+            if tbl is not None:
+                row["threshold_from_k"] = threshold_from_k(r, tbl, members=ms, s=s, split=split)
+        report["rows"].append(row)
+    for row in report["rows"]:
+        if "threshold_from_k" in row:
+            print(f"\nthreshold from K ({row['name']}; calibration on celeba, never LFW):")
+            for c in row["threshold_from_k"]:
+                print(f"  K={c['K']:5d} target FPIR {c['target_fpir']:.3f}: threshold {c['threshold']:.4f} -> measured FPIR "
+                      f"{c['measured_fpir']:.4f} ({c['false_positives']}/{c['nonmated']}), FNIR {100 * c['fnir']:.1f}%")
+        if "false_matches_at_fpir_0.003" in row:
+            print(f"\nfalse matches at FPIR 0.003 ({row['name']}):")
+            for f in row["false_matches_at_fpir_0.003"]:
+                print(f"  {f['probe']:<45} -> {f['matched']:<30} {f['score']:.4f}  ({f['kind']})")
+    if args.json:
+        atomic_write_bytes(args.json, (json.dumps(report, indent=1, default=_jsonable) + "\n").encode())
+        print(f"\nwrote {args.json}")
+    if args.det_png:
+        try:
+            from .plots import det_plot
+
+            det_plot(curves, args.det_png, title="LFW one-shot open-set 1:N", xlabel="FPIR", ylabel="FNIR",
+                     marks={"FPIR 0.003": 0.003, "FPIR 0.01": 0.01})
+            print(f"wrote {args.det_png}")
+        except RuntimeError as e:
+            print(f"no DET plot: {e}", file=sys.stderr)
+    return 0
+
+
+def _k_table(ms, s: Scoring, cohort_for, enc_card):
+    """The calibration table the gate would use for this scoring; None for fusion (no table)."""
+    if len(ms) > 1:
+        return None
+    if s.norm == "asnorm":
+        return ms[0].cohort.fmr, ms[0].cohort.threshold
+    if s.flip:
+        c = cohort_for(enc_card, True, False)
+        return (list(c.raw_fmr), list(c.raw_threshold)) if c is not None else None
+    from .modelcard import load_card
+
+    cal = load_card(enc_card)[0].calibration
+    return (cal.fmr, cal.threshold) if cal is not None else None
+
+
+def _cost_of(s: Scoring, costs: dict, ms) -> str:
+    extra = 0.0
+    parts = []
+    if s.flip:
+        extra += costs["flip_ms"]
+        parts.append("flip")
+    if s.norm == "asnorm" and "asnorm_ms" in costs:
+        extra += costs["asnorm_ms"]
+    if len(ms) > 1 and "fusion_ms" in costs:
+        extra += costs["fusion_ms"] * (2 if s.flip else 1)
+    txt = f"{costs['encoder_ms']:.1f} + {extra:.2f} ms"
+    if s.frames > 1:
+        txt += f" (+{s.frames - 1} frames wait)"
+    return txt
+
+
+def _describe(args) -> str:
+    bits = [f"x{args.scale:g}"] + (["flip"] if args.flip else []) + ([args.norm] if args.norm else [])
+    bits += ([f"margin {args.margin:g}"] if args.margin else []) + ([f"fusion {args.fusion}"] if args.fusion else [])
+    bits += [f"frames {args.frames}"] if args.frames > 1 else []
+    return " ".join(bits)
+
+
+def _jsonable(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o))
+
+
+def add_arguments(s) -> None:
+    """The evaluate-1n options (edge/__main__.py adds the subcommand)."""
+    repo = Path(__file__).resolve().parent.parent
+    s.add_argument("--lfw", default=str(repo.parent / "shared" / "data" / "lfw"))
+    s.add_argument("--encoder", help="encoder model card (default: the config's)")
+    s.add_argument("--detector", help="detector model card (default: the config's)")
+    s.add_argument("--flip", action="store_true", help="test-time flip")
+    s.add_argument("--norm", choices=["asnorm"], help="AS-norm against the cohort file beside the encoder")
+    s.add_argument("--margin", type=float, default=0.0, help="best minus runner-up cosine must reach this")
+    s.add_argument("--fusion", metavar="CARD2:W", help="score fusion with a second encoder; W = its weight")
+    s.add_argument("--scale", type=float, default=1.0, help="alignment template scale about the crop centre")
+    s.add_argument("--frames", type=int, default=1, help="multi-frame EMULATION: jittered alignments averaged")
+    s.add_argument("--levers", action="store_true", help="every lever alone and combined")
+    s.add_argument("--scales", type=lambda t: [float(x) for x in t.split(",") if x], default=[],
+                   help="with --levers: also these template scales (each embeds LFW again)")
+    s.add_argument("--no-quality", action="store_true", help="report the quality gate's rejections but keep the faces")
+    s.add_argument("--every", type=int, default=1, help="SUBSET for a quick look: every Nth person in 1:N")
+    s.add_argument("--pairs-per-fold", type=int, default=0, help="SUBSET: the first N pairs of each kind per fold")
+    s.add_argument("--cache-dir", default=str(repo / "out" / "eval_cache"))
+    s.add_argument("--json", help="write the figures as JSON")
+    s.add_argument("--det-png", help="write the 1:N DET curves as PNG (needs matplotlib)")
+    s.add_argument("--quiet", action="store_true")

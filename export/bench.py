@@ -1,0 +1,77 @@
+"""`python -m export bench`: per-face latency of every encoder artifact (median of >= 100 runs
+after warm-up, 1 and 2 threads, one aligned crop per run as the gate runs it) and file size,
+with the fp32 / INT8 ratios. Speed is measured here, never in tests."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edge.atomic import atomic_write_bytes
+from edge.embed import load_encoder
+
+from .verify import encoder_cards
+
+
+def median_ms(fn, runs: int, warmup: int = 10) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return 1000.0 * float(np.median(ts))
+
+
+def face_crop(card, detector, image: np.ndarray | None) -> np.ndarray:
+    """A real aligned face where a sample image with a face is at hand, else a fixed pattern
+    (the latency of these models does not depend on pixel values)."""
+    w, h = card.alignment.size
+    dets = detector.detect(image) if image is not None else []
+    if dets:
+        from edge.align import align
+
+        return align(image, dets[0], card.alignment.template, (w, h)).image
+    return (np.arange(h * w * 3) % 251).astype(np.uint8).reshape(h, w, 3)
+
+
+def bench(models_dir: Path, detector_card: Path, runs: int = 100, threads=(1, 2), sample: Path | None = None) -> list[dict]:
+    from edge.detect import load_detector
+    from edge.imageio import load_image
+
+    detector = load_detector(detector_card)
+    image = load_image(sample) if sample is not None and sample.is_file() else None
+    rows = []
+    for card_path in encoder_cards(models_dir):
+        r = {"artifact": card_path.name.replace(".card.json", "")}
+        for t in threads:
+            enc = load_encoder(card_path, t)
+            crop = face_crop(enc.card, detector, image)
+            r["precision"], r["size_bytes"] = enc.card.precision, enc.card.size_bytes
+            r[f"ms_{t}t"] = median_ms(lambda: enc.embed_images([crop]), runs)
+        rows.append(r)
+    by = {r["artifact"]: r for r in rows}
+    for r in rows:
+        if r["precision"] == "int8":
+            ref = by.get(r["artifact"].replace("int8", "fp32"))
+            if ref:
+                r["speedup_vs_fp32_1t"] = ref["ms_1t"] / r["ms_1t"] if "ms_1t" in r and "ms_1t" in ref else None
+                r["size_ratio_vs_fp32"] = ref["size_bytes"] / r["size_bytes"]
+    return rows
+
+
+def main(args) -> int:
+    threads = tuple(int(x) for x in args.threads.split(","))
+    rows = bench(Path(args.models), Path(args.detector), args.runs, threads, Path(args.sample) if args.sample else None)
+    head = f"{'artifact':<16} {'MB':>7} " + " ".join(f"{f'ms {t}t':>8}" for t in threads) + "  fp32/INT8 speed, size"
+    print(f"per-face latency, median of {args.runs} runs after warm-up")
+    print(head)
+    for r in rows:
+        ratio = (f"  {r['speedup_vs_fp32_1t']:.2f}x, {r['size_ratio_vs_fp32']:.2f}x" if r.get("size_ratio_vs_fp32") else "")
+        print(f"{r['artifact']:<16} {r['size_bytes'] / 1e6:7.2f} " + " ".join(f"{r[f'ms_{t}t']:8.2f}" for t in threads) + ratio)
+    if args.json:
+        atomic_write_bytes(args.json, (json.dumps(rows, indent=1) + "\n").encode())
+    return 0

@@ -1,0 +1,153 @@
+"""edge/evaluate.py: the pure scoring helpers by hand, and the runner on a tiny fake LFW tree
+built from the fetched sample faces (cache hits, quality re-verdicts, end-to-end evaluate-1n)."""
+import argparse
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from edge import evaluate as E
+from edge.cohort import as_norm_matrix
+from edge.config import QualityConfig
+from edge.match import as_norm, cohort_stats
+from edge.records import Detection
+from tests.unit._stack import model_cards, sample
+
+
+def _det(cx, cy, w=20.0):
+    return Detection(box=(cx - w / 2, cy - w / 2, w, w), keypoints=np.zeros((5, 2), np.float32), score=0.9)
+
+
+def test_nearest_centre_picks_the_face_nearest_the_middle_not_the_biggest():
+    dets = [_det(10, 10, 80), _det(48, 52), _det(90, 90)]
+    assert E.nearest_centre(dets, (100, 100, 3)) == 1
+    assert E.nearest_centre([], (100, 100, 3)) is None
+
+
+def test_scaled_template_shrinks_about_the_crop_centre():
+    t = E.scaled_template([(0, 0), (100, 100), (50, 50), (20, 80), (80, 20)], (100, 100), 0.9)
+    assert np.allclose(t, [(5, 5), (95, 95), (50, 50), (23, 77), (77, 23)])
+    same = [(38.3, 51.7), (73.5, 51.5), (56.0, 71.7), (41.5, 92.4), (70.7, 92.2)]
+    assert np.allclose(E.scaled_template(same, (112, 112), 1.0), same)
+
+
+def test_combine_averages_the_mirror_and_renormalises():
+    v = np.array([[1.0, 0.0]], np.float32)
+    vf = np.array([[0.0, 1.0]], np.float32)
+    assert np.allclose(E.combine(v, vf, False), [[1, 0]])
+    assert np.allclose(E.combine(v, vf, True), [[2 ** -0.5, 2 ** -0.5]])
+    extra = np.array([[[0.0, -1.0]]], np.float32)  # one jittered frame
+    assert np.allclose(E.combine(v, vf, True, extra), [[1.0, 0.0]])
+
+
+def test_search_1n_best_by_normalised_score_margin_on_raw():
+    raw = np.array([[0.50, 0.48, 0.10],    # margin 0.02: refused at 0.05
+                    [0.20, 0.70, 0.30]])   # margin 0.40
+    norm = raw.copy()
+    best, score, margin = E.search_1n(norm, raw, 0.05)
+    assert best.tolist() == [0, 1]
+    assert score[0] == E.REFUSED and score[1] == pytest.approx(0.70)
+    assert margin == pytest.approx([0.02, 0.40])
+    # Normalisation can change which column is best; the margin uses raw scores of best and runner-up.
+    norm2 = np.array([[1.0, 3.0, 0.0], [0.0, 1.0, 2.0]])
+    best, score, margin = E.search_1n(norm2, raw, 0.0)
+    assert best.tolist() == [1, 2] and score.tolist() == [3.0, 2.0]
+    assert margin == pytest.approx([0.48 - 0.50, 0.30 - 0.70])
+    assert E.search_1n(norm2, raw, 0.01)[1].tolist() == [E.REFUSED, E.REFUSED]
+
+
+def test_fuse_standardises_then_weights():
+    f = E.fuse([np.array([0.5]), np.array([0.9])], [0.25, 0.75], [0.1, 0.5], [0.2, 0.1])
+    assert f[0] == pytest.approx(0.25 * 2.0 + 0.75 * 4.0)
+
+
+def test_as_norm_matrix_equals_the_scalar_rule_of_edge_match():
+    rng = np.random.default_rng(0)
+    p_coh, e_coh = rng.normal(size=(3, 40)), rng.normal(size=(4, 40))
+    raw = rng.normal(size=(3, 4))
+    m = as_norm_matrix(raw, cohort_stats(p_coh, 10), cohort_stats(e_coh, 10))
+    mu_e, sd_e = cohort_stats(e_coh, 10)
+    for i in range(3):
+        for j in range(4):
+            assert m[i, j] == pytest.approx(as_norm(raw[i, j], p_coh[i], (mu_e[j], sd_e[j]), 10))
+
+
+def _fake_lfw(tmp_path):
+    """Obama (3 photos: gallery + 2 mated), Biden and the astronaut (one photo each: non-mated),
+    a non-image file posing as a JPEG (failure to acquire), View 2 pairs in 2 folds."""
+    root = tmp_path / "lfw"
+    files = {"Obama_S": ["obama.jpg", "obama2.jpg", "obama3.jpg"], "Biden_S": ["biden.jpg"],
+             "Astro_S": ["astronaut.png"]}
+    for name, srcs in files.items():
+        (root / "images" / name).mkdir(parents=True)
+        for n, f in enumerate(srcs, 1):
+            shutil.copy(sample(f), root / "images" / name / f"{name}_{n:04d}.jpg")
+    (root / "images" / "Junk_S").mkdir()
+    (root / "images" / "Junk_S" / "Junk_S_0001.jpg").write_bytes(b"not an image")
+    (root / "pairs.txt").write_text("2\t1\nObama_S\t1\t2\nObama_S\t1\tBiden_S\t1\n"
+                                    "Obama_S\t2\t3\nAstro_S\t1\tJunk_S\t1\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def stack_parts():
+    from edge.detect import load_detector
+    from edge.embed import load_encoder
+
+    det, enc = model_cards()
+    return load_detector(det), load_encoder(enc), det, enc
+
+
+def test_embed_folder_caches_and_rechecks_quality_without_reembedding(tmp_path, stack_parts, monkeypatch):
+    det, enc, *_ = stack_parts
+    root = _fake_lfw(tmp_path) / "images"
+    keys = ["Obama_S/Obama_S_0001.jpg", "Biden_S/Biden_S_0001.jpg", "Junk_S/Junk_S_0001.jpg"]
+    t = E.embed_folder(root, keys, det, enc, QualityConfig(), cache_dir=tmp_path / "c", progress=False)
+    assert t.ok.tolist() == [True, True, False] and t.quality[2] == "no_face"
+    assert np.allclose(np.linalg.norm(t.vec[:2], axis=1), 1, atol=1e-5)
+    assert not np.allclose(t.vec[0], t.vec_flip[0])  # the mirror is a different view
+    calls = []
+    monkeypatch.setattr(enc, "embed_images", lambda crops: calls.append(len(crops)))
+    again = E.embed_folder(root, keys, det, enc, QualityConfig(), cache_dir=tmp_path / "c", progress=False)
+    assert calls == [] and np.array_equal(again.vec, t.vec)
+    strict = QualityConfig(min_face_px=1999)
+    q = E.embed_folder(root, keys, det, enc, strict, cache_dir=tmp_path / "c", progress=False)
+    assert calls == [] and q.quality.tolist() == ["too_small", "too_small", "no_face"]
+    assert q.acquired(True).sum() == 0 and q.acquired(False).sum() == 2
+
+
+def test_embed_folder_refuses_a_flipping_encoder(tmp_path, stack_parts):
+    from edge.embed import load_encoder
+
+    det, _, _, enc_card = stack_parts
+    with pytest.raises(ValueError, match="without flip"):
+        E.embed_folder(tmp_path, [], det, load_encoder(enc_card, flip=True), QualityConfig(), progress=False)
+
+
+def test_evaluate_1n_end_to_end_on_a_tiny_tree(tmp_path, stack_parts, capsys):
+    _, _, det_card, enc_card = stack_parts
+    root = _fake_lfw(tmp_path)
+    p = argparse.ArgumentParser()
+    p.add_argument("--config")
+    E.add_arguments(p)
+    out = tmp_path / "r.json"
+    args = p.parse_args(["--lfw", str(root), "--encoder", enc_card, "--detector", det_card, "--flip",
+                         "--cache-dir", str(tmp_path / "c"), "--json", str(out), "--quiet"])
+    assert E.main_1n(args) == 0
+    r = json.loads(out.read_text())
+    row = r["rows"][0]
+    assert r["acquisition"] == {"no_face": 1, "ok": 5}
+    assert row["gallery"] == 1 and row["mated"] == 2 and row["nonmated"] == 3  # Astro, Biden, Junk
+    assert row["rank1"] == 1.0  # one enrolled person: every acquired mated probe finds him
+    assert row["failures_to_acquire"] == 1 and row["pairs_failed"] == 1
+    assert "LFW" not in capsys.readouterr().err
+
+
+def test_subset_keeps_every_nth_person_and_n_pairs_per_fold(tmp_path):
+    from edge.lfw import lfw_pairs, one_to_n_split
+
+    root = _fake_lfw(tmp_path)
+    pairs, split = E.subset(lfw_pairs(root / "pairs.txt"), one_to_n_split(root), 2, 1)
+    assert [(p.fold, p.same) for p in pairs] == [(0, True), (0, False), (1, True), (1, False)]
+    assert list(split.gallery) == ["Obama_S"] and [n for n, _ in split.nonmated] == ["Astro_S", "Junk_S"]

@@ -1,0 +1,214 @@
+#!/bin/bash
+# Install facegate on a Raspberry Pi (Raspberry Pi OS bookworm) or a Jetson (JetPack 6), as root,
+# from a checkout of the repository. Idempotent: run it again to upgrade; config, keys, gallery and
+# audit are kept.
+#
+#   sudo deploy/install.sh [--models DIR] [--public-key FILE] [--board pi|jetson|generic] [--dry-run]
+#   sudo deploy/install.sh --uninstall [--purge] [--dry-run]
+#
+#   --models DIR       copy prebuilt models (*_int8.onnx + cards) instead of building them here
+#   --public-key FILE  the admins' Ed25519 bundle public key (python -m edge keygen --signing ...)
+#   --board B          skip detection (generic = any other Debian/Ubuntu box, USB camera)
+#   --dry-run          print every action, change nothing (needs no root)
+#   --uninstall        stop and remove the service, units, udev rule and /opt/facegate;
+#                      --purge also removes /etc/facegate, /var/lib/facegate (gallery, audit) and the user
+#
+# Layout: /opt/facegate/{app,venv,models,deploy}, /etc/facegate/{config.yaml,gallery.key,bundle.pub},
+# /var/lib/facegate/{gallery.fgg,audit.sqlite3}, systemd/facegate.service and
+# facegate-enroll@.service in /etc/systemd/system, the udev rule in /etc/udev/rules.d.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PREFIX=/opt/facegate
+ETC=/etc/facegate
+VAR=/var/lib/facegate
+UNITS=/etc/systemd/system
+RULES=/etc/udev/rules.d
+USER_NAME=facegate
+# Only board detection reads through this, so tests can fake a Pi or a Jetson.
+SYSROOT=${FACEGATE_SYSROOT:-}
+
+dry=0 uninstall=0 purge=0 models="" pubkey="" board=""
+while [ $# -gt 0 ]; do
+    case $1 in
+        --dry-run) dry=1 ;;
+        --uninstall) uninstall=1 ;;
+        --purge) purge=1 ;;
+        --models) models=${2:?--models needs a folder}; shift ;;
+        --public-key) pubkey=${2:?--public-key needs a file}; shift ;;
+        --board) board=${2:?--board needs pi, jetson or generic}; shift ;;
+        -h | --help) sed -n '2,20p' "$0"; exit 0 ;;
+        *) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+say() { printf '== %s\n' "$*"; }
+die() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }
+# Every change goes through run (a command) or put (a file), which --dry-run turns into a listing.
+run() {
+    if [ "$dry" = 1 ]; then
+        printf '+ %s\n' "$*"
+    else
+        "$@"
+    fi
+}
+put() { # put PATH MODE OWNER: file content from stdin
+    if [ "$dry" = 1 ]; then
+        printf '+ write %s (mode %s, owner %s)\n' "$1" "$2" "$3"
+        sed 's/^/|   /'
+    else
+        install -m "$2" -o "${3%:*}" -g "${3#*:}" /dev/stdin "$1"
+    fi
+}
+
+[ "$dry" = 1 ] || [ "$(id -u)" = 0 ] || die "run as root (or with --dry-run)"
+
+detect_board() {
+    if [ -r "$SYSROOT/proc/device-tree/model" ] && tr -d '\0' <"$SYSROOT/proc/device-tree/model" | grep -q "Raspberry Pi"; then
+        echo pi
+    elif [ -e "$SYSROOT/etc/nv_tegra_release" ]; then
+        echo jetson
+    else
+        echo generic
+    fi
+}
+
+uninstall() {
+    say "uninstalling facegate"
+    run systemctl disable --now facegate.service || true
+    run rm -f "$UNITS/facegate.service" "$UNITS/facegate-enroll@.service" "$RULES/99-facegate-enroll.rules"
+    run systemctl daemon-reload
+    run udevadm control --reload
+    run rm -rf "$PREFIX"
+    if [ "$purge" = 1 ]; then
+        say "purging config, keys, gallery, audit and the user"
+        run rm -rf "$ETC" "$VAR"
+        if id "$USER_NAME" >/dev/null 2>&1; then
+            run userdel "$USER_NAME"
+        fi
+    else
+        say "kept $ETC (config, keys) and $VAR (gallery, audit); --purge removes them"
+    fi
+}
+
+if [ "$uninstall" = 1 ]; then
+    uninstall
+    exit 0
+fi
+
+board=${board:-$(detect_board)}
+case $board in pi | jetson | generic) ;; *) die "unknown board '$board'" ;; esac
+say "board: $board"
+
+# ------------------------------------------------------------------ packages
+packages=(python3 python3-venv util-linux)
+venv_flags=()
+camera_source=opencv
+case $board in
+    pi)
+        # picamera2 comes from apt (it binds libcamera), so the venv sees the system packages.
+        packages+=(python3-picamera2)
+        venv_flags=(--system-site-packages)
+        camera_source=picamera2
+        ;;
+    jetson)
+        packages+=(gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad)
+        ;;
+esac
+say "apt packages: ${packages[*]}"
+run apt-get update
+run env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${packages[@]}"
+
+# ------------------------------------------------------------------ user
+for group in gpio video; do
+    getent group "$group" >/dev/null || run groupadd --system "$group"
+done
+if ! id "$USER_NAME" >/dev/null 2>&1; then
+    run useradd --system --user-group --home-dir "$VAR" --no-create-home --shell /usr/sbin/nologin "$USER_NAME"
+fi
+run usermod -a -G gpio,video "$USER_NAME"
+
+# ------------------------------------------------------------------ code and venv
+grep -qiE '^(torch|tensorflow)' "$REPO/requirements.txt" && die "requirements.txt lists a training package; the device gets none"
+run install -d -m 0755 "$PREFIX" "$PREFIX/deploy" "$PREFIX/models"
+run rm -rf "$PREFIX/app.new"
+run install -d -m 0755 "$PREFIX/app.new"
+run cp -r "$REPO/edge" "$REPO/requirements.txt" "$PREFIX/app.new/"
+run find "$PREFIX/app.new" -name __pycache__ -prune -exec rm -rf {} +
+run rm -rf "$PREFIX/app"
+run mv "$PREFIX/app.new" "$PREFIX/app"
+run install -m 0755 "$REPO/deploy/enroll-usb" "$PREFIX/deploy/enroll-usb"
+run install -m 0644 "$REPO/deploy/README-deploy.md" "$PREFIX/README-deploy.md"
+if [ ! -x "$PREFIX/venv/bin/python" ]; then
+    run python3 -m venv "${venv_flags[@]}" "$PREFIX/venv"
+fi
+run "$PREFIX/venv/bin/pip" install --quiet --disable-pip-version-check -r "$PREFIX/app/requirements.txt"
+
+# ------------------------------------------------------------------ models
+if [ -z "$models" ]; then
+    # Built in a throwaway venv with the export requirements (onnx etc.), which the device keeps none of.
+    say "building the models (python -m export setup) in a temporary venv"
+    build=$(if [ "$dry" = 1 ]; then echo /tmp/facegate-build.DRYRUN; else mktemp -d /tmp/facegate-build.XXXXXX; fi)
+    if [ "$dry" = 0 ]; then
+        trap 'rm -rf "$build"' EXIT
+    fi
+    run cp -r "$REPO/edge" "$REPO/export" "$REPO/requirements.txt" "$REPO/requirements-export.txt" "$build/"
+    run python3 -m venv "$build/venv"
+    run "$build/venv/bin/pip" install --quiet --disable-pip-version-check -r "$build/requirements-export.txt"
+    run sh -c "cd '$build' && ./venv/bin/python -m export setup"
+    models=$build/models
+fi
+say "installing models from $models"
+for m in yunet sface; do
+    run install -m 0644 "$models/${m}_int8.onnx" "$models/${m}_int8.card.json" "$PREFIX/models/"
+done
+
+# ------------------------------------------------------------------ config, keys, data
+run install -d -m 0750 -o root -g "$USER_NAME" "$ETC"
+run install -d -m 0700 -o "$USER_NAME" -g "$USER_NAME" "$VAR"
+if [ ! -e "$ETC/config.yaml" ]; then
+    put "$ETC/config.yaml" 0640 "root:$USER_NAME" <<EOF
+# facegate gate config; every key: python -m edge check-config --describe
+camera:
+  source: $camera_source
+  path: "0"          # opencv: device index or a GStreamer pipeline
+models:
+  detector: $PREFIX/models/yunet_int8.card.json
+  encoder: $PREFIX/models/sface_int8.card.json
+relay:
+  pin: GPIO17
+  pin_factory: default
+storage:
+  gallery: $VAR/gallery.fgg
+  audit: $VAR/audit.sqlite3
+  key_file: null     # the key comes from systemd (LoadCredential=gallery.key)
+  retention_days: 1095
+EOF
+else
+    say "keeping $ETC/config.yaml"
+fi
+run sh -c "cd '$PREFIX/app' && '$PREFIX/venv/bin/python' -m edge check-config '$ETC/config.yaml' >/dev/null"
+if [ ! -e "$ETC/gallery.key" ]; then
+    run sh -c "umask 077 && cd '$PREFIX/app' && '$PREFIX/venv/bin/python' -m edge keygen --gallery '$ETC/gallery.key'"
+fi
+run chown root:root "$ETC/gallery.key"
+run chmod 0600 "$ETC/gallery.key"
+if [ -n "$pubkey" ]; then
+    run install -m 0644 -o root -g root "$pubkey" "$ETC/bundle.pub"
+elif [ ! -e "$ETC/bundle.pub" ]; then
+    say "no $ETC/bundle.pub yet: USB enrollment refuses every bundle until it is installed (--public-key)"
+fi
+
+# ------------------------------------------------------------------ systemd and udev
+run install -m 0644 "$REPO/systemd/facegate.service" "$REPO/systemd/facegate-enroll@.service" "$UNITS/"
+run install -m 0644 "$REPO/deploy/99-facegate-enroll.rules" "$RULES/"
+run systemctl daemon-reload
+run udevadm control --reload
+run systemctl enable facegate.service
+if [ -e "$VAR/gallery.fgg" ]; then
+    run systemctl restart facegate.service
+else
+    say "no gallery yet: the service starts after the first USB enrollment"
+fi
+say "done; logs: journalctl -u facegate -f"

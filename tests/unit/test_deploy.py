@@ -1,0 +1,181 @@
+"""deploy/ and systemd/: the units (a lint that always runs, and `systemd-analyze verify` where it
+exists), the installer in --dry-run, the USB enrollment script's refusals, shellcheck where it exists.
+
+The lint parses the unit files as systemd does (sections, Key=Value, repeated keys accumulate) and
+checks the keys the gate's safety depends on, so a CI without systemd still catches a dropped
+WatchdogSec= or hardening line; `systemd-analyze verify` additionally catches unknown keys and bad
+values, and is skipped with its reason where the binary is missing."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+UNIT = REPO / "systemd" / "facegate.service"
+ENROLL_UNIT = REPO / "systemd" / "facegate-enroll@.service"
+INSTALL = REPO / "deploy" / "install.sh"
+ENROLL = REPO / "deploy" / "enroll-usb"
+
+
+def parse_unit(path: Path) -> dict[str, dict[str, list[str]]]:
+    sections: dict[str, dict[str, list[str]]] = {}
+    current = None
+    for n, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+            continue
+        assert current is not None and "=" in line, f"{path.name}:{n}: not Key=Value inside a section: {raw!r}"
+        key, value = (s.strip() for s in line.split("=", 1))
+        assert re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", key), f"{path.name}:{n}: bad key {key!r}"
+        current.setdefault(key, []).append(value)
+    return sections
+
+
+def one(section: dict, key: str) -> str:
+    assert key in section, f"missing {key}="
+    return section[key][-1]
+
+
+def test_gate_unit_lint():
+    u = parse_unit(UNIT)
+    unit, svc = u["Unit"], u["Service"]
+    assert one(svc, "Type") == "notify"
+    assert one(svc, "ExecStart") == "/opt/facegate/venv/bin/python -m edge run --config /etc/facegate/config.yaml --quiet"
+    assert one(svc, "WatchdogSec") == "10"
+    assert (one(svc, "Restart"), one(svc, "RestartSec")) == ("on-failure", "2")
+    assert int(one(unit, "StartLimitIntervalSec")) > 0 and int(one(unit, "StartLimitBurst")) >= 1
+    assert "StartLimitBurst" not in svc  # in [Service] systemd ignores it
+    assert one(svc, "User") == "facegate" and set(one(svc, "SupplementaryGroups").split()) == {"gpio", "video"}
+    expected = {"ProtectSystem": "strict", "ReadWritePaths": "/var/lib/facegate", "NoNewPrivileges": "yes",
+                "PrivateTmp": "yes", "ProtectHome": "yes", "CapabilityBoundingSet": "",
+                "LoadCredential": "gallery.key:/etc/facegate/gallery.key", "PrivateDevices": "no"}
+    assert {k: one(svc, k) for k in expected} == expected
+    # ProtectClock= implies a device allow-list that would lock out /dev/gpiochip* and the camera
+    assert "ProtectClock" not in svc and "DevicePolicy" not in svc
+    assert one(u["Install"], "WantedBy") == "multi-user.target"
+
+
+def test_enroll_unit_lint():
+    u = parse_unit(ENROLL_UNIT)
+    svc = u["Service"]
+    assert one(svc, "Type") == "oneshot"
+    assert one(svc, "ExecStart") == "/opt/facegate/deploy/enroll-usb /dev/%I"
+    assert one(u["Unit"], "BindsTo") == "dev-%i.device"  # pulling the stick stops the unit
+    assert one(svc, "PrivateMounts") == "yes" and one(svc, "PrivateNetwork") == "yes"
+    assert "Install" not in u  # started by udev only
+
+
+def test_udev_rule_starts_the_template_for_fat_sticks_only():
+    rule = (REPO / "deploy" / "99-facegate-enroll.rules").read_text()
+    lines = [line for line in rule.splitlines() if line and not line.startswith("#")]
+    assert len(lines) == 1
+    assert 'ENV{ID_BUS}=="usb"' in lines[0] and 'ENV{ID_FS_TYPE}=="vfat|exfat"' in lines[0]
+    assert 'ENV{SYSTEMD_WANTS}+="facegate-enroll@%k.service"' in lines[0]
+    assert "RUN" not in lines[0]  # udev starts a unit; it never runs a program itself
+
+
+def test_systemd_analyze_verify(tmp_path):
+    exe = shutil.which("systemd-analyze")
+    if exe is None:
+        pytest.skip("systemd-analyze not installed (apt-get install systemd); the lint tests above still ran")
+    # verify checks that ExecStart binaries exist: point them at ones that do on this machine
+    for unit, old, new in ((UNIT, "/opt/facegate/venv/bin/python", sys.executable),
+                           (ENROLL_UNIT, "/opt/facegate/deploy/enroll-usb", str(ENROLL))):
+        text = unit.read_text()
+        assert old in text
+        (tmp_path / unit.name).write_text(text.replace(old, new))
+    r = subprocess.run([exe, "verify", str(tmp_path / UNIT.name), str(tmp_path / ENROLL_UNIT.name)],
+                       capture_output=True, text=True, timeout=60)
+    if r.returncode != 0 and "Failed to initialize" in r.stderr + r.stdout:
+        pytest.skip(f"systemd-analyze cannot run here: {r.stderr.strip()[:200]}")
+    # unknown keys and bad values are only warnings (exit 0): any output is a failure
+    assert (r.returncode, r.stdout + r.stderr) == (0, "")
+
+
+@pytest.mark.parametrize("script", [INSTALL, ENROLL, REPO / "deploy" / "aarch64-check.sh"])
+def test_shellcheck(script):
+    exe = shutil.which("shellcheck")
+    if exe is None:
+        pytest.skip("shellcheck not installed (apt-get install shellcheck)")
+    r = subprocess.run([exe, str(script)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout
+
+
+def dry_run(tmp_path, *args, model=None, tegra=False):
+    sysroot = tmp_path / "sysroot"
+    if model:
+        (sysroot / "proc" / "device-tree").mkdir(parents=True)
+        (sysroot / "proc" / "device-tree" / "model").write_bytes(model.encode() + b"\0")
+    if tegra:
+        (sysroot / "etc").mkdir(parents=True)
+        (sysroot / "etc" / "nv_tegra_release").write_text("# R36 (release)\n")
+    env = {**os.environ, "FACEGATE_SYSROOT": str(sysroot)}
+    r = subprocess.run(["bash", str(INSTALL), "--dry-run", *args], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_install_dry_run_on_a_pi(tmp_path):
+    out = dry_run(tmp_path, model="Raspberry Pi 5 Model B Rev 1.0")
+    assert "== board: pi" in out
+    assert re.search(r"apt-get install .*python3-venv.*python3-picamera2", out)
+    assert "python3 -m venv --system-site-packages /opt/facegate/venv" in out
+    assert "pip install --quiet --disable-pip-version-check -r /opt/facegate/app/requirements.txt" in out
+    assert "usermod -a -G gpio,video facegate" in out
+    assert "-m export setup" in out  # no --models: built in a temporary venv
+    assert re.search(r"install -m 0644 \S+/yunet_int8.onnx \S+/yunet_int8.card.json /opt/facegate/models/", out)
+    assert "source: picamera2" in out and "gallery: /var/lib/facegate/gallery.fgg" in out
+    assert "audit: /var/lib/facegate/audit.sqlite3" in out and "pin_factory: default" in out
+    assert "edge keygen --gallery '/etc/facegate/gallery.key'" in out and "chmod 0600 /etc/facegate/gallery.key" in out
+    assert "facegate.service" in out and "99-facegate-enroll.rules /etc/udev/rules.d/" in out
+    assert "systemctl enable facegate.service" in out
+    assert "torch" not in out and "gstreamer" not in out
+
+
+def test_install_dry_run_on_a_jetson_with_prebuilt_models(tmp_path):
+    out = dry_run(tmp_path, "--models", "/srv/models", tegra=True)
+    assert "== board: jetson" in out
+    assert re.search(r"apt-get install .*gstreamer1.0-tools.*gstreamer1.0-plugins-good", out)
+    assert "python3-picamera2" not in out and "--system-site-packages" not in out
+    assert "export setup" not in out
+    assert "install -m 0644 /srv/models/sface_int8.onnx /srv/models/sface_int8.card.json /opt/facegate/models/" in out
+    assert "source: opencv" in out
+
+
+def test_install_dry_run_changes_nothing(tmp_path):
+    watched = [Path(p) for p in ("/opt/facegate", "/etc/facegate", "/var/lib/facegate",
+                                 "/etc/systemd/system/facegate.service", "/etc/udev/rules.d/99-facegate-enroll.rules")]
+    before = {p: p.exists() for p in watched}
+    out = dry_run(tmp_path, "--board", "generic")
+    assert "+ write /etc/facegate/config.yaml" in out or "keeping /etc/facegate/config.yaml" in out
+    assert {p: p.exists() for p in watched} == before
+
+
+def test_uninstall_dry_run_keeps_data_unless_purged(tmp_path):
+    out = dry_run(tmp_path, "--uninstall")
+    assert "systemctl disable --now facegate.service" in out and "rm -rf /opt/facegate" in out
+    assert "rm -rf /etc/facegate /var/lib/facegate" not in out
+    assert "rm -rf /etc/facegate /var/lib/facegate" in dry_run(tmp_path, "--uninstall", "--purge")
+
+
+def test_install_rejects_unknown_options(tmp_path):
+    r = subprocess.run(["bash", str(INSTALL), "--dry-run", "--frobnicate"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "unknown option --frobnicate" in r.stderr
+
+
+@pytest.mark.parametrize("dev", ["/dev/../etc/passwd", "/dev/sdb1;reboot", "-o remount", "/dev/sd b1", "/dev/"])
+def test_enroll_usb_refuses_odd_device_names(dev):
+    r = subprocess.run(["bash", str(ENROLL), dev], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 3 and "refusing device name" in r.stderr
+
+
+def test_enroll_usb_refuses_a_non_block_device():
+    r = subprocess.run(["bash", str(ENROLL), "/dev/nullx9"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 3 and "is not a block device" in r.stderr

@@ -17,6 +17,7 @@ import logging
 import threading
 import time
 import zlib
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -34,6 +35,9 @@ log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 BLACK_LEVEL = 8.0  # mean grey level below which a frame is black (lens covered, sensor dead)
 FROZEN_AFTER_S = 3.0  # identical frames for longer than this from a live source = frozen driver
+# A stuck driver may re-deliver its few queued buffers in turn (V4L2 keeps 2-4), not one frame:
+# a repeat of any of the last few frames is no new evidence either.
+STALE_WINDOW = 8
 MIN_SIDE = 16
 
 
@@ -329,8 +333,8 @@ class CameraMonitor:
         self.last_good_t = now
         self._fault: str | None = None  # the fault class reported since the last good frame
         self._faults = 0
-        self._hash: int | None = None
-        self._hash_since = now
+        self._recent: deque[int] = deque(maxlen=STALE_WINDOW)  # hashes of the last new frames
+        self._hash_since = now  # when the last new frame arrived
         self._events: list[HealthEvent] = []
 
     @property
@@ -446,13 +450,14 @@ class CameraMonitor:
         if fault is None and live:
             img = frame.image
             h = zlib.crc32(img.data if img.flags.c_contiguous else img.tobytes())
-            if h == self._hash:
+            if h in self._recent:
                 # a repeated buffer is no new evidence: never passed on, and frozen after a while
                 if now - self._hash_since > self._frozen_after_s:
                     self._fault_seen("frozen", now, same_frame_s=round(now - self._hash_since, 3))
                 self._check_offline(now)
                 return None
-            self._hash, self._hash_since = h, now
+            self._recent.append(h)
+            self._hash_since = now
         if fault is not None:
             shape = getattr(frame.image, "shape", None)
             self._fault_seen(fault, now, shape=list(shape) if shape is not None else None,

@@ -1,0 +1,1 @@
+"""Reliability harness: fault, kill and soak scripts for facegate (see README-reliability.md)."""

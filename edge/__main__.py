@@ -95,13 +95,16 @@ def cmd_enroll(args) -> int:
 def cmd_forget(args) -> int:
     from . import gallery as G
 
+    from .bundle import gallery_lock
+
     cfg = _cfg(args)
     key = G.load_key(cfg.storage.key_file)
-    g = G.load(cfg.storage.gallery, key)
-    if not g.remove(args.name):
-        print(f"{args.name}: not enrolled", file=sys.stderr)
-        return 1
-    G.save(g, cfg.storage.gallery, key)
+    with gallery_lock(cfg.storage.gallery):
+        g = G.load(cfg.storage.gallery, key)
+        if not g.remove(args.name):
+            print(f"{args.name}: not enrolled", file=sys.stderr)
+            return 1
+        G.save(g, cfg.storage.gallery, key)
     _audit_event(cfg, "forget", "removed", identity=args.name)
     print(f"{args.name}: removed; gallery has {len(g)} people")
     return 0

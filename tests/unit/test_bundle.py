@@ -383,3 +383,19 @@ def test_cli_rekey(tmp_path, capsys):
     assert main(["rekey", "--config", str(tmp_path / "c.yaml"), "--old", str(tmp_path / "k1"), "--new", str(tmp_path / "k2")]) == 2
     assert (tmp_path / "g.fgg").read_bytes() == before
     assert os.stat(tmp_path / "g.fgg").st_mode & 0o777 == 0o600
+
+
+def test_cli_forget_removes_and_audits(tmp_path, capsys):
+    from edge.__main__ import main
+
+    G.new_key_file(tmp_path / "k")
+    g = G.Gallery("e" * 64, 4)
+    g.add(G.Person("a", np.ones(4, np.float32)))
+    g.add(G.Person("b", np.ones(4, np.float32)))
+    G.save(g, tmp_path / "g.fgg", G.load_key(tmp_path / "k"))
+    (tmp_path / "c.yaml").write_text("storage: {gallery: g.fgg, audit: a.sqlite3, key_file: k}\n")
+    assert main(["forget", "a", "--config", str(tmp_path / "c.yaml")]) == 0
+    assert main(["forget", "a", "--config", str(tmp_path / "c.yaml")]) == 1
+    assert G.load(tmp_path / "g.fgg", G.load_key(tmp_path / "k")).names == ["b"]
+    with AuditLog(tmp_path / "a.sqlite3", readonly=True) as a:
+        assert [(r["kind"], r["reason"], r["identity"]) for r in a.tail(5)] == [("forget", "removed", "a")]

@@ -467,7 +467,7 @@ def threshold_from_k(r: OneToN, table: tuple[list, list], targets=(0.003, 0.01),
 
     rng = np.random.default_rng(seed)
     half = sorted(rng.choice(r.gallery, len(r.gallery) // 2, replace=False).tolist())
-    runs = [(len(r.gallery), r), (len(half), one_to_n(members, s, split, half))]
+    runs = [(len(r.gallery), r)] + ([(len(half), one_to_n(members, s, split, half))] if half else [])
     out = []
     for k, res in runs:
         mated = np.array([t is not None for t in res.true_ids])

@@ -28,13 +28,18 @@ MODELS = Path(__file__).resolve().parent.parent / "models"
 
 
 def parse_template(text: str, size: int) -> list[tuple[float, float]]:
-    """'arcface' (112 px template scaled to `size`), 'dlib' (dlib's 150 px chip, scaled), or ten
-    comma-separated numbers x1,y1,...,x5,y5 in crop pixels (the gate's keypoint order)."""
-    from .dlib_net import DLIB_TEMPLATE_150
+    """'arcface' (112 px template scaled to `size`), 'dlib' (the dlib chip template, as the built
+    dlib card holds it, scaled), or ten comma-separated numbers x1,y1,...,x5,y5 in crop pixels
+    (the gate's keypoint order)."""
+    if text in ("arcface", "dlib"):
+        if text == "arcface":
+            pts, base = ARCFACE_112, 112.0
+        else:
+            # The card, not export.dlib_net: that module needs torch, which the device venv lacks.
+            from edge.modelcard import load_card
 
-    named = {"arcface": (ARCFACE_112, 112.0), "dlib": (DLIB_TEMPLATE_150, 150.0)}
-    if text in named:
-        pts, base = named[text]
+            a = load_card(MODELS / "dlib_fp32.card.json", verify_file=False)[0].alignment
+            pts, base = a.template, float(a.size[0])
         return [(x * size / base, y * size / base) for x, y in pts]
     try:
         v = [float(x) for x in text.split(",")]

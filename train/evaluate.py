@@ -40,19 +40,23 @@ def embed_lfw(root: Path, keys: list[str], encoder_card: str, detector_card: str
         if np.array_equal(z["tag"], tag):
             known = {k: (v if ok else None) for k, v, ok in zip(z["keys"].tolist(), z["vectors"], z["ok"])}
     todo = [k for k in keys if k not in known]
-    for k in tqdm(todo, desc="embed LFW", unit="img", disable=not progress or not todo):
+    dim = enc.card.embedding.dim
+    for n, k in enumerate(tqdm(todo, desc="embed LFW", unit="img", disable=not progress or not todo), 1):
         img = read_image(root / "images" / k)
         dets = det.detect(img) if img is not None else []
         i = nearest_centre(dets, img.shape) if dets else None
         known[k] = None if i is None else enc.embed(enc.align(img, dets[i])).vector
-    if cache and todo:
-        ks = sorted(known)
-        dim = enc.card.embedding.dim
-        buf = io.BytesIO()
-        np.savez(buf, tag=tag, keys=np.asarray(ks), ok=np.asarray([known[k] is not None for k in ks]),
-                 vectors=np.stack([known[k] if known[k] is not None else np.zeros(dim, np.float32) for k in ks]))
-        atomic_write_bytes(cache, buf.getvalue())
+        if cache and (n % 1000 == 0 or n == len(todo)):  # an interrupted run keeps what it computed
+            _save_cache(cache, tag, known, dim)
     return {k: known[k] for k in keys}
+
+
+def _save_cache(path, tag: np.ndarray, known: dict, dim: int) -> None:
+    ks = sorted(known)
+    buf = io.BytesIO()
+    np.savez(buf, tag=tag, keys=np.asarray(ks), ok=np.asarray([known[k] is not None for k in ks]),
+             vectors=np.stack([known[k] if known[k] is not None else np.zeros(dim, np.float32) for k in ks]))
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def evaluate(lfw_root: str | Path, encoder_card: str, detector_card: str, protocols=("verification", "1n"),

@@ -28,6 +28,7 @@ import re
 import shutil
 import stat
 import time
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
@@ -152,7 +153,7 @@ class Manifest(_Strict):
         names = [p.name for p in self.people]
         photos = [p.photo for p in self.people]
         for what, items in (("name", names), ("photo", photos)):
-            dup = sorted({x for x in items if items.count(x) > 1})
+            dup = sorted(x for x, n in Counter(items).items() if n > 1)
             if dup:
                 raise ValueError(f"duplicate {what}(s): {', '.join(dup)}")
         both = (set(names) | {p.id for p in self.people if p.id}) & set(self.removals)
@@ -426,6 +427,9 @@ def _apply(bundle_dir, public_key, gallery, stack, cfg, audit, key, now) -> Bund
             gallery.remove(victim)
             report.removed.append(victim)
     for person in people:
+        # The id is the stable key: a renamed person replaces their old entry instead of doubling it.
+        for old in [x.name for x in gallery.people if person.person_id and x.person_id == person.person_id]:
+            gallery.remove(old)
         gallery.add(person)
         report.enrolled.append(person.name)
     gallery.bundle_sequence = m.sequence

@@ -317,6 +317,10 @@ def test_apply_enrolls_refuses_removes_and_audits(tmp_path, keys, stack):
                     ("enroll", "revoked", "astronaut"), ("enroll", "bundle_applied", None)]
     # photos are not kept anywhere next to the gallery
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".jpg", ".png")) == []
+    # the same id under a new name replaces the old entry
+    b3 = photo_bundle(tmp_path, priv, [("Barack Obama", "E1", "obama2.jpg")], sequence=5, name="b3")
+    B.apply_bundle(b3, pub, after, stack, cfg)
+    assert G.load(cfg.storage.gallery, key).names == ["Barack Obama"]
 
 
 def test_apply_validity_window(tmp_path, keys, stack):

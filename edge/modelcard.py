@@ -92,7 +92,7 @@ class SourceSpec(_Strict):
 class Card(_Strict):
     schema_version: Literal[1] = 1
     name: str
-    task: Literal["face_embedding", "face_detection", "liveness"]
+    task: Literal["face_embedding", "face_detection", "liveness", "face_landmarks"]
     file: str  # model file name, relative to the card
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size_bytes: int = Field(ge=1)
@@ -112,7 +112,7 @@ class Card(_Strict):
     @model_validator(mode="after")
     def _task_fields(self):
         need = {"face_embedding": ("alignment", "embedding", "score"), "face_detection": ("detector",),
-                "liveness": ("liveness",)}[self.task]
+                "liveness": ("liveness",), "face_landmarks": ()}[self.task]
         missing = [f for f in need if getattr(self, f) is None]
         if missing:
             raise ValueError(f"task {self.task} needs {', '.join(missing)}")

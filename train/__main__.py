@@ -103,6 +103,29 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the figures here")
     p.add_argument("--threads", type=int, default=2)
 
+    p = sub.add_parser("liveness", parents=[common], help="train the passive PAD model on NUAA, export ONNX + INT8 + cards",
+                       description="Crop NUAA frames around the gate's own face boxes, fit the PAD CNN with hard "
+                                   "augmentation, pick the threshold at --bpcer on subject-wise out-of-fold train "
+                                   "scores, and write OUT/pad_fp32.onnx and OUT/pad_int8.onnx with their cards.")
+    p.add_argument("--nuaa", default="../shared/data/nuaa")
+    p.add_argument("--detector", default=DEFAULT_DETECTOR, help="detector model card (default: %(default)s)")
+    p.add_argument("--out", default="out/liveness")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--folds", type=int, default=3, help="subject folds for the threshold; 0 = in-sample")
+    p.add_argument("--bpcer", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("liveness-eval", parents=[common], help="APCER / BPCER / ACER on the NUAA test split",
+                       description="Per-frame and per-sequence APCER (print), BPCER and ACER at the operating point, "
+                                   "for a PAD card, the ../shared/models baselines and the full gate policy; DET PNG.")
+    p.add_argument("--nuaa", default="../shared/data/nuaa")
+    p.add_argument("--detector", default=DEFAULT_DETECTOR, help="detector model card (default: %(default)s)")
+    p.add_argument("--pad", default=None, help="PAD model card (default: the shipped edge/assets one)")
+    p.add_argument("--baselines", default="../shared/models", help="folder with MiniFASNetV2.onnx / MiniFASNetV1SE.onnx")
+    p.add_argument("--frames", type=int, default=3, help="policy window (liveness.frames)")
+    p.add_argument("--threshold", type=float, default=None, help="operating threshold (default: the card's)")
+    p.add_argument("--out", default="out/liveness", help="folder for det.png and eval.json")
+
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     progress = not args.quiet
@@ -164,6 +187,17 @@ def _run(args, progress: bool) -> int:
         print(summary(r))
         if args.json:
             write_json(r, args.json)
+    elif args.cmd == "liveness":
+        from .liveness import FitConfig, run
+
+        r = run(args.nuaa, args.detector, args.out, FitConfig(epochs=args.epochs, seed=args.seed), args.folds,
+                args.bpcer, progress)
+        print(json.dumps({k: r[k] for k in ("threshold", "accuracy", "params", "train_s", "cards")}, indent=1))
+    elif args.cmd == "liveness-eval":
+        from .liveness_eval import evaluate, summary
+
+        r = evaluate(args.nuaa, args.detector, args.pad, args.baselines, args.frames, args.threshold, args.out)
+        print(summary(r))
     return 0
 
 

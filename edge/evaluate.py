@@ -133,28 +133,35 @@ def _card_tag(card) -> str:
     return hashlib.sha256(card.model_dump_json().encode()).hexdigest()
 
 
-def cache_file(cache_dir: Path, encoder, detector, template_scale: float, jitter: int, sigma: float) -> tuple[Path, str]:
+def cache_file(cache_dir: Path, encoder, detector, template_scale: float, sigma: float) -> tuple[Path, str]:
     """Cache path and tag: the encoder's and detector's sha256 and full cards (input settings
-    count, not only weights), and the alignment settings."""
+    count, not only weights), and the alignment settings. Jittered views (multi-frame emulation)
+    are added to the same file as they are asked for."""
     settings = {"encoder_sha256": encoder.card.sha256, "encoder_card": _card_tag(encoder.card),
                 "detector_sha256": detector.card.sha256, "detector_card": _card_tag(detector.card),
-                "template_scale": round(float(template_scale), 6), "jitter": int(jitter), "sigma": float(sigma),
-                "flip_stored": True}
+                "template_scale": round(float(template_scale), 6), "jitter_sigma": float(sigma), "layout": 2}
     tag = json.dumps(settings, sort_keys=True)
     name = f"emb_{encoder.card.name}_{hashlib.sha256(tag.encode()).hexdigest()[:16]}.npz"
     return Path(cache_dir) / name, tag
 
 
-def _save(path: Path, tag: str, qtag: str, rec: dict, dim: int, jitter: int) -> None:
+def _jit_stack(rec: dict, keys: list[str], n: int, dim: int) -> np.ndarray:
+    z = np.zeros(dim, np.float32)
+    return np.stack([np.stack([rec[k]["jit"][j] if len(rec[k].get("jit", ())) > j else z for k in keys])
+                     for j in range(n)])
+
+
+def _save(path: Path, tag: str, qtag: str, rec: dict, dim: int) -> None:
     keys = sorted(rec)
     z = np.zeros(dim, np.float32)
+    njit = np.asarray([len(rec[k].get("jit", ())) for k in keys])
     arrays = {"tag": np.asarray(tag), "qtag": np.asarray(qtag), "keys": np.asarray(keys),
               "ok": np.asarray([rec[k]["ok"] for k in keys]),
               "quality": np.asarray([rec[k]["quality"] for k in keys]),
               "vec": np.stack([rec[k].get("vec", z) for k in keys]),
-              "vec_flip": np.stack([rec[k].get("vec_flip", z) for k in keys])}
-    if jitter:
-        arrays["jit"] = np.stack([np.stack([rec[k]["jit"][j] if "jit" in rec[k] else z for k in keys]) for j in range(jitter)])
+              "vec_flip": np.stack([rec[k].get("vec_flip", z) for k in keys]), "njit": njit}
+    if njit.max(initial=0):
+        arrays["jit"] = _jit_stack(rec, keys, int(njit.max()), dim)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     atomic_write_bytes(path, buf.getvalue())
@@ -170,14 +177,14 @@ def _load(path: Path, tag: str, qtag: str) -> dict:
         if str(z["tag"]) != tag:
             return {}
         same_q = str(z["qtag"]) == qtag
-        jit = z["jit"] if "jit" in z.files else None
+        jit, njit = (z["jit"], z["njit"]) if "jit" in z.files else (None, None)
         rec = {}
         for i, k in enumerate(z["keys"].tolist()):
             r = {"ok": bool(z["ok"][i]), "quality": str(z["quality"][i]) if same_q else None}
             if r["ok"]:
                 r["vec"], r["vec_flip"] = z["vec"][i], z["vec_flip"][i]
-                if jit is not None:
-                    r["jit"] = [jit[j, i] for j in range(len(jit))]
+                if jit is not None and njit[i]:
+                    r["jit"] = [jit[j, i] for j in range(int(njit[i]))]
             rec[k] = r
         return rec
     except (OSError, KeyError, ValueError) as e:
@@ -213,6 +220,18 @@ class _Progress:
             self.bar.close()
 
 
+def _jittered(img, det, tpl, size, key: str, sigma: float, first: int, count: int) -> list[np.ndarray]:
+    """Jittered views first..first+count-1 of one image; view j is the same whatever was cached
+    before (the generator is seeded by the image key and always drawn from view 0)."""
+    rng = np.random.default_rng(int(hashlib.sha256(key.encode()).hexdigest()[:8], 16))
+    out = []
+    for j in range(first + count):
+        kps = jitter_keypoints(det.keypoints, sigma, rng)
+        if j >= first:
+            out.append(align_face(img, type(det)(det.box, kps, det.score), tpl, size).image)
+    return out
+
+
 def embed_folder(images_root: str | Path, keys: list[str], detector, encoder, quality_cfg, *,
                  template_scale: float = 1.0, jitter: int = 0, sigma: float = 0.03,
                  cache_dir: str | Path | None = None, progress: bool = True, batch: int = 32) -> Table:
@@ -224,36 +243,42 @@ def embed_folder(images_root: str | Path, keys: list[str], detector, encoder, qu
     if encoder.flip:
         raise ValueError("pass an encoder without flip: the runner stores both views")
     root = Path(images_root)
+    dim = encoder.card.embedding.dim
     qtag = json.dumps(quality_cfg.model_dump(), sort_keys=True)
     path = tag = None
     rec: dict = {}
     if cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        path, tag = cache_file(Path(cache_dir), encoder, detector, template_scale, jitter, sigma)
+        path, tag = cache_file(Path(cache_dir), encoder, detector, template_scale, sigma)
         rec = _load(path, tag, qtag)
     tpl = scaled_template(encoder.card.alignment.template, encoder.card.alignment.size, template_scale)
     size = encoder.card.alignment.size
-    todo = [k for k in keys if k not in rec or rec[k]["quality"] is None]
+
+    def missing(k):
+        r = rec.get(k)
+        return r is None or r["quality"] is None or (r["ok"] and len(r.get("jit", ())) < jitter)
+
+    todo = [k for k in keys if missing(k)]
     t0 = time.time()
     bar = _Progress(len(todo), f"embed {encoder.card.name} x{template_scale:g}", progress)
-    pending: list[tuple[str, list[np.ndarray]]] = []
+    pending: list[tuple[str, bool, list[np.ndarray]]] = []  # key, has base view, crops
 
     def flush():
         if not pending:
             return
-        crops = [c for _, cs in pending for c in cs]
+        crops = [c for _, _, cs in pending for c in cs]
         v = encoder.embed_images(crops)
-        vf = encoder.embed_images([c[:, ::-1] for c in crops])
+        bases = [cs[0] for _, base, cs in pending if base]
+        vf = iter(encoder.embed_images([c[:, ::-1] for c in bases]) if bases else [])
         i = 0
-        for k, cs in pending:
-            rec[k]["vec"], rec[k]["vec_flip"] = v[i], vf[i]
-            if len(cs) > 1:
-                rec[k]["jit"] = [v[i + j] for j in range(1, len(cs))]
+        for k, base, cs in pending:
+            if base:
+                rec[k]["vec"], rec[k]["vec_flip"] = v[i], next(vf)
+            rec[k].setdefault("jit", []).extend(v[i + base: i + len(cs)])
             i += len(cs)
         pending.clear()
 
-    done = 0
-    for k in todo:
+    for n, k in enumerate(todo, 1):
         try:
             img = load_image(root / k)
         except FacegateError:
@@ -267,37 +292,31 @@ def embed_folder(images_root: str | Path, keys: list[str], detector, encoder, qu
             crop = align_face(img, det, tpl, size).image
             q = assess(det, crop, quality_cfg)
             reason = "ok" if q.ok else q.reason
-            if k in rec and rec[k]["ok"] and "vec" in rec[k]:
-                rec[k]["quality"] = reason  # embeddings cached; only the quality settings changed
+            have = k in rec and rec[k]["ok"] and "vec" in rec[k]
+            if have:
+                rec[k]["quality"] = reason  # embeddings cached; the quality settings changed or views are missing
             else:
                 rec[k] = {"ok": True, "quality": reason}
-                crops = [crop]
-                if jitter:
-                    rng = np.random.default_rng(int(hashlib.sha256(k.encode()).hexdigest()[:8], 16))
-                    for _ in range(jitter):
-                        moved = type(det)(det.box, jitter_keypoints(det.keypoints, sigma, rng), det.score)
-                        crops.append(align_face(img, moved, tpl, size).image)
-                pending.append((k, crops))
-                if sum(len(c) for _, c in pending) >= batch:
-                    flush()
-        done += 1
+            got = len(rec[k].get("jit", ()))
+            crops = ([] if have else [crop]) + _jittered(img, det, tpl, size, k, sigma, got, max(0, jitter - got))
+            if crops:
+                pending.append((k, not have, crops))
+            if sum(len(c) for _, _, c in pending) >= batch:
+                flush()
         bar.update()
-        if path is not None and done % FLUSH_EVERY == 0:
+        if path is not None and n % FLUSH_EVERY == 0:
             flush()
-            _save(path, tag, qtag, rec, encoder.card.embedding.dim, jitter)
+            _save(path, tag, qtag, rec, dim)
     flush()
     bar.close()
     if path is not None and todo:
-        _save(path, tag, qtag, rec, encoder.card.embedding.dim, jitter)
-    dim = encoder.card.embedding.dim
+        _save(path, tag, qtag, rec, dim)
     z = np.zeros(dim, np.float32)
     return Table(keys=list(keys), ok=np.asarray([rec[k]["ok"] for k in keys]),
                  vec=np.stack([rec[k].get("vec", z) for k in keys]).astype(np.float32),
                  vec_flip=np.stack([rec[k].get("vec_flip", z) for k in keys]).astype(np.float32),
                  quality=np.asarray([rec[k]["quality"] for k in keys]),
-                 jit=(np.stack([np.stack([rec[k]["jit"][j] if "jit" in rec[k] else z for k in keys]) for j in range(jitter)])
-                      if jitter else None),
-                 seconds=time.time() - t0)
+                 jit=_jit_stack(rec, keys, jitter, dim) if jitter else None, seconds=time.time() - t0)
 
 
 # ---------------------------------------------------------------- scoring one configuration

@@ -151,3 +151,19 @@ def test_subset_keeps_every_nth_person_and_n_pairs_per_fold(tmp_path):
     pairs, split = E.subset(lfw_pairs(root / "pairs.txt"), one_to_n_split(root), 2, 1)
     assert [(p.fold, p.same) for p in pairs] == [(0, True), (0, False), (1, True), (1, False)]
     assert list(split.gallery) == ["Obama_S"] and [n for n, _ in split.nonmated] == ["Astro_S", "Junk_S"]
+
+
+def test_jittered_views_are_added_to_the_cache_and_reproducible(tmp_path, stack_parts):
+    det, enc, *_ = stack_parts
+    root = _fake_lfw(tmp_path) / "images"
+    keys = ["Obama_S/Obama_S_0001.jpg", "Junk_S/Junk_S_0001.jpg"]
+    base = E.embed_folder(root, keys, det, enc, QualityConfig(), cache_dir=tmp_path / "c", progress=False)
+    one = E.embed_folder(root, keys, det, enc, QualityConfig(), jitter=1, cache_dir=tmp_path / "c", progress=False)
+    two = E.embed_folder(root, keys, det, enc, QualityConfig(), jitter=2, cache_dir=tmp_path / "c", progress=False)
+    fresh = E.embed_folder(root, keys, det, enc, QualityConfig(), jitter=2, progress=False)
+    assert np.array_equal(base.vec, two.vec)
+    assert np.allclose(one.jit[0], two.jit[0]) and np.allclose(two.jit, fresh.jit, atol=1e-5)
+    assert 0.9 < float(two.jit[0, 0] @ two.vec[0]) < 0.99999  # a nearby, different view
+    assert np.allclose(two.vectors(frames=3)[0], E.combine(two.vec, two.vec_flip, False, two.jit)[0])
+    with pytest.raises(ValueError, match="jittered"):
+        base.vectors(frames=2)

@@ -103,7 +103,10 @@ def quantize(fp32: Path, out: Path, method: str = "minmax", reader: CalibrationD
         quantize_static(str(pre), str(tmp_out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=METHODS[method], op_types_to_quantize=ops,
-                        calibration_cache_path=str(cache) if cache else None)
+                        calibration_cache_path=str(cache) if cache else None,
+                        # Flush collected activations every few batches: histogram methods
+                        # otherwise hold every intermediate tensor of every batch (out of memory).
+                        extra_options={"CalibMaxIntermediateOutputs": 4})
         from edge.atomic import atomic_write_bytes
 
         atomic_write_bytes(out, tmp_out.read_bytes())

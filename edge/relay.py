@@ -82,6 +82,7 @@ class DoorRelay:
         self._opened_at: float | None = None  # time.monotonic() when the line went unlocked
         self._deadline: float | None = None
         self._closed = False
+        self._refusing = False
         self._openings = 0
         self._longest = 0.0
         self._last = 0.0
@@ -115,6 +116,9 @@ class DoorRelay:
         with self._cond:
             if self._closed:
                 raise RuntimeError("relay is closed")
+            if self._refusing:
+                log.warning("relay: locked for shutdown; grant refused")
+                return None
             try:
                 now = time.monotonic()
                 t = now if now_mono is None else min(float(now_mono), now)
@@ -137,9 +141,11 @@ class DoorRelay:
                 self._lock_locked()
                 raise
 
-    def lock(self) -> None:
-        """Force the door locked now, ending any pulse."""
+    def lock(self, stay: bool = False) -> None:
+        """Force the door locked now, ending any pulse. `stay`: and refuse every later grant (the
+        service is stopping: a frame already in flight must not open the door again)."""
         with self._cond:
+            self._refusing = self._refusing or stay
             self._lock_locked()
             self._cond.notify_all()
 

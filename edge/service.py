@@ -78,7 +78,7 @@ def run_service(cfg: Config, max_frames: int | None = None, verbose: bool = True
 
     def on_term(signum, _frame):
         stop["flag"] = True
-        relay.lock()
+        relay.lock(stay=True)  # the frame being processed may still hold a grant
 
     def on_hup(signum, _frame):
         stop["reload"] = True

@@ -35,6 +35,12 @@ REPO = Path(__file__).resolve().parent.parent
 FRESH_DB_EVERY = 10  # rounds between new database files, so kills also hit a database's creation
 
 
+def _say(line: str) -> None:
+    """One write(2) per line: below PIPE_BUF it is atomic, so lines from the fork server and its
+    gates never interleave (print() may write the text and its newline separately)."""
+    os.write(1, (line + "\n").encode())
+
+
 def _echo_ids() -> None:
     """Print every committed audit row id, after record_event has returned it."""
     from edge.audit import AuditLog
@@ -43,8 +49,7 @@ def _echo_ids() -> None:
 
     def echo(self, *a, **kw):
         i = record_event(self, *a, **kw)
-        sys.stdout.write(f"AUDIT {i}\n")
-        sys.stdout.flush()
+        _say(f"AUDIT {i}")
         return i
 
     AuditLog.record_event = echo
@@ -72,11 +77,11 @@ def _serve_light() -> None:
     for line in sys.stdin:
         cmd, arg = line.split()
         if cmd == "sync":
-            print(f"SYNC {arg}", flush=True)
+            _say(f"SYNC {arg}")
             continue
         pid = os.fork()
         if pid:
-            print(f"PID {pid}", flush=True)
+            _say(f"PID {pid}")
             continue
         try:  # the gate: runs until killed
             relay = DoorRelay(cfg.relay, MockFactory())

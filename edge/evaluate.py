@@ -658,11 +658,12 @@ def main_1n(args) -> int:
             row["false_matches_at_fpir_0.003"] = false_matches(r, res.thresholds[0.003])
             tbl = _k_table(ms, s, cohort_for, enc_card)
             if tbl is not None:
-                row["threshold_from_k"] = threshold_from_k(r, tbl, members=ms, s=s, split=split)
+                row["threshold_from_k"] = threshold_from_k(r, tbl[:2], members=ms, s=s, split=split)
+                row["threshold_from_k_table"] = tbl[2]
         report["rows"].append(row)
     for row in report["rows"]:
         if "threshold_from_k" in row:
-            print(f"\nthreshold from K ({row['name']}; calibration on celeba, never LFW):")
+            print(f"\nthreshold from K ({row['name']}; table: {row['threshold_from_k_table']}; never LFW):")
             for c in row["threshold_from_k"]:
                 print(f"  K={c['K']:5d} target FPIR {c['target_fpir']:.3f}: threshold {c['threshold']:.4f} -> measured FPIR "
                       f"{c['measured_fpir']:.4f} ({c['false_positives']}/{c['nonmated']}), FNIR {100 * c['fnir']:.1f}%")
@@ -686,18 +687,20 @@ def main_1n(args) -> int:
 
 
 def _k_table(ms, s: Scoring, cohort_for, enc_card):
-    """The calibration table the gate would use for this scoring; None for fusion (no table)."""
+    """The calibration table the gate would use for this scoring, with where it comes from; None
+    for fusion (no table). Raw cosine: the card's (celeba), else the cohort file's raw table of
+    its calibration half (also celeba); AS-norm: the cohort file's normalised table."""
     if len(ms) > 1:
         return None
     if s.norm == "asnorm":
-        return ms[0].cohort.fmr, ms[0].cohort.threshold
-    if s.flip:
-        c = cohort_for(enc_card, True, False)
-        return (list(c.raw_fmr), list(c.raw_threshold)) if c is not None else None
+        return ms[0].cohort.fmr, ms[0].cohort.threshold, "cohort file, AS-norm table"
     from .modelcard import load_card
 
     cal = load_card(enc_card)[0].calibration
-    return (cal.fmr, cal.threshold) if cal is not None else None
+    if cal is not None and not s.flip:
+        return cal.fmr, cal.threshold, f"model card ({cal.dataset})"
+    c = cohort_for(enc_card, s.flip, False)
+    return (list(c.raw_fmr), list(c.raw_threshold), "cohort file, raw-cosine table") if c is not None else None
 
 
 def _cost_of(s: Scoring, costs: dict, ms) -> str:

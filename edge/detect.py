@@ -165,6 +165,11 @@ class BlazeFaceDetector:
     ratio of mouth width to eye distance (ArcFace: 0.83), which is what the similarity fit needs."""
 
     MOUTH_TO_EYES = 0.83
+    # BlazeFace's eyes, nose and mouth sit lower on the face than the 5-point convention the
+    # encoder templates use (YuNet's, RetinaFace's): by 0.063 / 0.148 / 0.064 eye distances, the
+    # mean over 300 CelebA faces against YuNet on the same images (short and full range agree to
+    # 0.02). Uncorrected, the aligned crop sits about 2.5 px (of 112) too high.
+    SHIFT_DOWN = np.array([0.063, 0.063, 0.148, 0.064, 0.064], np.float32)
 
     def __init__(self, card: Card, model_path: Path, threads: int = 1):
         self.card = card
@@ -176,20 +181,27 @@ class BlazeFaceDetector:
 
     def detect(self, image: np.ndarray) -> list[Detection]:
         h, w = image.shape[:2]
-        side = max(h, w)
-        # Letterbox to a square so the model's square input keeps the face's proportions.
-        sq = cv2.copyMakeBorder(image, 0, side - h, 0, side - w, cv2.BORDER_CONSTANT, value=0)
-        inp = cv2.resize(sq, (self.size, self.size), interpolation=cv2.INTER_AREA)
+        f = self.size / max(h, w)
+        rw, rh = max(1, round(w * f)), max(1, round(h * f))
+        # Letterbox to a square so the model's square input keeps the face's proportions; resizing
+        # before padding saves a third of the time on a 640x480 frame.
+        small = cv2.resize(image, (rw, rh), interpolation=cv2.INTER_AREA)
+        inp = cv2.copyMakeBorder(small, 0, self.size - rh, 0, self.size - rw, cv2.BORDER_CONSTANT, value=0)
+        # model input [0, 1] -> frame pixels, per axis (the resize rounds each side on its own)
+        to_px = np.array([self.size * w / rw, self.size * h / rh])
         out = self.model(self.card.preprocess([inp]))
         reg, cls = _blaze_outputs(out)
         boxes, kps, scores = blazeface_decode(reg, cls, self.anchors, self.size, self.spec.score_threshold)
         dets = []
         for box, kp, score in weighted_nms(boxes, kps, scores, self.spec.nms_iou):
-            kp = kp.reshape(6, 2) * side
+            kp = kp.reshape(6, 2) * to_px
             eye_l, eye_r, nose, mouth = kp[0], kp[1], kp[2], kp[3]
-            half = (eye_r - eye_l) * self.MOUTH_TO_EYES / 2
-            five = np.stack([eye_l, eye_r, nose, mouth - half, mouth + half]).astype(np.float32)
-            dets.append(Detection(box=tuple(float(v) * side for v in box), keypoints=five, score=score))
+            eyes = eye_r - eye_l
+            half = eyes * self.MOUTH_TO_EYES / 2
+            five = np.stack([eye_l, eye_r, nose, mouth - half, mouth + half])
+            down = np.array([-eyes[1], eyes[0]])  # the eye line turned 90 degrees, towards the chin
+            five = (five - self.SHIFT_DOWN[:, None] * down).astype(np.float32)
+            dets.append(Detection(box=tuple(float(v) for v in box * np.tile(to_px, 2)), keypoints=five, score=score))
         return dets
 
 

@@ -1,4 +1,4 @@
-"""python -m export COMMAND --help: fetch, build, calibrate, verify, bench, cohort, import-onnx."""
+"""python -m export COMMAND --help: fetch, build, calibrate, verify, bench, cohort, detectors, import-onnx."""
 from __future__ import annotations
 
 import argparse
@@ -59,6 +59,12 @@ def cmd_cohort(args) -> int:
     return main(args)
 
 
+def cmd_detectors(args) -> int:
+    from .detectors import main
+
+    return main(args)
+
+
 def cmd_import_onnx(args) -> int:
     from .import_user import main
 
@@ -110,6 +116,11 @@ def main(argv=None) -> int:
     s.add_argument("--out", help="default: <model>.cohort.npz beside the encoder")
     s.add_argument("--cache-dir", default=str(models.parent / "out" / "eval_cache"))
     s.set_defaults(fn=cmd_cohort)
+    s = sub.add_parser("detectors", help="detector speed per 640x480 frame and faces found on LFW, to pick the default")
+    from .detectors import add_arguments as detector_arguments
+
+    detector_arguments(s, models, SHARED)
+    s.set_defaults(fn=cmd_detectors)
     s = sub.add_parser("import-onnx", help="a user's ONNX face encoder -> clean fp32 + INT8 ONNX with cards")
     from .import_user import add_arguments
 

@@ -8,9 +8,10 @@ import json
 import tempfile
 from pathlib import Path
 
+from edge.atomic import atomic_write_bytes
 from edge.modelcard import CalibrationSpec, load_card, write_card
 
-from .cards import sface_card, yunet_card
+from .cards import BLAZEFACE, blazeface_card, sface_card, yunet_card
 from .fetch import RAW_DIR
 from .onnx_import import import_onnx
 from .prelu import int8_friendly
@@ -67,4 +68,11 @@ def build(out_dir: Path = MODELS_DIR, force: bool = False, quiet: bool = False) 
         say("YuNet INT8 (static QDQ from committed ranges)")
         quantize(yn32, yn8, method("yunet"), None, ranges_cache("yunet"))
         made.append(write_card(yunet_card("yunet_int8", yn8, "int8"), yn8))
+    for variant, v in BLAZEFACE.items():
+        # A card's model file lives in the card's folder, so the raw model is copied beside it.
+        raw, tfl = RAW_DIR / v["raw"], out_dir / f"blazeface_{variant}.tflite"
+        if raw.is_file() and (force or not _fresh(out_dir / f"blazeface_{variant}.card.json", [raw])):
+            say(f"BlazeFace {variant}-range (copy, card)")
+            atomic_write_bytes(tfl, raw.read_bytes())
+            made.append(write_card(blazeface_card(f"blazeface_{variant}", tfl, variant), tfl))
     return made

@@ -135,6 +135,8 @@ def from_bytes(data: bytes, key: bytes, path: str | Path | None = None, encoder_
         raise GalleryError(path, "gallery failed authentication: wrong key, or the file was modified or truncated") from None
     try:
         p = json.loads(plain)
+        if not isinstance(p, dict):
+            raise ValueError("payload is not a JSON object")
         if p.get("format") != FORMAT or p.get("version") != VERSION:
             raise ValueError(f"unsupported format {p.get('format')!r} version {p.get('version')!r}")
         dim = int(p["dim"])

@@ -629,6 +629,12 @@ def main_1n(args) -> int:
         if other:
             lv += [("flip + AS-norm + fusion", True, True, 0.0, True, 1), (f"flip + AS-norm + fusion + margin {m:g}", True, True, m, True, 1)]
         configs = [(n, members_for(f, nm, fu), scoring(f, nm, mg, fu, fr), 1.0) for n, f, nm, mg, fu, fr in lv]
+        if not args.no_quality:
+            # The gate's quality config refuses some LFW photos (a door camera would wait for the
+            # next frame; a photo has none): show what keeping them gives.
+            for n, f, nm, mg, fu, fr in (lv[0], lv[-1]):
+                sc = Scoring(**{**scoring(f, nm, mg, fu, fr).__dict__, "gate_quality": False})
+                configs.append((n + " [quality report-only]", members_for(f, nm, fu), sc, 1.0))
         for sc in args.scales:
             configs.insert(1, (f"crop: template x{sc:g}", [Member(table(enc_card, sc))], scoring(), sc))
     from .imageio import load_image

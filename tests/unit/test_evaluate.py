@@ -167,3 +167,22 @@ def test_jittered_views_are_added_to_the_cache_and_reproducible(tmp_path, stack_
     assert np.allclose(two.vectors(frames=3)[0], E.combine(two.vec, two.vec_flip, False, two.jit)[0])
     with pytest.raises(ValueError, match="jittered"):
         base.vectors(frames=2)
+
+
+def test_our_alignment_is_the_opencv_zoo_aligncrop(stack_parts):
+    """The 'template x1.0' row is the Zoo stack's alignment: cv2.FaceRecognizerSF.alignCrop warps
+    to the same ArcFace template; the crops differ by at most one grey level from rounding."""
+    import cv2
+
+    from edge.imageio import load_image
+
+    det, enc, *_ = stack_parts
+    if enc.card.alignment.size != (112, 112):
+        pytest.skip("the encoder is not a 112 px ArcFace-template encoder")
+    zoo = cv2.FaceRecognizerSF.create(str(model_cards()[1]).replace(".card.json", ".onnx"), "")
+    for name in ("obama.jpg", "biden.jpg"):
+        img = load_image(sample(name))
+        d = det.detect(img)[0]
+        theirs = zoo.alignCrop(img, np.array([[*d.box, *d.keypoints.ravel(), d.score]], np.float32))
+        ours = enc.align(img, d).image
+        assert np.abs(theirs.astype(int) - ours.astype(int)).max() <= 1

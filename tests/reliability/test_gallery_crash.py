@@ -58,3 +58,22 @@ def test_crash_at_each_step_leaves_old_or_new(tmp_path, step, expect):
     assert all(n.startswith(".gallery.fgg.") and n.endswith(".tmp") for n in leftovers)
     if step in ("written", "synced"):
         assert len(leftovers) == 1
+
+
+@pytest.mark.parametrize("step", ["written", "synced", "renamed"])
+def test_io_error_at_each_step_leaves_a_loadable_gallery_and_no_temp_file(tmp_path, step):
+    """A write that fails (disk full, I/O error) instead of dying: the error reaches the caller, the
+    gallery on disk is the old one (or, after the rename, the new one) and no temp file is left."""
+    path = tmp_path / "gallery.fgg"
+    G.save(old_gallery(), path, KEY)
+    g = G.load(path, KEY)
+    g.add(G.Person("carol", np.array([0, 0, 0, 1], np.float32), "E3"))
+
+    def hook(s):
+        if s == step:
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        G.save(g, path, KEY, _hook=hook)
+    assert G.load(path, KEY).names == (["alice", "carol"] if step == "renamed" else ["alice"])
+    assert [p.name for p in tmp_path.iterdir()] == ["gallery.fgg"]

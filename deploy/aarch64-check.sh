@@ -50,14 +50,21 @@ fi
 mountpoint -q "$ROOT/proc" || mount -t proc proc "$ROOT/proc"
 mountpoint -q "$ROOT/dev" || mount --bind /dev "$ROOT/dev"
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
+# Local CAs of the host (a company proxy's, say) are trusted inside too, so pip reaches the registry.
+if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
+    cp /usr/local/share/ca-certificates/*.crt "$ROOT/usr/local/share/ca-certificates/"
+    chroot "$ROOT" update-ca-certificates >/dev/null
+fi
+# A clean environment: the host's pip settings (find-links, constraints) name host paths.
+inside() { chroot "$ROOT" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 "$@"; }
 
-say "uname inside: $(chroot "$ROOT" uname -m)"
+say "uname inside: $(inside uname -m)"
 if [ ! -x "$ROOT/opt/venv/bin/pytest" ]; then
     say "venv with requirements.txt (+ pytest, hypothesis)"
     cp "$REPO/requirements.txt" "$ROOT/tmp/requirements.txt"
-    chroot "$ROOT" python3 -m venv /opt/venv
-    chroot "$ROOT" /opt/venv/bin/pip install -q --upgrade pip
-    chroot "$ROOT" /opt/venv/bin/pip install -q -r /tmp/requirements.txt pytest hypothesis
+    inside python3 -m venv /opt/venv
+    inside /opt/venv/bin/pip install -q --upgrade pip
+    inside /opt/venv/bin/pip install -q -r /tmp/requirements.txt pytest hypothesis
 fi
 
 say "copying the checkout (tracked and new files, models/ without the dlib files)"
@@ -68,10 +75,10 @@ mkdir -p "$ROOT/opt/facegate"
     tar -C "$ROOT/opt/facegate" -xf -
 
 say "python and wheels inside"
-chroot "$ROOT" /opt/venv/bin/python -c 'import platform, numpy, onnxruntime, cv2, cryptography; print(platform.machine(), "numpy", numpy.__version__, "onnxruntime", onnxruntime.__version__, "opencv", cv2.__version__, "cryptography", cryptography.__version__)'
+inside /opt/venv/bin/python -c 'import platform, numpy, onnxruntime, cv2, cryptography; print(platform.machine(), "numpy", numpy.__version__, "onnxruntime", onnxruntime.__version__, "opencv", cv2.__version__, "cryptography", cryptography.__version__)'
 
 say "edge tests: $TESTS"
 existing=""
 for t in $TESTS; do [ -f "$REPO/$t" ] && existing="$existing $t"; done
 # shellcheck disable=SC2086  # word-splitting the test list is intended
-chroot "$ROOT" /bin/sh -c "cd /opt/facegate && /opt/venv/bin/python -m pytest -q -p no:cacheprovider $existing"
+inside /bin/sh -c "cd /opt/facegate && /opt/venv/bin/python -m pytest -q -p no:cacheprovider $existing"

@@ -17,7 +17,7 @@ from edge.__main__ import main
 from edge.config import load_config
 from edge.errors import ConfigError, GalleryError, ModelError
 from edge.modelcard import load_card
-from reliability.common import SAMPLES, models_config
+from reliability.common import models_config
 from reliability.fakes import audit_rows
 from tests.unit.test_imageio import flat_jpeg, png_claiming
 

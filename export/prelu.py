@@ -57,10 +57,27 @@ def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
     return _rebuild(model, nodes, new_inits)
 
 
+def _elements(model: onnx.ModelProto) -> dict[str, int]:
+    """Elements per sample of each tensor whose shape inference can tell."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    out = {}
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+        dims = [d.dim_value for d in vi.type.tensor_type.shape.dim[1:]]
+        if dims and all(dims):
+            out[vi.name] = int(np.prod(dims))
+    return out
+
+
 def decompose_prelu(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """Returns the rewritten model and how many PReLUs were replaced."""
+    """Returns the rewritten model and how many PReLUs were replaced.
+
+    Only where the PReLU's activation has at least as many elements as the conv has weights: there
+    the float PReLU costs time, while the duplicated weights cost little. Late 1x1 convs on 7x7
+    maps are the opposite (a million weights, fifty thousand activations) and stay as they are,
+    which keeps the INT8 file small."""
     g = model.graph
     init, prod, uses = _index(g)
+    elements = _elements(model)
     new_nodes, new_inits, dropped, count = [], [], set(), 0
     for n in g.node:
         conv = prod.get(n.input[0]) if n.op_type == "PRelu" else None
@@ -70,7 +87,7 @@ def decompose_prelu(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
             continue
         w, b = _conv_wb(conv, init)
         a = np.broadcast_to(init[n.input[1]].reshape(-1), (w.shape[0],)).astype(np.float32)
-        if np.any(a > 1.0):
+        if np.any(a > 1.0) or elements.get(n.output[0], 0) < w.size:
             new_nodes.append(n)
             continue
         out = n.output[0]

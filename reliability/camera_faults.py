@@ -97,12 +97,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--faults", default=",".join(FAULTS))
     p.add_argument("--fault-s", type=float, default=12.0, help="how long each fault lasts")
+    p.add_argument("--recover-s", type=float, default=20.0,
+                   help="time given to come back (the back-off has grown during the fault)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     results = []
     for kind in args.faults.split(","):
         with tempfile.TemporaryDirectory() as d:
-            r = run_fault(kind, d, fault_s=args.fault_s)
+            r = run_fault(kind, d, fault_s=args.fault_s, recover_s=args.recover_s)
         results.append(r)
         print(f"{kind:7s} first event {r['fault_event']} after {r['detect_delay_s']} s, {r['offline_event']} after "
               f"{r['offline_delay_s']} s (limit {r['offline_after_s']}), pings during fault {r['pings_during_fault']}, "

@@ -134,6 +134,9 @@ def enrolled_config(tmp_path, frames, people):
     cfg = gate_config(tmp_path)
     cfg.camera.path, cfg.camera.fps = str(frames), 30.0
     cfg.decision.backoff_after = 100  # denials before the reload must not start a back-off
+    # decisions by frame count, not by speed: a slow machine (qemu, a loaded CI) must not split the
+    # track between frames or let the cooldown lapse
+    cfg.decision.track_timeout_s, cfg.decision.cooldown_s = 60.0, 600.0
     stack = Stack.from_config(cfg)
     G.new_key_file(cfg.storage.key_file)
     g = G.Gallery(stack.encoder.sha256, stack.encoder.card.embedding.dim)

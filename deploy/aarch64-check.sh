@@ -34,7 +34,7 @@ if [ ! -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ]; then
 fi
 
 cleanup() {
-    for m in "$ROOT/dev" "$ROOT/sys" "$ROOT/proc"; do
+    for m in "$ROOT/dev" "$ROOT/proc"; do
         mountpoint -q "$m" && umount -l "$m"
     done
     return 0
@@ -48,7 +48,8 @@ if [ ! -x "$ROOT/usr/bin/python3" ]; then
         bookworm "$ROOT" ${MIRROR:-}
 fi
 mountpoint -q "$ROOT/proc" || mount -t proc proc "$ROOT/proc"
-mountpoint -q "$ROOT/sys" || mount -t sysfs -o ro sysfs "$ROOT/sys"  # onnxruntime reads the CPU list there
+# No /sys: with the host's (x86) CPU topology there, onnxruntime's cpuinfo crashes under qemu; without
+# it, it prints "Error in cpuinfo" warnings and runs.
 mountpoint -q "$ROOT/dev" || mount --bind /dev "$ROOT/dev"
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
 # Local CAs of the host (a company proxy's, say) are trusted inside too, so pip reaches the registry.

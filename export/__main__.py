@@ -1,4 +1,4 @@
-"""python -m export COMMAND --help: fetch, build, calibrate, verify, bench, cohort, detectors, import-onnx."""
+"""python -m export COMMAND --help: fetch, build, calibrate, verify, bench, cohort, detectors, tflite, import-onnx."""
 from __future__ import annotations
 
 import argparse
@@ -65,6 +65,12 @@ def cmd_detectors(args) -> int:
     return main(args)
 
 
+def cmd_tflite(args) -> int:
+    from .tflite import main
+
+    return main(args)
+
+
 def cmd_import_onnx(args) -> int:
     from .import_user import main
 
@@ -121,6 +127,11 @@ def main(argv=None) -> int:
 
     detector_arguments(s, models, SHARED)
     s.set_defaults(fn=cmd_detectors)
+    s = sub.add_parser("tflite", help="INT8 TFLite encoders (dlib, SFace) with cards; needs the .venv-tflite of requirements-tflite.txt")
+    from .tflite import add_arguments as tflite_arguments
+
+    tflite_arguments(s, models, SHARED)
+    s.set_defaults(fn=cmd_tflite)
     s = sub.add_parser("import-onnx", help="a user's ONNX face encoder -> clean fp32 + INT8 ONNX with cards")
     from .import_user import add_arguments
 

@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from edge.config import MODELS
 from edge.errors import FacegateError
@@ -18,6 +19,7 @@ typical run:
   python -m train fit --config student.yaml --out runs/student
   python -m train export-onnx runs/student/encoder.pt models/student_fp32.onnx --data "CelebA subset" \\
       --license "CelebA: non-commercial research only"
+  python -m train export-int8 models/student_fp32.card.json models/student_int8.onnx --calibrate data/celeba112
   python -m train evaluate --encoder models/student_fp32.card.json --json runs/student/lfw.json
 
 Run `python -m train COMMAND --help` for each command's options.
@@ -40,6 +42,9 @@ Fields (defaults):
   steps_per_epoch   images // (p*m)
   lr, weight_decay, warmup_steps   2e-3, 5e-4, 100 (AdamW, cosine decay)
   flip              true   mirror half the faces of each batch
+  jitter            false  light rotate / scale / shift and brightness / contrast jitter (student
+                           sees the jittered face, distillation targets stay the clean crop's)
+  bn_images         20000  images for the final BatchNorm recalibration (0 = keep running stats)
   device            auto | cpu | cuda
   seed              0
 Writes OUT/last.pt after every epoch (--resume continues from it), OUT/encoder.pt and
@@ -88,6 +93,18 @@ def main(argv=None) -> int:
     p.add_argument("--license", required=True, help="licence terms the model inherits from its data")
     p.add_argument("--check", help="folder of prepared crops for the torch/ONNX parity check")
 
+    p = sub.add_parser("export-int8", parents=[common], help="fp32 encoder card -> INT8 ONNX + card through export/",
+                       description="Quantize an fp32 encoder (from export-onnx) with export/'s static QDQ, activation "
+                                   "ranges from prepared crops (never LFW). The INT8 card keeps the fp32 card's source "
+                                   "(training data, licence); with --holdout it gets the impostor-score table of "
+                                   "identities the encoder was not trained on, which the gate's thresholds come from.")
+    p.add_argument("card", help="fp32 encoder card, e.g. models/student_fp32.card.json")
+    p.add_argument("out", help="INT8 model file, e.g. models/student_int8.onnx (card written beside it)")
+    p.add_argument("--calibrate", required=True, help="prepared crops for the activation ranges (training data, never LFW)")
+    p.add_argument("--holdout", help="prepared crops of identities held out of training, for the impostor table")
+    p.add_argument("--method", choices=["minmax", "percentile", "entropy"], default="percentile")
+    p.add_argument("--limit", type=int, default=300, help="calibration crops (default: %(default)s)")
+
     p = sub.add_parser("evaluate", parents=[common], help="LFW 10-fold verification + one-shot 1:N for an encoder card",
                        description="Run an encoder (by its model card, through the edge's detector, alignment and "
                                    "embedder) on LFW: View 2 10-fold accuracy (threshold from the other 9 folds), "
@@ -114,6 +131,7 @@ def main(argv=None) -> int:
     p.add_argument("--folds", type=int, default=3, help="subject folds for the threshold; 0 = in-sample")
     p.add_argument("--bpcer", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reuse", action="store_true", help="export OUT/pad.pt instead of fitting the final model again")
 
     p = sub.add_parser("liveness-eval", parents=[common], help="APCER / BPCER / ACER on the NUAA test split",
                        description="Per-frame and per-sequence APCER (print), BPCER and ACER at the operating point, "
@@ -163,8 +181,6 @@ def _run(args, progress: bool) -> int:
         last = r["history"][-1] if r["history"] else {}
         print(json.dumps({"out": args.out, "last_epoch": last, "device": r["device"]}, indent=1))
     elif args.cmd == "export-onnx":
-        from pathlib import Path
-
         from .data import load_faces
         from .fit import load_encoder_weights
         from .onnx import export_onnx, parity
@@ -178,6 +194,17 @@ def _run(args, progress: bool) -> int:
                   f"mean {r['spread_mean']:.3f}, max {r['spread_max']:.3f}")
             if r["collapsed"]:
                 raise FacegateError(args.out, "collapsed: the network gives (nearly) one embedding for every face")
+    elif args.cmd == "export-int8":
+        from .data import load_faces
+        from .int8 import export_int8
+
+        for folder in (args.calibrate, args.holdout):
+            if folder and "lfw" in Path(folder).resolve().parts:
+                raise FacegateError(folder, "LFW is for evaluation only: calibrate on training crops")
+        r = export_int8(args.card, args.out, load_faces(args.calibrate), args.method, args.limit,
+                        load_faces(args.holdout) if args.holdout else None)
+        print(f"wrote {args.out} and {r['card']} ({r['method']}, {r['calibration_crops']} crops); INT8 vs fp32 "
+              f"cosine: mean {r['parity_cos_mean']:.4f}, min {r['parity_cos_min']:.4f}")
     elif args.cmd == "evaluate":
         from .evaluate import evaluate, summary, write_json
 
@@ -191,7 +218,7 @@ def _run(args, progress: bool) -> int:
         from .liveness import FitConfig, run
 
         r = run(args.nuaa, args.detector, args.out, FitConfig(epochs=args.epochs, seed=args.seed), args.folds,
-                args.bpcer, progress)
+                args.bpcer, progress, args.reuse)
         print(json.dumps({k: r[k] for k in ("threshold", "accuracy", "params", "train_s", "cards")}, indent=1))
     elif args.cmd == "liveness-eval":
         from .liveness_eval import evaluate, summary

@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from reliability.fakes import (ALICE, Device, NotifySocket, RelaySpy, audit_rows, fake_config, fake_models,
                                patched, sigterm_after, unlocked_intervals, write_gallery)
 
@@ -71,6 +73,9 @@ def run_fault(kind: str, folder: str | Path, good_s: float = 1.5, fault_s: float
     t_fault_ev, t_offline, t_online = first("fault:", t_fault), first("offline:", t_fault), first("online", t_back)
     pings = sock.pings()
     end_of_fault = t_online if t_online is not None else t_back
+    # the frame in flight when the fault began was captured before it: allow two loop periods
+    before = np.diff([t for t in pings if t < t_fault])
+    slack = max(SLACK_S, 2 * float(np.median(before))) if before.size else SLACK_S
     opens = [t for t in device.opens if t_fault <= t < end_of_fault]
     unlocked = unlocked_intervals(spy.relay.line)
     return {
@@ -82,10 +87,11 @@ def run_fault(kind: str, folder: str | Path, good_s: float = 1.5, fault_s: float
         "offline_delay_s": None if t_offline is None else round(t_offline - t_fault, 3),
         "offline_after_s": offline_after_s,
         "pings_before_fault": sum(1 for t in pings if t < t_fault),
-        "pings_during_fault": sum(1 for t in pings if t_fault + SLACK_S < t < end_of_fault),
+        "pings_during_fault": sum(1 for t in pings if t_fault + slack < t < end_of_fault),
         "pings_after_recovery": sum(1 for t in pings if t >= end_of_fault),
-        "openings_during_fault": sum(1 for s, _ in unlocked if t_fault + SLACK_S < s < end_of_fault),
-        "locked_after_fault_s": round(max([s + d - t_fault for s, d in unlocked if s <= t_fault + SLACK_S] + [0.0]), 3),
+        "openings_during_fault": sum(1 for s, _ in unlocked if t_fault + slack < s < end_of_fault),
+        "locked_after_fault_s": round(max([s + d - t_fault for s, d in unlocked if s <= t_fault + slack] + [0.0]), 3),
+        "slack_s": round(slack, 3),
         "reconnects": len(opens),
         "reconnect_gaps_s": [round(b - a, 2) for a, b in zip(opens, opens[1:])],
         "online_after_fault_s": None if t_online is None else round(t_online - t_back, 3),

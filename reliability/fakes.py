@@ -122,14 +122,15 @@ def fake_models(stall=None):
 class Device:
     """A camera device whose behaviour follows a script of (start_s, behaviour) on the monotonic
     clock from `t0`. Behaviours: ("ok", who), ("stall",), ("raise",), ("shape",), ("black",),
-    ("frozen", who), ("cycle", who, n): the same n stale buffers in turn, as a stuck driver with
-    n mmap buffers re-queues them. Reconnecting opens a new adapter on the same device, as a real
+    ("frozen", who), ("cycle", who, n): the last n frames delivered, again and again in turn, as a
+    stuck driver re-queues its n mmap buffers. Reconnecting opens a new adapter on the same device, as a real
     driver does."""
 
     script: list[tuple]
     fps: float = 30.0
     t0: float = field(default_factory=time.monotonic)
     opens: list[float] = field(default_factory=list)  # time.monotonic() of each open
+    _delivered: list[np.ndarray] = field(default_factory=list)  # the last good frames, newest last
     _stale: list[np.ndarray] = field(default_factory=list)
     _grabs: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -159,11 +160,13 @@ class Device:
             if kind in ("frozen", "cycle"):
                 n = 1 if kind == "frozen" else b[2]
                 if not self._stale:
-                    self._stale = [frame_image(b[1]) for _ in range(n)]
+                    self._stale = (self._delivered[-n:] if self._delivered else [frame_image(b[1])])
                 self._grabs += 1
-                return self._stale[self._grabs % n]
+                return self._stale[self._grabs % len(self._stale)]
             self._stale = []
-        return frame_image(b[1])
+            img = frame_image(b[1])
+            self._delivered = self._delivered[-7:] + [img]
+        return img
 
     def open(self) -> _ThreadedCamera:
         self.opens.append(time.monotonic())

@@ -28,10 +28,10 @@ def test_fault_through_the_service(kind, tmp_path):
     assert r["pings_before_fault"] > 0  # the fake socket does hear the gate
     assert r["fault_event"] == f"fault:{EXPECTED[kind]}"
     assert r["offline_event"] == f"offline:{EXPECTED[kind]}"
-    assert r["offline_delay_s"] <= OFFLINE_S + 2 * SLACK_S, r
+    assert r["offline_delay_s"] <= OFFLINE_S + r["slack_s"] + SLACK_S, r
     assert r["pings_during_fault"] == 0, r
     assert r["openings_during_fault"] == 0, r
-    assert r["locked_after_fault_s"] <= PULSE_S + SLACK_S, r  # a pulse granted before the fault ends as usual
+    assert r["locked_after_fault_s"] <= PULSE_S + r["slack_s"], r  # a pulse granted before the fault ends as usual
     if kind in REOPENED:
         assert r["reconnects"] >= 2, r
         gaps = r["reconnect_gaps_s"]

@@ -10,7 +10,8 @@ from reliability.fakes import (ALICE, STRANGER, Device, RelaySpy, audit_rows, fa
                                sigterm_after, unlocked_intervals, write_gallery)
 
 DAY = 86400.0
-PULSE_S, COOLDOWN_S = 0.4, 1.5
+PULSE_S, COOLDOWN_S = 0.4, 3.0
+S = 2.0  # seconds per step of the script below: slack for a loaded CI machine
 
 
 def test_wall_clock_jumps_change_no_timer(tmp_path, monkeypatch):
@@ -21,12 +22,12 @@ def test_wall_clock_jumps_change_no_timer(tmp_path, monkeypatch):
     cfg.relay.pulse_s, cfg.relay.max_hold_s = PULSE_S, 1.0
     cfg.decision.cooldown_s, cfg.decision.backoff_after, cfg.decision.backoff_s = COOLDOWN_S, 1, 30.0
     write_gallery(cfg)
-    device = Device([(0.0, "ok", ALICE), (2.0, "ok", STRANGER), (2.8, "ok", ALICE)])
+    device = Device([(0.0, "ok", ALICE), (2.0 * S, "ok", STRANGER), (2.8 * S, "ok", ALICE)])
     real_time = time.time
     t0 = time.monotonic()
 
-    def wall():  # +3 days at 0.6 s, +33 days at 2.5 s, 1970 from 3.5 s
-        e = time.monotonic() - t0
+    def wall():  # +3 days at step 0.6, +33 days at step 2.5, 1970 from step 3.5
+        e = (time.monotonic() - t0) / S
         if e < 0.6:
             return real_time()
         if e < 2.5:
@@ -38,32 +39,33 @@ def test_wall_clock_jumps_change_no_timer(tmp_path, monkeypatch):
     monkeypatch.setattr(time, "time", wall)
     with RelaySpy() as spy, fake_models(), patched(camera_mod, "make_camera", lambda c: device.open()):
         device.t0 = t0
-        sigterm_after(4.2)
+        sigterm_after(4.2 * S)
         assert run_service(cfg, verbose=False) == 0
     monkeypatch.setattr(time, "time", real_time)
 
     rows = audit_rows(cfg.storage.audit)
     grants = [r["t_mono"] - t0 for r in rows if r["grant"]]
-    # cooldown on the monotonic clock: the +3 day jump at 0.6 s did not end it early
-    assert len(grants) == 2, grants
-    assert grants[0] < 0.5 and COOLDOWN_S <= grants[1] - grants[0] < COOLDOWN_S + 0.4, grants
-    # back-off: the stranger's denial at ~2 s starts 30 s of back-off that a +30 day jump does not end
+    # cooldown on the monotonic clock: the +3 day jump did not end it early
+    assert len(grants) == 2, [(r["reason"], round(r["t_mono"] - t0, 2)) for r in rows]
+    assert grants[0] < 0.6 * S and COOLDOWN_S <= grants[1] - grants[0] < COOLDOWN_S + 0.5, grants
+    # back-off: the stranger's denial starts 30 s of back-off that a +30 day jump does not end
     denial = next(r["t_mono"] - t0 for r in rows if r["reason"] == "unknown")
-    assert 2.0 <= denial < 2.5
+    assert denial >= 2.0 * S
     assert any(r["reason"] == "backoff" and r["t_mono"] - t0 > denial for r in rows)  # audited once, on change
-    assert not any(r["grant"] and r["t_mono"] - t0 > 2.0 for r in rows)  # alice at 2.8 s: still backing off
-    # pulses: each as long as configured, whatever the wall clock did meanwhile
+    assert not any(r["grant"] and r["t_mono"] - t0 > denial for r in rows)  # alice is back: still backing off
+    # pulses: as configured whatever the wall clock did (a pulse counts from the frame's capture, so
+    # processing latency shortens it; a wall-clock timer would have ended it at once or held it for days)
     pulses = [d for _, d in unlocked_intervals(spy.relay.line)]
-    assert len(pulses) == 2 and all(abs(d - PULSE_S) < 0.15 for d in pulses), pulses
+    assert len(pulses) == 2 and all(PULSE_S - 0.25 < d < PULSE_S + 0.3 for d in pulses), pulses
     # the audit: both clocks on every row; unsynced after each jump; monotonic never goes back
     monos = [r["t_mono"] for r in rows if r["kind"] == "decision"]  # decisions carry the frame's capture time
     assert monos == sorted(monos)
     for r in rows:
-        e = r["t_mono"] - t0
+        e = (r["t_mono"] - t0) / S
         if 0.05 < e < 0.55:
             assert r["wall_clock_synced"] == 1, r
         if e > 0.65:
             assert r["wall_clock_synced"] == 0, r
         if e > 3.55:
             assert r["t_wall"] < 2 * DAY, r
-    assert any(r["t_mono"] - t0 > 3.55 for r in rows)  # rows were written in the 1970 phase
+    assert any(r["t_mono"] - t0 > 3.55 * S for r in rows)  # rows were written in the 1970 phase

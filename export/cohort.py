@@ -74,6 +74,34 @@ def impostor_mask(ids: np.ndarray) -> np.ndarray:
     return np.triu(ids[:, None] != ids[None, :], 1)
 
 
+# Identity centroids this alike are one person under two labels (CelebA has such duplicates, often
+# at neighbouring ids: their "impostor" pairs score like genuine ones and would set the raw FMR
+# tail, hence the gate's threshold, far too strict). Typical centroid cosine of two people: ~0.1.
+DUPLICATE_CENTROID_COS = 0.5
+
+
+def duplicate_identities(vectors: np.ndarray, ids: np.ndarray, limit: float = DUPLICATE_CENTROID_COS) -> list[tuple]:
+    """Pairs of identity labels whose embedding centroids have cosine >= limit."""
+    ids = np.asarray(ids)
+    names = sorted(set(ids.tolist()))
+    cent = np.stack([vectors[ids == n].mean(0) for n in names])
+    cent /= np.maximum(np.linalg.norm(cent, axis=1, keepdims=True), 1e-12)
+    s = cent @ cent.T
+    i, j = np.nonzero(np.triu(s >= limit, 1))
+    return [(names[a], names[b], round(float(s[a, b]), 3)) for a, b in zip(i, j)]
+
+
+def clean_impostor_mask(vectors: np.ndarray, ids: np.ndarray, say=lambda *a: None) -> np.ndarray:
+    """Different-identity pairs, without those between labels that are the same person."""
+    ids = np.asarray(ids)
+    m = impostor_mask(ids)
+    for a, b, c in duplicate_identities(vectors, ids):
+        say(f"  identities {a} and {b} look like one person (centroid cosine {c}): their pairs are not impostors")
+        both = ((ids[:, None] == a) & (ids[None, :] == b)) | ((ids[:, None] == b) & (ids[None, :] == a))
+        m &= ~both
+    return m
+
+
 def genuine_mask(ids: np.ndarray) -> np.ndarray:
     ids = np.asarray(ids)
     return np.triu(ids[:, None] == ids[None, :], 1)
@@ -103,7 +131,7 @@ def dev_open_set_fnir(norm: np.ndarray, ids: np.ndarray, fpir: float = 0.01) -> 
 
 def _mode_arrays(vec_c: np.ndarray, vec_d: np.ndarray, ids_d: np.ndarray, top_k: int | None, say) -> dict:
     raw = vec_d @ vec_d.T
-    imp = impostor_mask(ids_d)
+    imp = clean_impostor_mask(vec_d, ids_d, say)
     out = {"impostor_mean": float(raw[imp].mean()), "impostor_std": float(raw[imp].std())}
     ks = [k for k in TOP_K_GRID if k <= len(vec_c)] if top_k is None else [top_k]
     best = None
@@ -145,7 +173,7 @@ def build_cohort(encoder_card: Path, detector_card: Path, faces: Path, out: Path
         a = _mode_arrays(v[c_rows], v[d_rows], ids[d_rows], top_k, say)
         arrays.update({f"{mode}_{k}": np.asarray(x) for k, x in a.items()})
         summary[mode] = {k: a[k] for k in ("top_k", "impostor_mean", "impostor_std")}
-        summary[mode]["impostor_pairs"] = int(impostor_mask(ids[d_rows]).sum())
+        summary[mode]["impostor_pairs"] = int(clean_impostor_mask(v[d_rows], ids[d_rows]).sum())
     if fusion_with is not None:
         summary["fusion"] = fusion_weight(tab, ids, d_rows, fusion_with, det, faces, keys, cache_dir, progress, say)
     out = out or cohort_path_for(Path(encoder_card).with_name(enc.card.file))
@@ -164,7 +192,7 @@ def fusion_weight(tab, ids, d_rows, other_card: Path, det, faces, keys, cache_di
                          progress=progress)
     rows = d_rows & other.ok
     di = ids[rows]
-    gen, imp = genuine_mask(di), impostor_mask(di)
+    gen, imp = genuine_mask(di), clean_impostor_mask(tab.vectors(False)[rows], di)
     res = {}
     for flip, mode in MODES.items():
         sa = tab.vectors(flip)[rows] @ tab.vectors(flip)[rows].T

@@ -78,3 +78,12 @@ def test_object_arrays_are_refused_not_unpickled(tmp_path):
     np.savez(p, encoder_sha256=np.asarray([{"x": 1}], dtype=object))
     with pytest.raises(ModelError):
         load_cohort(p)
+
+
+def test_duplicate_labels_are_not_counted_as_impostors():
+    # a and b are one person (same direction), c is someone else.
+    v = np.array([[1, 0], [0.99, 0.14], [0.98, -0.2], [0, 1]], np.float64)
+    ids = np.array(["a", "a", "b", "c"])
+    assert C.duplicate_identities(v, ids) == [("a", "b", pytest.approx(0.98, abs=0.02))]
+    m = C.clean_impostor_mask(v, ids)
+    assert m.sum() == 3 and not m[0, 2] and not m[1, 2] and m[0, 3]

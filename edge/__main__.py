@@ -74,19 +74,23 @@ def cmd_enroll(args) -> int:
     from .enroll import apply, enroll_folder
     from .pipeline import Stack
 
+    from .bundle import gallery_lock
+
     cfg = _cfg(args)
     stack = Stack.from_config(cfg)
     key = G.load_key(cfg.storage.key_file)
-    if Path(cfg.storage.gallery).exists():
-        g = G.load(cfg.storage.gallery, key, stack.encoder.sha256)
-    else:
-        g = G.Gallery(stack.encoder.sha256, stack.encoder.card.embedding.dim)
     results = enroll_folder(stack, cfg, Path(args.folder))
     for r in results:
         print(f"{'OK     ' if r.ok else 'REFUSED'} {r.name}: {r.reason}  ({r.source})")
-    n = apply(g, results, cfg.storage.retention_days)
+    with gallery_lock(cfg.storage.gallery):  # load-modify-save must not interleave with another writer
+        if Path(cfg.storage.gallery).exists():
+            g = G.load(cfg.storage.gallery, key, stack.encoder.sha256)
+        else:
+            g = G.Gallery(stack.encoder.sha256, stack.encoder.card.embedding.dim)
+        n = apply(g, results, cfg.storage.retention_days)
+        if n:
+            G.save(g, cfg.storage.gallery, key)
     if n:
-        G.save(g, cfg.storage.gallery, key)
         _audit_event(cfg, "enroll", "enrolled", details={"people": [r.name for r in results if r.ok]})
     print(f"{n} enrolled, {len(results) - n} refused; gallery has {len(g)} people")
     return 0 if n == len(results) else 1

@@ -56,6 +56,7 @@ class CalibrationSpec(_Strict):
 
     dataset: str
     impostor_pairs: int = Field(ge=1)
+    tail: str = ""  # how FMRs rarer than the data can show were obtained
     fmr: list[float]  # ascending-threshold table: fmr[i] = share of impostor scores >= threshold[i]
     threshold: list[float]
 

@@ -130,6 +130,9 @@ class Gate:
         obs = Observation(outcome, m.identity if m.accepted else None, _finite(m.score), _finite(m.runner_up_score),
                           m.threshold, live.score)
         d = self.policy.update(track, obs, frame.t_mono, frame.t_wall)
+        if live.reason != "off":  # why liveness passed or failed goes in the audit record
+            d.details["liveness"] = {"reason": live.reason, **{k: v for k, v in live.cues.items()
+                                                                if isinstance(v, (bool, int, float, str))}}
         if outcome != "match" and d.identity is None and m.identity is not None:
             # Denials keep the nearest identity in the audit for investigation, never as a grant.
             d.details["nearest"] = m.identity

@@ -92,6 +92,7 @@ def main(argv=None) -> int:
     s.add_argument("--faces", default=str(SHARED / "data" / "celeba" / "images"), help="one sub-folder per identity")
     s.add_argument("--methods", default="minmax,entropy,percentile")
     s.add_argument("--limit", type=int, default=400, help="crops used for the activation ranges")
+    s.add_argument("--thresholds-only", action="store_true", help="only the impostor-score tables (and the cards)")
     s.set_defaults(fn=cmd_calibrate)
     models = Path(__file__).resolve().parent.parent / "models"
     s = sub.add_parser("verify", help="LFW 10-fold verification of every encoder artifact (needs ../shared)")

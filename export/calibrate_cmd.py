@@ -14,6 +14,7 @@ import numpy as np
 from edge.atomic import atomic_write_bytes
 from edge.detect import load_detector
 from edge.embed import load_encoder
+from edge.match import threshold_for_fmr
 from edge.modelcard import load_card, write_card
 
 from .build import CALIB_DIR, MODELS_DIR, build
@@ -52,6 +53,9 @@ def main(args) -> int:
     card32, _ = load_card(MODELS_DIR / "sface_fp32.card.json")
     faces = identity_folder_faces(faces_dir, MODELS_DIR / "yunet_fp32.card.json", card32.alignment.template, card32.alignment.size)
     print(f"calibrate: {len(faces)} aligned faces from {faces_dir} in {time.time() - t0:.0f} s")
+    if args.thresholds_only:
+        _thresholds(faces, faces_dir)
+        return 0
     cal, held = _split(faces)
     rng = random.Random(1)
     cal = rng.sample(cal, min(args.limit, len(cal)))
@@ -101,11 +105,15 @@ def main(args) -> int:
     atomic_write_bytes(CALIB_DIR / "methods.json", (json.dumps(chosen, indent=1) + "\n").encode())
     atomic_write_bytes(CALIB_DIR / "report.json", (json.dumps(report, indent=1) + "\n").encode())
     build(force=True)
+    _thresholds(faces, faces_dir)
+    print(f"calibrate: chose {chosen}; done in {time.time() - t0:.0f} s")
+    return 0
+
+
+def _thresholds(faces, faces_dir: Path) -> None:
     for name in ("sface_fp32", "sface_int8"):
         t = write_thresholds(load_encoder(MODELS_DIR / f"{name}.card.json"), faces, CALIB_DIR / f"{name}.thresholds.json",
                              f"celeba subset ({faces_dir.name}), {len(faces)} faces")
-        print(f"calibrate: {name}: FMR 1e-3 at cosine {np.interp(3, -np.log10(t['fmr']), t['threshold']):.3f} "
+        print(f"calibrate: {name}: FMR 1e-3 at cosine {threshold_for_fmr(t['fmr'], t['threshold'], 1e-3):.3f} "
               f"({t['impostor_pairs']} impostor pairs)")
     build(force=True)
-    print(f"calibrate: chose {chosen}; done in {time.time() - t0:.0f} s")
-    return 0

@@ -104,13 +104,20 @@ def quantize(fp32: Path, out: Path, method: str = "minmax", reader: CalibrationD
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=METHODS[method], op_types_to_quantize=ops,
                         calibration_cache_path=str(cache) if cache else None,
-                        # Flush collected activations every few batches: histogram methods
-                        # otherwise hold every intermediate tensor of every batch (out of memory).
-                        extra_options={"CalibMaxIntermediateOutputs": 4})
+                        extra_options={"CalibMaxIntermediateOutputs": _flush_every(reader)})
         from edge.atomic import atomic_write_bytes
 
         atomic_write_bytes(out, tmp_out.read_bytes())
     return out
+
+
+def _flush_every(reader) -> int:
+    """Flush collected activations every few batches: histogram methods otherwise hold every
+    intermediate tensor of every batch (24 GB and out of memory for SFace here). onnxruntime then
+    fails with "No data is collected" when the batch count is a multiple of the flush size, so
+    pick one that is not."""
+    n = len(getattr(reader, "tensors", ())) or 1
+    return next((k for k in (4, 5, 6, 7, 9, 11) if n % k), n + 1)
 
 
 def cosine_parity(a: Encoder, b: Encoder, crops: list[np.ndarray]) -> np.ndarray:

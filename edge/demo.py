@@ -2,7 +2,7 @@
 photos), an enrolled person, a stranger, a blurred face and empty frames, with mock GPIO pins.
 
 Enrolled: obama.jpg (as "obama") and astronaut.png (as "astronaut"). The visitor frames use other
-photos: obama2.jpg (the enrolled person, a different photo), biden.jpg (a stranger), obama3.jpg
+photos: obama2.jpg (the enrolled person, a different photo), biden.jpg (a stranger), obama2.jpg
 blurred (low quality), and an empty corner of astronaut.png (no face)."""
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ SCRIPT = [
     ("empty", "astronaut.png", 4, "empty"),
     ("stranger", "biden.jpg", 8, "walk"),
     ("empty", "astronaut.png", 4, "empty"),
-    ("blurred", "obama3.jpg", 6, "blur"),
+    ("blurred", "obama2.jpg", 6, "blur"),
     ("empty", "astronaut.png", 4, "empty"),
 ]
 FRAME_W, FRAME_H = 640, 480

@@ -109,10 +109,11 @@ class DoorRelay:
         """Start (or extend) an unlock pulse; returns its deadline on time.monotonic(), or None
         when the door is locked and stays locked.
 
-        `now_mono` is the time.monotonic() of the evidence behind the grant (the frame): the pulse
-        ends `pulse_s` after it, so processing latency shortens the pulse rather than delaying its
-        end, and a grant older than `pulse_s` (a stalled loop catching up) opens nothing. A reading
-        ahead of the clock is clamped to it. The ceiling counts from when the line changed."""
+        `now_mono` is the time.monotonic() of the evidence behind the grant (the frame): a grant
+        older than `pulse_s` (a stalled loop catching up) opens nothing. A fresh grant holds the
+        door for the full `pulse_s` from the moment the line changes, so the person at the door
+        gets the configured time whatever the processing latency. The ceiling counts from when the
+        line changed."""
         with self._cond:
             if self._closed:
                 raise RuntimeError("relay is closed")
@@ -133,7 +134,7 @@ class DoorRelay:
                     self._device.on()
                     self._opened_at = time.monotonic()
                     self._openings += 1
-                self._deadline = pulse_deadline(self._opened_at, t, self.cfg.pulse_s,
+                self._deadline = pulse_deadline(self._opened_at, time.monotonic(), self.cfg.pulse_s,
                                                 self.cfg.max_hold_s, self._deadline)
                 self._cond.notify_all()
                 return self._deadline

@@ -90,11 +90,11 @@ def test_stale_grant_opens_nothing():
     with make(pulse_s=0.2, max_hold_s=0.3) as relay:
         assert relay.unlock(now_mono=time.monotonic() - 0.5) is None  # a stalled loop catching up
         assert not relay.is_unlocked and len(relay.pin.states) == 1
-        # a recent one opens until its own evidence time + pulse
+        # a recent one opens for the full pulse from the moment the line changes
         deadline = relay.unlock(now_mono=time.monotonic() - 0.1)
-        assert relay.is_unlocked and deadline == pytest.approx(time.monotonic() + 0.1, abs=0.03)
+        assert relay.is_unlocked and deadline == pytest.approx(time.monotonic() + 0.2, abs=0.03)
         wait_locked(relay)
-        relay.pin.assert_states_and_times([(0.0, False), (0.0, True), (0.1, False)])
+        relay.pin.assert_states_and_times([(0.0, False), (0.0, True), (0.2, False)])
 
 
 def test_lock_forces_locked():

@@ -130,7 +130,9 @@ class Table:
 
 
 def _card_tag(card) -> str:
-    return hashlib.sha256(card.model_dump_json().encode()).hexdigest()
+    """What decides an embedding: the weights and how they are fed (not calibration or notes)."""
+    keep = {"sha256", "runtime", "input", "alignment", "embedding", "detector"}
+    return hashlib.sha256(json.dumps(card.model_dump(mode="json", include=keep), sort_keys=True).encode()).hexdigest()
 
 
 def cache_file(cache_dir: Path, encoder, detector, template_scale: float, sigma: float) -> tuple[Path, str]:

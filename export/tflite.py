@@ -34,8 +34,14 @@ def torch_module(name: str, models_dir: Path):
         return load_dat(models_dir / "raw" / DAT_NAME).eval()
     if name == "sface":
         from .onnx_torch import load_onnx_module
+        from .prelu import int8_friendly
 
-        return load_onnx_module(models_dir / "sface_fp32.onnx")
+        # PReLU reaches TFLite as MUL/SUB/RELU chains that are slow in INT8; the ONNX build's exact
+        # Conv+PReLU rewrite (export.prelu) turns most of them into Conv + ReLU + Add.
+        with tempfile.TemporaryDirectory() as tmp:
+            ready = Path(tmp) / "sface_int8ready.onnx"
+            int8_friendly(str(models_dir / "sface_fp32.onnx"), str(ready))
+            return load_onnx_module(ready)
     raise ValueError(f"unknown encoder {name!r}; known: {', '.join(ENCODERS)}")
 
 

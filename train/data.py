@@ -14,6 +14,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from edge.align import ARCFACE_112, align
 from edge.atomic import atomic_write_bytes
@@ -115,6 +116,36 @@ def random_flips(n: int, generator: torch.Generator | None = None) -> torch.Tens
 def apply_flips(x: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
     """Mirror the NCHW images where `flips` is true."""
     return torch.where(flips.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+# Light jitter: the gate's alignment is off by a few pixels and a few degrees on real frames, and
+# its light changes; more than this would teach the encoder faces the aligner never produces.
+JITTER = {"rotate_deg": 6.0, "scale": 0.05, "shift_px": 4.0, "brightness": 0.12, "contrast": 0.15}
+
+
+def random_jitter(n: int, generator: torch.Generator | None = None, limits: dict = JITTER) -> torch.Tensor:
+    """Per-image jitter parameters, N x 6: angle (rad), scale, shift x, shift y (pixels),
+    brightness (added, in normalised input units), contrast (factor); each uniform in +- its limit."""
+    u = torch.rand(n, 6, generator=generator) * 2 - 1
+    return torch.stack([u[:, 0] * limits["rotate_deg"] * torch.pi / 180, 1 + u[:, 1] * limits["scale"],
+                        u[:, 2] * limits["shift_px"], u[:, 3] * limits["shift_px"],
+                        u[:, 4] * limits["brightness"], 1 + u[:, 5] * limits["contrast"]], 1)
+
+
+def apply_jitter(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """Rotate / scale / shift (about the centre, edges repeated) then brightness and contrast, on
+    normalised NCHW inputs. Shifts are in pixels: +1 moves the content 1 px right or down; a scale
+    above 1 enlarges the face."""
+    n, _, h, w = x.shape
+    p = params.to(x.device, x.dtype)
+    a, s = p[:, 0], p[:, 1]
+    cos, sin = torch.cos(a) / s, torch.sin(a) / s
+    # affine_grid maps output to input coordinates in [-1, 1], hence the inverse transform.
+    theta = torch.stack([torch.stack([cos, -sin, -2 * p[:, 2] / w], 1),
+                         torch.stack([sin, cos, -2 * p[:, 3] / h], 1)], 1)
+    grid = F.affine_grid(theta, [n, 3, h, w], align_corners=False)
+    y = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return y * p[:, 5].view(-1, 1, 1, 1) + p[:, 4].view(-1, 1, 1, 1)
 
 
 def m_per_class_sampler(labels: np.ndarray, p: int, m: int, steps: int):

@@ -20,7 +20,8 @@ from edge.atomic import atomic_write_bytes
 from edge.errors import ConfigError, FacegateError
 
 from . import backbones, losses
-from .data import FaceSet, apply_flips, load_faces, m_per_class_sampler, random_flips, to_input
+from .data import (FaceSet, apply_flips, apply_jitter, load_faces, m_per_class_sampler, random_flips, random_jitter,
+                   to_input)
 from .teacher import load_teacher
 
 log = logging.getLogger("facegate.train")
@@ -60,6 +61,8 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(5e-4, ge=0)
     warmup_steps: int = Field(100, ge=0)
     flip: bool = Field(True, description="mirror half of the faces of each batch")
+    jitter: bool = Field(False, description="light rotate/scale/shift and brightness/contrast jitter (data.JITTER)")
+    bn_images: int = Field(20000, ge=0, description="training images for the final BatchNorm recalibration; 0 = keep running stats")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
 
@@ -144,9 +147,13 @@ class Trainer:
         self.images = torch.from_numpy(faces.images)  # stays on the CPU; batches move
         self.labels = torch.from_numpy(faces.labels)
 
-    def losses(self, idx: torch.Tensor, flips: torch.Tensor) -> dict[str, torch.Tensor]:
+    def losses(self, idx: torch.Tensor, flips: torch.Tensor, jitter: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """With `jitter`, the student sees jittered pixels while the teacher's target stays that of
+        the clean crop (or its mirror): it learns to give the clean face's embedding."""
         cfg, obj = self.cfg, self.cfg.objectives
         x = apply_flips(to_input(self.images[idx].to(self.device)), flips)
+        if jitter is not None:
+            x = apply_jitter(x, jitter)
         emb = self.model(x)
         y = self.labels[idx].to(self.device)
         out: dict[str, torch.Tensor] = {}
@@ -166,10 +173,10 @@ class Trainer:
                 out["distill_pairwise"] = losses.distill_pairwise(emb, t)
         return out
 
-    def step(self, idx: torch.Tensor, flips: torch.Tensor) -> dict[str, float]:
+    def step(self, idx: torch.Tensor, flips: torch.Tensor, jitter: torch.Tensor | None = None) -> dict[str, float]:
         self.model.train()
         self.heads.train()
-        parts = self.losses(idx, flips)
+        parts = self.losses(idx, flips, jitter)
         weights = self.cfg.objectives.active()
         total = sum(weights[k] * v for k, v in parts.items())
         self.opt.zero_grad(set_to_none=True)
@@ -189,7 +196,8 @@ class Trainer:
             n = self.steps_per_epoch * cfg.p * cfg.m
             order = torch.randint(len(self.faces), (n,), generator=g)
         for idx in order.view(self.steps_per_epoch, cfg.p * cfg.m):
-            yield idx, random_flips(len(idx), g) if cfg.flip else torch.zeros(len(idx), dtype=torch.bool)
+            flips = random_flips(len(idx), g) if cfg.flip else torch.zeros(len(idx), dtype=torch.bool)
+            yield idx, flips, random_jitter(len(idx), g) if cfg.jitter else None
 
     # ---- checkpoints: plain tensors and numbers only, loaded with weights_only=True (no pickle code)
     def state(self, epoch: int, history: list) -> dict:
@@ -274,15 +282,16 @@ def fit(cfg: TrainConfig, out_dir: str | Path, resume: bool = False, progress: b
         sums: dict[str, float] = {}
         bar = tqdm(tr.batches(epoch), total=tr.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                    disable=not progress, unit="step")
-        for idx, flips in bar:
-            vals = tr.step(idx, flips)
+        for idx, flips, jitter in bar:
+            vals = tr.step(idx, flips, jitter)
             for k, v in vals.items():
                 sums[k] = sums.get(k, 0.0) + v
             bar.set_postfix(loss=f"{vals['loss']:.4f}")
         history.append({"epoch": epoch + 1, **{k: v / tr.steps_per_epoch for k, v in sums.items()},
                         "lr": tr.sched.get_last_lr()[0], "seconds": time.monotonic() - t0})
         save_checkpoint(tr.state(epoch + 1, history), out / "last.pt")
-    recalibrate_bn(tr.model, tr.images, device, seed=cfg.seed)
+    if cfg.bn_images:
+        recalibrate_bn(tr.model, tr.images, device, max_images=cfg.bn_images, seed=cfg.seed)
     save_checkpoint({"model": tr.model.state_dict(), "backbone": cfg.backbone, "embedding_dim": cfg.embedding_dim},
                     out / "encoder.pt")
     report = {"config": json.loads(cfg.model_dump_json()), "device": str(device),

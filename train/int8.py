@@ -34,7 +34,10 @@ def export_int8(fp32_card: str | Path, out: str | Path, calib: FaceSet, method: 
     reader = encoder_reader(card, onnx.load(str(fp32)).graph.input[0].name, crops, batch=min(10, len(crops)))
     quantize(fp32, out, method, reader, cache)
     int8 = card.model_copy(update={"name": out.name.rsplit(".", 1)[0], "file": out.name, "sha256": sha256_file(out),
-                                   "size_bytes": out.stat().st_size, "precision": "int8", "calibration": None})
+                                   "size_bytes": out.stat().st_size, "precision": "int8", "calibration": None,
+                                   "source": card.source.model_copy(update={"notes": (
+                                       f"{card.source.notes} INT8 from {fp32.name}: static QDQ, {method} ranges "
+                                       f"from {len(crops)} training crops.").strip()})})
     card_path = write_card(int8, out)
     check = holdout.images if holdout is not None else calib.images[pick[:100]]
     got = _embed(load_encoder(card_path), check)

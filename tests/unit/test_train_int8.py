@@ -48,6 +48,7 @@ def test_int8_card_keeps_source_and_gets_holdout_table(faces, tmp_path):
     card, path = load_card(r["card"])  # checks the file's size and sha256 against the card
     assert (card.name, card.precision, path.name) == ("s_int8", "int8", "s_int8.onnx")
     assert card.source.license == "test licence" and "5 obama/biden crops" in card.source.notes
+    assert "static QDQ, minmax ranges from 5 training crops" in card.source.notes
     assert card.input == load_card(card32)[0].input  # fed exactly as the fp32 model it came from
     # impostor pairs are the different-identity pairs only: 3 Obama x 2 Biden
     assert card.calibration.impostor_pairs == 6

@@ -105,7 +105,7 @@ def cosines(a: Encoder, b: Encoder, crops: list[np.ndarray]) -> np.ndarray:
     return np.sum(a.embed_images(crops) * b.embed_images(crops), axis=1)
 
 
-def export_encoder(name: str, models_dir: Path, faces: Path, detector_card: Path, n_calib: int = 200,
+def export_encoder(name: str, models_dir: Path, faces: Path, detector_card: Path, n_calib: int = 120,
                    n_heldout: int = 100, say=print) -> dict:
     from .quantize import aligned_crops
 
@@ -163,5 +163,5 @@ def add_arguments(s, models: Path, shared: Path) -> None:
     s.add_argument("--models", default=str(models))
     s.add_argument("--faces", default=str(shared / "data" / "celeba" / "images"), help="face images for calibration (never LFW)")
     s.add_argument("--detector", default=str(models / "yunet_fp32.card.json"))
-    s.add_argument("--calib", type=int, default=200, help="crops for the activation ranges")
+    s.add_argument("--calib", type=int, default=120, help="crops for the activation ranges")
     s.add_argument("--heldout", type=int, default=100, help="further crops for the parity check")

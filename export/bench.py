@@ -56,7 +56,7 @@ def bench(models_dir: Path, detector_card: Path, runs: int = 100, threads=(1, 2)
     by = {r["artifact"]: r for r in rows}
     for r in rows:
         if r["precision"] == "int8":
-            ref = by.get(r["artifact"].replace("int8", "fp32"))
+            ref = by.get(r["artifact"].replace("_tflite", "").replace("int8", "fp32"))  # same encoder's fp32 ONNX
             if ref:
                 r["speedup_vs_fp32_1t"] = ref["ms_1t"] / r["ms_1t"] if "ms_1t" in r and "ms_1t" in ref else None
                 r["size_ratio_vs_fp32"] = ref["size_bytes"] / r["size_bytes"]

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edge.align import DLIB_TEMPLATE_150
 from edge.errors import ModelError
 from edge.modelcard import (AlignmentSpec, Card, EmbeddingSpec, InputSpec, ScoreSpec, SourceSpec, sha256_file,
                             write_card)
@@ -60,11 +61,7 @@ def template_from_mean_face(size: int = CHIP_SIZE, padding: float = CHIP_PADDING
     return out
 
 
-# Alignment template for dlib chips (150x150, padding 0.25), in chip pixels and the gate's
-# keypoint order; derived by template_from_mean_face() above, rounded to 1e-4 px:
-# eye centroids, nose tip (68-pt 30), mouth corners (48, 54) of dlib's mean face.
-DLIB_TEMPLATE_150 = [(47.5492, 46.5990), (100.4761, 46.5990), (74.0127, 76.5625), (50.4149, 103.0233),
-                     (97.6104, 103.0233)]
+# DLIB_TEMPLATE_150 (edge/align.py) is derived by template_from_mean_face() above.
 
 
 def fold_affine(weight: np.ndarray, bias: np.ndarray, gamma: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

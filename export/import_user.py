@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from edge.align import ARCFACE_112
+from edge.align import ARCFACE_112, DLIB_TEMPLATE_150
 from edge.embed import load_encoder
 from edge.errors import FacegateError, ModelError
 from edge.modelcard import (AlignmentSpec, CalibrationSpec, Card, EmbeddingSpec, InputSpec, ScoreSpec, SourceSpec,
@@ -28,18 +28,10 @@ MODELS = Path(__file__).resolve().parent.parent / "models"
 
 
 def parse_template(text: str, size: int) -> list[tuple[float, float]]:
-    """'arcface' (112 px template scaled to `size`), 'dlib' (the dlib chip template, as the built
-    dlib card holds it, scaled), or ten comma-separated numbers x1,y1,...,x5,y5 in crop pixels
+    """'arcface' (112 px template scaled to `size`), 'dlib' (the dlib 150 px chip template, scaled), or ten comma-separated numbers x1,y1,...,x5,y5 in crop pixels
     (the gate's keypoint order)."""
     if text in ("arcface", "dlib"):
-        if text == "arcface":
-            pts, base = ARCFACE_112, 112.0
-        else:
-            # The card, not export.dlib_net: that module needs torch, which the device venv lacks.
-            from edge.modelcard import load_card
-
-            a = load_card(MODELS / "dlib_fp32.card.json", verify_file=False)[0].alignment
-            pts, base = a.template, float(a.size[0])
+        pts, base = (ARCFACE_112, 112.0) if text == "arcface" else (DLIB_TEMPLATE_150, 150.0)
         return [(x * size / base, y * size / base) for x, y in pts]
     try:
         v = [float(x) for x in text.split(",")]

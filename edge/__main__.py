@@ -4,11 +4,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
 
-from .errors import FacegateError
+# The gate runs its stages on one thread by design (models.threads); a BLAS pool for the gallery
+# search would only contend with it. Set before numpy is first imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+from .errors import FacegateError  # noqa: E402
 
 
 def _cfg(args):

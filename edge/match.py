@@ -68,18 +68,20 @@ def cohort_stats(cohort_scores: np.ndarray, top_k: int) -> tuple[np.ndarray, np.
 def identify(scores: np.ndarray, names: list[str], threshold: float, min_margin: float = 0.0,
              normalized: np.ndarray | None = None) -> Match:
     """Best enrolled identity for one probe; accepted when its (normalised) score passes the
-    threshold and beats the runner-up identity by at least min_margin (raw cosine)."""
+    threshold and beats the runner-up identity by at least min_margin (in the units it is ranked by)."""
     if len(names) == 0:
         return Match(None, float("-inf"), None, float("-inf"), float("-inf"), threshold, False, "empty_gallery")
     norm = scores if normalized is None else normalized
-    order = np.argsort(-norm, kind="stable")
-    best = int(order[0])
-    second = int(order[1]) if len(order) > 1 else None
+    # The best two only: a partial partition is O(K), a full sort of 100,000 scores is not.
+    top = np.argpartition(-norm, 1)[:2] if len(norm) > 2 else np.arange(len(norm))
+    top = top[np.lexsort((top, -norm[top]))]  # by score, ties to the earlier enrollee
+    best = int(top[0])
+    second = int(top[1]) if len(top) > 1 else None
     s2 = float(scores[second]) if second is not None else float("-inf")
     accepted, reason = True, "match"
     if norm[best] < threshold:
         accepted, reason = False, "below_threshold"
-    elif second is not None and float(scores[best]) - s2 < min_margin:
+    elif second is not None and float(norm[best]) - float(norm[second]) < min_margin:
         accepted, reason = False, "margin"
     return Match(names[best], float(scores[best]), names[second] if second is not None else None, s2,
                  float(norm[best]), float(threshold), accepted, reason)

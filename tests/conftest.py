@@ -27,8 +27,11 @@ def samples() -> Path:
 
 @pytest.fixture(scope="session")
 def model_cards() -> dict:
-    """The device default models (INT8), as `python -m export setup` builds them."""
-    cards = {"detector": MODELS / "yunet_int8.card.json", "encoder": MODELS / "sface_int8.card.json"}
+    """The device default models (config defaults), as `python -m export setup` builds them."""
+    from edge.config import ModelsConfig
+
+    m = ModelsConfig()
+    cards = {"detector": Path(m.detector), "encoder": Path(m.encoder)}
     for p in cards.values():
         _need(p, "run `python -m export setup`")
     return cards

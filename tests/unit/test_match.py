@@ -107,13 +107,17 @@ def test_identify_empty_gallery():
     assert m.score == float("-inf")
 
 
-def test_identify_applies_the_threshold_to_normalised_scores_and_the_margin_to_raw_ones():
+def test_identify_applies_threshold_and_margin_to_the_normalised_scores():
     norm = np.array([0.1, 3.0, 1.0])
     m = identify(SCORES, NAMES, threshold=2.5, normalized=norm)
     assert (m.identity, m.score, m.normalized_score, m.accepted) == ("bob", 0.8, 3.0, True)
     # raw 0.8 would pass 0.6, but the normalised score is what the threshold sees
     assert identify(SCORES, NAMES, threshold=3.5, normalized=norm).reason == "below_threshold"
-    assert identify(SCORES, NAMES, threshold=2.5, min_margin=0.31, normalized=norm).reason == "margin"
+    # margin in the ranking's units: 3.0 - 1.0 = 2.0
+    assert identify(SCORES, NAMES, threshold=2.5, min_margin=2.1, normalized=norm).reason == "margin"
+    assert identify(SCORES, NAMES, threshold=2.5, min_margin=1.9, normalized=norm).accepted
+    # normalisation that reorders the candidates never makes the margin negative
+    assert identify(np.array([0.2, 0.8, 0.5]), NAMES, threshold=0.0, normalized=np.array([0.1, 1.0, 3.0])).accepted
 
 
 def test_verify_scores_only_the_claimed_identity():

@@ -180,13 +180,16 @@ def _load(path: Path, tag: str, qtag: str) -> dict:
             return {}
         same_q = str(z["qtag"]) == qtag
         jit, njit = (z["jit"], z["njit"]) if "jit" in z.files else (None, None)
+        # Each z[name] reads and decodes the whole array again: read each once, copy rows out,
+        # or a 13,233-image cache costs gigabytes (rows as views pin a full array each).
+        ok, quality, vec, vec_flip = z["ok"], z["quality"], z["vec"], z["vec_flip"]
         rec = {}
         for i, k in enumerate(z["keys"].tolist()):
-            r = {"ok": bool(z["ok"][i]), "quality": str(z["quality"][i]) if same_q else None}
+            r = {"ok": bool(ok[i]), "quality": str(quality[i]) if same_q else None}
             if r["ok"]:
-                r["vec"], r["vec_flip"] = z["vec"][i], z["vec_flip"][i]
+                r["vec"], r["vec_flip"] = vec[i].copy(), vec_flip[i].copy()
                 if jit is not None and njit[i]:
-                    r["jit"] = [jit[j, i] for j in range(int(njit[i]))]
+                    r["jit"] = [jit[j, i].copy() for j in range(int(njit[i]))]
             rec[k] = r
         return rec
     except (OSError, KeyError, ValueError) as e:

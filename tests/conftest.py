@@ -52,3 +52,18 @@ def shared() -> Path:
     if not (SHARED / "data").is_dir():
         pytest.skip("../shared (evaluation data) is absent beside the repo")
     return SHARED
+
+
+def sample_identities(root: Path) -> Path:
+    """An identity-folder dataset of real faces, honestly named: "obama" is his three photos,
+    "biden" is his one photo and its mirror image (the samples hold no second photo of him)."""
+    import cv2
+
+    from edge.imageio import load_image
+
+    for person, names in (("obama", ("obama.jpg", "obama2.jpg", "obama3.jpg")), ("biden", ("biden.jpg",))):
+        (root / person).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            (root / person / name).write_bytes((SAMPLES / name).read_bytes())
+    cv2.imwrite(str(root / "biden" / "biden_mirror.png"), load_image(SAMPLES / "biden.jpg")[:, ::-1])
+    return root

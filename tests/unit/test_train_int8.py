@@ -9,8 +9,9 @@ torch = pytest.importorskip("torch", reason="torch is a training requirement (.v
 
 from edge.embed import load_encoder  # noqa: E402
 from edge.modelcard import load_card  # noqa: E402
+from tests.conftest import sample_identities  # noqa: E402
 from train import backbones  # noqa: E402
-from train.data import load_faces, prepare, read_image  # noqa: E402
+from train.data import load_faces, prepare  # noqa: E402
 from train.fit import recalibrate_bn  # noqa: E402
 from train.int8 import export_int8  # noqa: E402
 from train.onnx import export_onnx  # noqa: E402
@@ -25,15 +26,7 @@ pytestmark = pytest.mark.skipif(not (IMAGES / "obama3.jpg").exists() or not DETE
 
 @pytest.fixture(scope="module")
 def faces(tmp_path_factory):
-    import cv2
-
-    raw = tmp_path_factory.mktemp("raw")
-    (raw / "obama").mkdir()
-    (raw / "biden").mkdir()
-    for name in ("obama.jpg", "obama2.jpg", "obama3.jpg"):
-        (raw / "obama" / name).write_bytes((IMAGES / name).read_bytes())
-    (raw / "biden" / "biden.jpg").write_bytes((IMAGES / "biden.jpg").read_bytes())
-    cv2.imwrite(str(raw / "biden" / "biden_mirror.png"), read_image(IMAGES / "biden.jpg")[:, ::-1])
+    raw = sample_identities(tmp_path_factory.mktemp("raw"))
     out = tmp_path_factory.mktemp("prepared")
     prepare(raw, out, DETECTOR, progress=False)
     return load_faces(out)

@@ -11,8 +11,9 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="torch is a training requirement (.venv-train)")
 
+from tests.conftest import sample_identities  # noqa: E402
 from train import backbones  # noqa: E402
-from train.data import load_faces, prepare, read_image, to_input  # noqa: E402
+from train.data import load_faces, prepare, to_input  # noqa: E402
 from train.fit import Trainer, fit, load_config, load_encoder_weights  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,15 +27,7 @@ pytestmark = pytest.mark.skipif(not (IMAGES / "obama3.jpg").exists() or not DETE
 
 @pytest.fixture(scope="module")
 def crops(tmp_path_factory):
-    import cv2
-
-    raw = tmp_path_factory.mktemp("raw")
-    (raw / "obama").mkdir()
-    (raw / "biden").mkdir()
-    for name in ("obama.jpg", "obama2.jpg", "obama3.jpg"):
-        (raw / "obama" / name).write_bytes((IMAGES / name).read_bytes())
-    (raw / "biden" / "biden.jpg").write_bytes((IMAGES / "biden.jpg").read_bytes())
-    cv2.imwrite(str(raw / "biden" / "biden_mirror.png"), read_image(IMAGES / "biden.jpg")[:, ::-1])
+    raw = sample_identities(tmp_path_factory.mktemp("raw"))
     (raw / "biden" / "unreadable.jpg").write_bytes(b"not a jpeg")
     out = tmp_path_factory.mktemp("prepared")
     report = prepare(raw, out, DETECTOR, progress=False)

@@ -13,7 +13,7 @@ from pathlib import Path
 # search would only contend with it. Set before numpy is first imported.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from .errors import FacegateError  # noqa: E402
+from .errors import FacegateError, run_cli  # noqa: E402
 
 
 def _cfg(args):
@@ -321,11 +321,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.cmd == "check-config" and not args.file and not args.describe:
         p.error("check-config needs FILE or --describe")
-    try:
-        return args.fn(args)
-    except FacegateError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(args.fn, args)
 
 
 if __name__ == "__main__":

@@ -39,3 +39,15 @@ class AuditError(FacegateError):
 
 class CameraError(FacegateError):
     pass
+
+
+def run_cli(fn, args) -> int:
+    """Run a CLI command: a FacegateError is the user's to fix, so it becomes one clear line on
+    stderr and exit status 2, not a traceback."""
+    import sys
+
+    try:
+        return fn(args)
+    except FacegateError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
-from edge.errors import FacegateError
+from edge.errors import run_cli
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
 
@@ -35,46 +36,12 @@ def cmd_setup(args) -> int:
     return 0
 
 
-def cmd_calibrate(args) -> int:
-    from .calibrate_cmd import main
+def _lazy(module: str):
+    """A subcommand whose module (and its heavy imports) loads only when it runs."""
+    def run(args) -> int:
+        return importlib.import_module(f".{module}", __package__).main(args)
 
-    return main(args)
-
-
-def cmd_verify(args) -> int:
-    from .verify import main
-
-    return main(args)
-
-
-def cmd_bench(args) -> int:
-    from .bench import main
-
-    return main(args)
-
-
-def cmd_cohort(args) -> int:
-    from .cohort import main
-
-    return main(args)
-
-
-def cmd_detectors(args) -> int:
-    from .detectors import main
-
-    return main(args)
-
-
-def cmd_tflite(args) -> int:
-    from .tflite import main
-
-    return main(args)
-
-
-def cmd_import_onnx(args) -> int:
-    from .import_user import main
-
-    return main(args)
+    return run
 
 
 def main(argv=None) -> int:
@@ -93,7 +60,7 @@ def main(argv=None) -> int:
     s.add_argument("--methods", default="minmax,entropy,percentile")
     s.add_argument("--limit", type=int, default=400, help="crops used for the activation ranges")
     s.add_argument("--thresholds-only", action="store_true", help="only the impostor-score tables (and the cards)")
-    s.set_defaults(fn=cmd_calibrate)
+    s.set_defaults(fn=_lazy("calibrate_cmd"))
     models = Path(__file__).resolve().parent.parent / "models"
     s = sub.add_parser("verify", help="LFW 10-fold verification of every encoder artifact (needs ../shared)")
     s.add_argument("--lfw", default=str(SHARED / "data" / "lfw"))
@@ -104,7 +71,7 @@ def main(argv=None) -> int:
     s.add_argument("--pairs-per-fold", type=int, default=0, help="SUBSET: first N pairs of each kind per fold")
     s.add_argument("--json")
     s.add_argument("--quiet", action="store_true")
-    s.set_defaults(fn=cmd_verify)
+    s.set_defaults(fn=_lazy("verify"))
     s = sub.add_parser("bench", help="per-face latency (1 and 2 threads) and file size of every encoder artifact")
     s.add_argument("--models", default=str(models))
     s.add_argument("--detector", default=str(models / "yunet_fp32.card.json"))
@@ -112,7 +79,7 @@ def main(argv=None) -> int:
     s.add_argument("--runs", type=int, default=100)
     s.add_argument("--threads", default="1,2")
     s.add_argument("--json")
-    s.set_defaults(fn=cmd_bench)
+    s.set_defaults(fn=_lazy("bench"))
     s = sub.add_parser("cohort", help="AS-norm cohort file and its calibration from a face folder (never LFW)")
     s.add_argument("--encoder", default=str(models / "sface_int8.card.json"))
     s.add_argument("--detector", default=str(models / "yunet_fp32.card.json"))
@@ -122,28 +89,24 @@ def main(argv=None) -> int:
     s.add_argument("--fusion-with", help="second encoder card: choose the score-fusion weight on the calibration half")
     s.add_argument("--out", help="default: <model>.cohort.npz beside the encoder")
     s.add_argument("--cache-dir", default=str(models.parent / "out" / "eval_cache"))
-    s.set_defaults(fn=cmd_cohort)
+    s.set_defaults(fn=_lazy("cohort"))
     s = sub.add_parser("detectors", help="detector speed per 640x480 frame and faces found on LFW, to pick the default")
     from .detectors import add_arguments as detector_arguments
 
     detector_arguments(s, models, SHARED)
-    s.set_defaults(fn=cmd_detectors)
+    s.set_defaults(fn=_lazy("detectors"))
     s = sub.add_parser("tflite", help="INT8 TFLite encoders (dlib, SFace) with cards; needs the .venv-tflite of requirements-tflite.txt")
     from .tflite import add_arguments as tflite_arguments
 
     tflite_arguments(s, models, SHARED)
-    s.set_defaults(fn=cmd_tflite)
+    s.set_defaults(fn=_lazy("tflite"))
     s = sub.add_parser("import-onnx", help="a user's ONNX face encoder -> clean fp32 + INT8 ONNX with cards")
     from .import_user import add_arguments
 
     add_arguments(s)
-    s.set_defaults(fn=cmd_import_onnx)
+    s.set_defaults(fn=_lazy("import_user"))
     args = p.parse_args(argv)
-    try:
-        return args.fn(args)
-    except FacegateError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(args.fn, args)
 
 
 if __name__ == "__main__":

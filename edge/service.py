@@ -122,6 +122,12 @@ def run_service(cfg: Config, max_frames: int | None = None, verbose: bool = True
                 _print_decision(frame, d)
             if max_frames is not None and frames >= max_frames:
                 break
+        if not stop["flag"]:
+            # A replay that ends mid-pulse lets the pulse finish (bounded by the hard ceiling), so
+            # a demo or a field-bug replay shows the door as it would have behaved.
+            until = time.monotonic() + cfg.relay.max_hold_s
+            while relay.is_unlocked and time.monotonic() < until:
+                time.sleep(0.05)
         if verbose:
             st = relay.stats
             print(f"done: {frames} frames, {st.openings} door opening(s), longest unlocked {st.longest_unlocked_s:.2f} s, "

@@ -7,12 +7,10 @@ skipped, so running it again is cheap and a half-finished run leaves nothing hal
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import subprocess
 import sys
 import tarfile
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -95,13 +93,3 @@ def fetch(groups: set[str] | None = None, raw_dir: Path = RAW_DIR, quiet: bool =
 def _present(path: Path, member: dict) -> bool:
     return path.is_file() and path.stat().st_size == member["size"] and sha256_file(path) == member["sha256"]
 
-
-def verify_raw(raw_dir: Path = RAW_DIR, groups: set[str] | None = None) -> None:
-    """Raise if any locked file present under raw_dir differs from the lock."""
-    for pkg in load_lock():
-        if groups and pkg["group"] not in groups:
-            continue
-        for m in pkg["members"]:
-            p = raw_dir / m["dest"]
-            if p.exists() and not _present(p, m):
-                raise ModelError(p, "does not match its sha256 in the lock file (tampered or truncated)")

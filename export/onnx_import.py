@@ -94,7 +94,7 @@ def free_dims(model: onnx.ModelProto, batch: bool = True, spatial: bool = False)
         dims = vi.type.tensor_type.shape.dim
         for k, d in enumerate(dims):
             if (batch and k == 0) or (spatial and k == 1):
-                d.dim_param = ["N", "A"][k] if k < 2 else d.dim_param
+                d.dim_param = "N" if k == 0 else "A"
     del model.graph.value_info[:]
     return model
 

@@ -15,6 +15,7 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
                                       quantize_static)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from edge.align import align
 from edge.detect import load_detector, scale_to
 from edge.embed import Encoder
 from edge.errors import FacegateError
@@ -45,8 +46,6 @@ def aligned_crops(folder: Path, detector_card: Path, card: Card, limit: int = 30
             continue
         faces = det.detect(img)
         if faces:
-            from edge.align import align
-
             crops.append(align(img, faces[0], card.alignment.template, card.alignment.size).image)
         if len(crops) >= limit:
             break
@@ -119,6 +118,3 @@ def _flush_every(reader) -> int:
     n = len(getattr(reader, "tensors", ())) or 1
     return next((k for k in (4, 5, 6, 7, 9, 11) if n % k), n + 1)
 
-
-def cosine_parity(a: Encoder, b: Encoder, crops: list[np.ndarray]) -> np.ndarray:
-    return np.sum(a.embed_images(crops) * b.embed_images(crops), axis=1)

@@ -1,6 +1,5 @@
 """train/int8.py: a trained encoder's fp32 ONNX -> INT8 card through export/, on real face crops
 (the same five crops as test_train_smoke: three Obama photos, Biden and his mirror image)."""
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,16 +8,15 @@ torch = pytest.importorskip("torch", reason="torch is a training requirement (.v
 
 from edge.embed import load_encoder  # noqa: E402
 from edge.modelcard import load_card  # noqa: E402
-from tests.conftest import sample_identities  # noqa: E402
+from tests.conftest import MODELS, SAMPLES, sample_identities  # noqa: E402
 from train import backbones  # noqa: E402
 from train.data import load_faces, prepare  # noqa: E402
 from train.fit import recalibrate_bn  # noqa: E402
 from train.int8 import export_int8  # noqa: E402
 from train.onnx import export_onnx  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
-IMAGES = REPO / "models" / "raw" / "images"
-DETECTOR = REPO / "models" / "yunet_fp32.card.json"
+IMAGES = SAMPLES
+DETECTOR = MODELS / "yunet_fp32.card.json"
 
 pytestmark = pytest.mark.skipif(not (IMAGES / "obama3.jpg").exists() or not DETECTOR.exists(),
                                 reason="needs models/raw/images and models/yunet_fp32.card.json (python -m export fetch/build)")

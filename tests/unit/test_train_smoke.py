@@ -4,22 +4,20 @@ a few optimiser steps, checkpoint / resume, ONNX hand-off through the edge embed
 Data, honestly named: identity "obama" = the three distinct Obama photos; identity "biden" = the
 one Biden photo and its mirror image (a second photo of him is not in the repo). Five crops
 cannot teach face recognition; they show the loss falls and the plumbing holds."""
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="torch is a training requirement (.venv-train)")
 
-from tests.conftest import sample_identities  # noqa: E402
+from tests.conftest import MODELS, SAMPLES, sample_identities  # noqa: E402
 from train import backbones  # noqa: E402
 from train.data import load_faces, prepare, to_input  # noqa: E402
 from train.fit import Trainer, fit, load_config, load_encoder_weights  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
-IMAGES = REPO / "models" / "raw" / "images"
-DETECTOR = REPO / "models" / "yunet_fp32.card.json"
-SFACE = REPO / "models" / "sface_fp32.card.json"
+IMAGES = SAMPLES
+DETECTOR = MODELS / "yunet_fp32.card.json"
+SFACE = MODELS / "sface_fp32.card.json"
 
 pytestmark = pytest.mark.skipif(not (IMAGES / "obama3.jpg").exists() or not DETECTOR.exists(),
                                 reason="needs models/raw/images and models/yunet_fp32.card.json (python -m export fetch/build)")

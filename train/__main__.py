@@ -121,17 +121,21 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
 
     p = sub.add_parser("liveness", parents=[common], help="train the passive PAD model on NUAA, export ONNX + INT8 + cards",
-                       description="Crop NUAA frames around the gate's own face boxes, fit the PAD CNN with hard "
-                                   "augmentation, pick the threshold at --bpcer on subject-wise out-of-fold train "
-                                   "scores, and write OUT/pad_fp32.onnx and OUT/pad_int8.onnx with their cards.")
+                       description="Crop NUAA frames around the gate's own face boxes, fit the PAD ensemble with hard "
+                                   "augmentation, pick the threshold at --bpcer on leave-one-session-out train "
+                                   "scores, and write OUT/pad_fp32.onnx and OUT/pad_int8.onnx with their cards. "
+                                   "The recipe's defaults are the ones train/liveness_gpu.py chose.")
     p.add_argument("--nuaa", default="../shared/data/nuaa")
     p.add_argument("--detector", default=DEFAULT_DETECTOR, help="detector model card (default: %(default)s)")
     p.add_argument("--out", default="out/liveness")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--folds", type=int, default=3, help="subject folds for the threshold; 0 = in-sample")
+    p.add_argument("--config", help="a recipe as JSON (FitConfig fields, or a liveness_gpu final.json with its threshold)")
+    p.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    p.add_argument("--seeds", type=int, help="override the recipe's ensemble size")
     p.add_argument("--bpcer", type=float, default=0.05)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--reuse", action="store_true", help="export OUT/pad.pt instead of fitting the final model again")
+    p.add_argument("--frames", type=int, default=3, help="policy window the threshold is set for (liveness.frames)")
+    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    p.add_argument("--state", help="export this Ensemble state_dict (e.g. liveness_gpu's final.pt) instead of fitting")
+    p.add_argument("--threshold", type=float, help="threshold for --state (default: the --config file's)")
 
     p = sub.add_parser("liveness-eval", parents=[common], help="APCER / BPCER / ACER on the NUAA test split",
                        description="Per-frame and per-sequence APCER (print), BPCER and ACER at the operating point, "
@@ -217,8 +221,13 @@ def _run(args, progress: bool) -> int:
     elif args.cmd == "liveness":
         from .liveness import FitConfig, run
 
-        r = run(args.nuaa, args.detector, args.out, FitConfig(epochs=args.epochs, seed=args.seed), args.folds,
-                args.bpcer, progress, args.reuse)
+        spec = json.loads(Path(args.config).read_text()) if args.config else {}
+        cfg = FitConfig.from_dict(spec.get("config", spec))
+        cfg.epochs = args.epochs or cfg.epochs
+        cfg.seeds = args.seeds or cfg.seeds
+        threshold = args.threshold if args.threshold is not None else spec.get("threshold")
+        r = run(args.nuaa, args.detector, args.out, cfg, args.bpcer, args.frames, args.device, progress,
+                args.state, threshold, spec.get("loso"))
         print(json.dumps({k: r[k] for k in ("threshold", "accuracy", "params", "train_s", "cards")}, indent=1))
     elif args.cmd == "liveness-eval":
         from .liveness_eval import evaluate, summary

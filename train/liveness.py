@@ -1,37 +1,32 @@
 """Passive PAD model: NUAA data with the gate's own face boxes, a MiniFASNet-class CNN (ReLU, so it
-quantizes to INT8 cleanly), hard augmentation, export to ONNX -> INT8 with its model card.
+quantizes to INT8 cleanly), hard augmentation done in torch (so it runs batched on a GPU or on the
+CPU alike), an ensemble of seeds, export to ONNX -> INT8 with its model card.
 
 `python -m train liveness` runs it end to end. NUAA's train lists (sessions 1-2 of subjects
-0001-0009) train; the operating threshold comes from subject-wise out-of-fold scores on the train
-split (never from the test lists, which are for `liveness-eval` only)."""
+0001-0009) train; the operating threshold comes from leave-one-session-out scores on the train
+split (train on session 1, score session 2 and back: the test split is another session, so a
+session is the shift that matters). The test lists are for `liveness-eval` only. The recipe's
+hyperparameters were chosen by `train/liveness_gpu.py` on the same leave-one-session-out scores.
+
+This module imports edge/ (and pydantic through it) only where it needs it (detection, crops,
+export), so that the GPU sweep can import the model and the training loop on a bare machine."""
 from __future__ import annotations
 
 import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from torch import nn
-
-from edge.atomic import atomic_write_bytes
-from edge.detect import load_detector
-from edge.errors import FacegateError
-from edge.metrics import share_at_least
-from edge.modelcard import Card, InputSpec, LivenessSpec, SourceSpec, sha256_file, write_card
-from edge.pad import pad_crop
-
-from .data import read_image
+from torch.nn import functional as F
 
 log = logging.getLogger("facegate.train")
 
-SIZE = 80
-CROP_SCALE = 2.7
-TRAIN_SCALES = (2.4, 2.7, 3.0)  # scale jitter: crops precomputed once at each
+CANVAS = 1.25  # training crops are cut at CANVAS x the card's scale, so zoom/shift/rotation have real pixels
 LIVE, ATTACK = 1, 0  # class index = label; the card's live_class
 MEAN, STD = (127.5, 127.5, 127.5), (128.0, 128.0, 128.0)
 LISTS = {("train", LIVE): "client_train_raw.txt", ("train", ATTACK): "imposter_train_raw.txt",
@@ -57,6 +52,10 @@ class NuaaItem:
         return self.parts[0]
 
     @property
+    def session(self) -> str:
+        return self.parts[3]
+
+    @property
     def sequence(self) -> str:
         """One subject, glasses, position and session of one class (live or attack), per ../shared/README.md."""
         s, g, p, sess, _ = self.parts
@@ -64,6 +63,8 @@ class NuaaItem:
 
 
 def nuaa_items(root: str | Path) -> list[NuaaItem]:
+    from edge.errors import FacegateError
+
     root = Path(root)
     items = []
     for (split, label), name in LISTS.items():
@@ -85,6 +86,11 @@ def sequences(items: list[NuaaItem]) -> dict[str, list[int]]:
 def detect_all(root: Path, items: list[NuaaItem], detector_card: str, cache: Path, threads: int = 2) -> dict:
     """The gate's detector on every frame: path -> {"box", "kps"} of the largest face, or None.
     Cached as JSON (keyed by the detector's sha256) so training and evaluation see the same boxes."""
+    from edge.atomic import atomic_write_bytes
+    from edge.detect import load_detector
+
+    from .data import read_image
+
     det = load_detector(detector_card, threads)
     sha = det.card.sha256
     if cache.is_file():
@@ -105,67 +111,130 @@ def detect_all(root: Path, items: list[NuaaItem], detector_card: str, cache: Pat
     return faces
 
 
-def crops_for(root: Path, items: list[NuaaItem], faces: dict, scales=TRAIN_SCALES) -> tuple[np.ndarray, np.ndarray]:
-    """(S x N x 80 x 80 x 3 uint8 crops, N bool: face found). Frames without a face get zeros."""
-    out = np.zeros((len(scales), len(items), SIZE, SIZE, 3), np.uint8)
+def crops_for(root: Path, items: list[NuaaItem], faces: dict, scale: float, size: int
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(N x size x size x 3 crops exactly as the gate cuts them, N x S x S x 3 training canvases at
+    CANVAS x the scale and S = CANVAS x size pixels, N bool: face found); uint8 BGR, zeros without a face."""
+    from edge.pad import pad_crop
+
+    from .data import read_image
+
+    big = round(size * CANVAS)
+    crops = np.zeros((len(items), size, size, 3), np.uint8)
+    canvas = np.zeros((len(items), big, big, 3), np.uint8)
     found = np.zeros(len(items), bool)
     for i, it in enumerate(items):
         f = faces.get(it.path)
         if f is None:
             continue
         img = read_image(root / it.path)
-        for s, scale in enumerate(scales):
-            out[s, i] = pad_crop(img, f["box"], scale, (SIZE, SIZE))
+        crops[i] = pad_crop(img, f["box"], scale, (size, size))
+        canvas[i] = pad_crop(img, f["box"], scale * CANVAS, (big, big))
         found[i] = True
-    return out, found
+    return crops, canvas, found
 
 
-# ---------------------------------------------------------------- augmentation
+# ---------------------------------------------------------------- augmentation (torch, batched)
 
-def augment(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Hard photometric and geometric jitter of one BGR uint8 crop: the test session's light,
-    camera and distance differ from training, and the model must not lean on any one of them."""
-    img = crop
-    if rng.random() < 0.8:  # small rotation, zoom and shift
-        ang, zoom = rng.uniform(-12, 12), rng.uniform(0.92, 1.12)
-        m = cv2.getRotationMatrix2D((SIZE / 2 + rng.uniform(-3, 3), SIZE / 2 + rng.uniform(-3, 3)), ang, zoom)
-        img = cv2.warpAffine(img, m, (SIZE, SIZE), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT101)
-    if rng.random() < 0.5:
-        img = img[:, ::-1]
-    x = img.astype(np.float32)
-    if rng.random() < 0.9:  # exposure, contrast, white balance, gamma
-        x = x * rng.uniform(0.6, 1.4) + rng.uniform(-30, 30)
-        x = (x - x.mean()) * rng.uniform(0.7, 1.3) + x.mean()
-        x = x * rng.uniform(0.85, 1.15, size=3)
-        x = 255.0 * (np.clip(x, 0, 255) / 255.0) ** rng.uniform(0.7, 1.4)
-    if rng.random() < 0.3:  # saturation
-        g = x.mean(axis=2, keepdims=True)
-        x = g + (x - g) * rng.uniform(0.5, 1.4)
-    if rng.random() < 0.05:
-        x = np.repeat(x.mean(axis=2, keepdims=True), 3, axis=2)
-    img = np.clip(x, 0, 255).astype(np.uint8)
-    r = rng.random()
-    if r < 0.25:
-        img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.4, 1.5))
-    elif r < 0.35:
-        k = int(rng.integers(3, 6))
-        kern = np.zeros((k, k), np.float32)
-        kern[k // 2] = 1.0 / k
-        kern = cv2.warpAffine(kern, cv2.getRotationMatrix2D((k / 2 - 0.5, k / 2 - 0.5), rng.uniform(0, 180), 1), (k, k))
-        img = cv2.filter2D(img, -1, kern / max(kern.sum(), 1e-6))
-    if rng.random() < 0.3:
-        img = np.clip(img + rng.normal(0, rng.uniform(2, 8), img.shape), 0, 255).astype(np.uint8)
-    if rng.random() < 0.5:
-        ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(30, 95))])
-        img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
-    return np.ascontiguousarray(img)
+_JPEG_Y = torch.tensor([16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
+                        14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+                        49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99], dtype=torch.float32).view(8, 8)
+_JPEG_C = torch.full((8, 8), 99.0)
+_JPEG_C[:4, :4] = torch.tensor([[17, 18, 24, 47], [18, 21, 26, 66], [24, 26, 56, 99], [47, 66, 99, 99]], dtype=torch.float32)
 
 
-def to_tensor(crops_bgr: np.ndarray) -> torch.Tensor:
-    """N x H x W x 3 BGR uint8 -> N x 3 x H x W float, normalised as the card says."""
-    x = torch.from_numpy(np.ascontiguousarray(crops_bgr)).float()
-    x = (x - torch.tensor(MEAN)) / torch.tensor(STD)
-    return x.permute(0, 3, 1, 2).contiguous()
+def _dct_matrix(device) -> torch.Tensor:
+    k = torch.arange(8, dtype=torch.float32, device=device)
+    d = torch.cos((2 * k[None, :] + 1) * k[:, None] * math.pi / 16) * math.sqrt(2 / 8)
+    d[0] /= math.sqrt(2)
+    return d
+
+
+def jpeg(x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
+    """JPEG round trip of N x 3 x H x W BGR 0..255 (H, W multiples of 16) at per-image quality:
+    YCbCr, 4:2:0 chroma, 8x8 DCT, the standard tables scaled by quality, rounding. Baseline JPEG's
+    loss without its entropy coding (which is lossless)."""
+    n, _, h, w = x.shape
+    b, g, r = x[:, 0], x[:, 1], x[:, 2]
+    ycc = torch.stack([0.299 * r + 0.587 * g + 0.114 * b, 128 - 0.168736 * r - 0.331264 * g + 0.5 * b,
+                       128 + 0.5 * r - 0.418688 * g - 0.081312 * b], 1)
+    ycc[:, 1:] = F.interpolate(F.avg_pool2d(ycc[:, 1:], 2), scale_factor=2, mode="nearest")
+    q = quality.float().clamp(1, 100)
+    s = torch.where(q < 50, 5000 / q, 200 - 2 * q).view(n, 1, 1, 1, 1, 1)
+    tables = torch.stack([_JPEG_Y, _JPEG_C, _JPEG_C]).to(x.device).view(1, 3, 1, 1, 8, 8)
+    t = ((tables * s + 50) / 100).floor().clamp(1, 255)
+    d = _dct_matrix(x.device)
+    blocks = (ycc - 128).view(n, 3, h // 8, 8, w // 8, 8).permute(0, 1, 2, 4, 3, 5)
+    coef = d @ blocks @ d.T
+    coef = torch.round(coef / t) * t
+    back = (d.T @ coef @ d).permute(0, 1, 2, 4, 3, 5).reshape(n, 3, h, w) + 128
+    yy, cb, cr = back[:, 0], back[:, 1] - 128, back[:, 2] - 128
+    return torch.stack([yy + 1.772 * cb, yy - 0.344136 * cb - 0.714136 * cr, yy + 1.402 * cr], 1).clamp(0, 255)
+
+
+def _gauss_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    r = max(1, int(math.ceil(2.5 * sigma)))
+    k = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32, device=x.device) ** 2 / (2 * sigma * sigma))
+    k = (k / k.sum()).view(1, 1, 1, -1).repeat(x.shape[1], 1, 1, 1)
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k, groups=x.shape[1])
+    return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.transpose(2, 3), groups=x.shape[1])
+
+
+def augment(canvas: torch.Tensor, size: int, gen: torch.Generator, strength: float = 1.0) -> torch.Tensor:
+    """Hard geometric and photometric jitter of N x S x S x 3 uint8 BGR canvases (on any device) ->
+    N x 3 x size x size float 0..255: the crop the gate would cut, zoomed, shifted, turned and
+    flipped, then exposure, contrast, white balance, gamma, saturation, blur, sensor noise and JPEG.
+    The test session's light, camera and distance differ from training; the model must not lean on
+    any of them. `strength` widens every range (1 = the ranges below)."""
+    dev = canvas.device
+    n = canvas.shape[0]
+    u = lambda lo, hi, *shape: lo + (hi - lo) * torch.rand(*(shape or (n,)), generator=gen, device=dev)
+    p = lambda prob: torch.rand(n, generator=gen, device=dev) < prob
+    st = strength
+    x = canvas.permute(0, 3, 1, 2).float()
+    # geometry: output pixel -> canvas; the gate's crop is the central 1/CANVAS of the canvas
+    ang = torch.deg2rad(u(-12 * st, 12 * st))
+    zoom = torch.exp(u(-0.12 * st, 0.12 * st)) / CANVAS
+    flip = torch.where(p(0.5), -1.0, 1.0)
+    shift = u(-0.06 * st, 0.06 * st, n, 2) / CANVAS
+    cos, sin = torch.cos(ang) * zoom, torch.sin(ang) * zoom
+    theta = torch.stack([torch.stack([cos * flip, -sin, shift[:, 0]], 1), torch.stack([sin * flip, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, (n, 3, size, size), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    # photometric
+    on = p(0.9).float().view(n, 1, 1, 1)
+    gain = u(1 - 0.4 * st, 1 + 0.4 * st).clamp(0.2).view(n, 1, 1, 1)
+    offset = u(-30 * st, 30 * st).view(n, 1, 1, 1)
+    mean = x.mean((1, 2, 3), keepdim=True)
+    contrast = u(1 - 0.3 * st, 1 + 0.3 * st).clamp(0.3).view(n, 1, 1, 1)
+    wb = u(1 - 0.15 * st, 1 + 0.15 * st, n, 3).clamp(0.5).view(n, 3, 1, 1)
+    y = ((x * gain + offset - mean) * contrast + mean) * wb
+    gamma = torch.exp(u(-0.35 * st, 0.35 * st)).view(n, 1, 1, 1)
+    y = 255.0 * (y.clamp(0, 255) / 255.0) ** gamma
+    x = on * y + (1 - on) * x
+    grey = x.mean(1, keepdim=True)
+    sat = torch.where(p(0.3), u(1 - 0.5 * st, 1 + 0.4 * st).clamp(0), torch.ones(n, device=dev))
+    sat = torch.where(p(0.05), torch.zeros(n, device=dev), sat).view(n, 1, 1, 1)
+    x = (grey + (x - grey) * sat).clamp(0, 255)
+    # blur: a few sigmas, each applied to its share of the batch
+    which = torch.randint(0, 8, (n,), generator=gen, device=dev)
+    for k, sigma in enumerate((0.5, 0.9, 1.4)):
+        m = which == k
+        if m.any():
+            x[m] = _gauss_blur(x[m], sigma * max(st, 0.5))
+    noisy = p(0.3).float().view(n, 1, 1, 1)
+    x = x + noisy * torch.randn(x.shape, generator=gen, device=dev) * u(2, 8 * st).view(n, 1, 1, 1)
+    x = x.clamp(0, 255)
+    jp = p(0.5)
+    if jp.any() and size % 16 == 0:
+        x[jp] = jpeg(x[jp], u(30, 95)[jp].round())
+    return x.round()
+
+
+def centre(canvas: np.ndarray, size: int) -> np.ndarray:
+    """The gate's crop as the canvas's central part (exact unless the crop was capped at the frame)."""
+    m = (canvas.shape[1] - size) // 2
+    return canvas[:, m:m + size, m:m + size]
 
 
 # ---------------------------------------------------------------- network
@@ -185,29 +254,80 @@ class InvertedResidual(nn.Module):
         return x + y if self.residual else y
 
 
+class Texture(nn.Module):
+    """Fixed input filters inside the network (so the card's plain BGR input still applies):
+    per-image standardisation (takes the exposure and contrast of the session away), and optionally
+    difference-of-Gaussians bands of the grey image, the classic NUAA print cue (Tan et al. 2010:
+    a print loses the face's fine high-frequency detail)."""
+
+    def __init__(self, standardise: bool, dog: bool):
+        super().__init__()
+        self.standardise, self.dog = standardise, dog
+        if dog:
+            ks = []
+            for s in (0.5, 1.0, 2.0):
+                r = torch.arange(-4, 5, dtype=torch.float32)
+                g = torch.exp(-r ** 2 / (2 * s * s))
+                g = g / g.sum()
+                ks.append(g[:, None] * g[None, :])
+            self.register_buffer("kernels", torch.stack([ks[0] - ks[1], ks[1] - ks[2]])[:, None])
+
+    @property
+    def extra(self) -> int:
+        return 2 if self.dog else 0
+
+    def forward(self, x):
+        if self.standardise:
+            m = x.mean((1, 2, 3), keepdim=True)
+            x = (x - m) / (x.std((1, 2, 3), keepdim=True) + 0.05)
+        if self.dog:
+            grey = x.mean(1, keepdim=True)
+            d = F.conv2d(F.pad(grey, (4, 4, 4, 4), mode="reflect"), self.kernels)
+            x = torch.cat([x, d / (d.std((2, 3), keepdim=True) + 0.02)], 1)
+        return x
+
+
 class PadNet(nn.Module):
-    """MiniFASNet-class: 80x80 -> 5x5 in four stride-2 steps, a global depthwise conv (as in
-    MobileFaceNet / MiniFASNet) instead of average pooling, so where the cue sits (paper edge,
+    """MiniFASNet-class: size x size -> size/16 in four stride-2 steps, a global depthwise conv (as
+    in MobileFaceNet / MiniFASNet) instead of average pooling, so where the cue sits (paper edge,
     fingers, background) still counts. ReLU throughout: PReLU quantizes badly to INT8."""
 
     STAGES = ((48, 48, 1, 2), (48, 48, 1, 2), (48, 96, 2, 2), (96, 96, 1, 2), (96, 96, 1, 2),
               (96, 128, 2, 2), (128, 128, 1, 2), (128, 128, 1, 2))
 
-    def __init__(self, classes: int = 2, width: int = 256, emb: int = 128, dropout: float = 0.2):
+    def __init__(self, classes: int = 2, width: int = 256, emb: int = 128, dropout: float = 0.2, size: int = 80,
+                 mult: float = 1.0, standardise: bool = False, dog: bool = False):
         super().__init__()
-        # Two cheap stride-2 steps first: at 40x40 only 16 channels, which keeps CPU training fast.
-        layers = [nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
+        if size % 16:
+            raise ValueError(f"input size {size} is not a multiple of 16")
+        c = lambda ch: max(8, int(round(ch * mult / 8)) * 8)
+        self.texture = Texture(standardise, dog)
+        # Two cheap stride-2 steps first: at size/4 only 16 channels, which keeps CPU training fast.
+        layers = [nn.Conv2d(3 + self.texture.extra, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
                   nn.Conv2d(16, 16, 3, 2, 1, groups=16, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True),
-                  nn.Conv2d(16, 48, 1, bias=False), nn.BatchNorm2d(48), nn.ReLU(inplace=True)]
-        layers += [InvertedResidual(*s) for s in self.STAGES]
-        layers += [nn.Conv2d(128, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-                   nn.Conv2d(width, width, 5, groups=width, bias=False), nn.BatchNorm2d(width)]
+                  nn.Conv2d(16, c(48), 1, bias=False), nn.BatchNorm2d(c(48)), nn.ReLU(inplace=True)]
+        layers += [InvertedResidual(c(a), c(b), s, e) for a, b, s, e in self.STAGES]
+        w = c(width)
+        layers += [nn.Conv2d(c(128), w, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
+                   nn.Conv2d(w, w, size // 16, groups=w, bias=False), nn.BatchNorm2d(w)]
         self.features = nn.Sequential(*layers)
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(width, emb, bias=False), nn.BatchNorm1d(emb),
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(w, emb, bias=False), nn.BatchNorm1d(emb),
                                   nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(emb, classes))
 
     def forward(self, x):
-        return self.head(self.features(x))
+        return self.head(self.features(self.texture(x)))
+
+
+class Ensemble(nn.Module):
+    """Members' mean live probability, output as log-probabilities (valid logits for the card's softmax)."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x):
+        p = torch.stack([torch.softmax(m(x), 1) for m in self.members]).mean(0)
+        return torch.log(p.clamp_min(1e-6))
 
 
 def param_count(m: nn.Module) -> int:
@@ -218,62 +338,87 @@ def param_count(m: nn.Module) -> int:
 
 @dataclass
 class FitConfig:
-    epochs: int = 30
+    """One recipe. The defaults are the configuration `train/liveness_gpu.py` chose on
+    leave-one-session-out train scores (train/README-liveness.md)."""
+    scale: float = 1.4        # crop around the face box (the card's crop_scale)
+    size: int = 112           # input pixels
+    mult: float = 1.0         # channel width multiplier
+    standardise: bool = False
+    dog: bool = True          # difference-of-Gaussians input bands
+    strength: float = 1.5     # augmentation ranges
+    epochs: int = 60
     batch: int = 64
     lr: float = 3e-3
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
+    seeds: int = 3            # ensemble members
     seed: int = 0
 
+    @classmethod
+    def from_dict(cls, d: dict) -> FitConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
 
-def fit(crops: np.ndarray, labels: np.ndarray, cfg: FitConfig, progress: bool = False) -> PadNet:
-    """Train on S x N crops (a random scale per sample) with hard augmentation; returns eval-mode net."""
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    model = PadNet()
+    def net(self) -> PadNet:
+        return PadNet(size=self.size, mult=self.mult, standardise=self.standardise, dog=self.dog)
+
+
+def to_tensor(x: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """N x H x W x 3 BGR uint8 (array) or N x 3 x H x W float 0..255 (tensor) -> normalised as the card says."""
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float()
+    return (x - MEAN[0]) / STD[0]
+
+
+def fit(canvas: np.ndarray, labels: np.ndarray, cfg: FitConfig, seed: int, device: str = "cpu",
+        progress: bool = False) -> PadNet:
+    """Train one net on N canvases (crops at CANVAS x the scale) with hard augmentation; eval-mode net."""
+    torch.manual_seed(seed)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    model = cfg.net().to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    n = crops.shape[1]
+    n = len(canvas)
     steps_per_epoch = max(1, math.ceil(n / cfg.batch))
-    total = cfg.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
+                                                pct_start=0.1)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    y_all = torch.from_numpy(labels.astype(np.int64))
+    data = torch.from_numpy(np.ascontiguousarray(canvas)).to(device)
+    y_all = torch.from_numpy(labels.astype(np.int64)).to(device)
     t0 = time.time()
     for epoch in range(cfg.epochs):
         model.train()
-        order = rng.permutation(n)
+        order = torch.randperm(n, generator=gen, device=device)
         losses = []
         for b in range(steps_per_epoch):
             idx = order[b * cfg.batch:(b + 1) * cfg.batch]
             if len(idx) < 2:  # BatchNorm needs two samples
+                sched.step()
                 continue
-            scale = rng.integers(0, crops.shape[0], size=len(idx))
-            x = to_tensor(np.stack([augment(crops[s, i], rng) for s, i in zip(scale, idx)]))
+            x = to_tensor(augment(data[idx], cfg.size, gen, cfg.strength))
             loss = loss_fn(model(x), y_all[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
             losses.append(loss.item())
-        if progress:
+        if progress and (epoch + 1) % 10 == 0:
             log.info("epoch %d/%d loss %.4f (%.0f s)", epoch + 1, cfg.epochs, np.mean(losses), time.time() - t0)
     return model.eval()
 
 
+def fit_ensemble(canvas: np.ndarray, labels: np.ndarray, cfg: FitConfig, device: str = "cpu",
+                 progress: bool = False) -> Ensemble:
+    return Ensemble([fit(canvas, labels, cfg, cfg.seed + k, device, progress) for k in range(cfg.seeds)]).eval()
+
+
 @torch.no_grad()
-def live_scores(model: nn.Module, crops: np.ndarray, batch: int = 256) -> np.ndarray:
+def live_scores(model: nn.Module, crops: np.ndarray, device: str = "cpu", batch: int = 256) -> np.ndarray:
+    """Live probability of N x size x size x 3 uint8 BGR crops."""
     model.eval()
-    out = [torch.softmax(model(to_tensor(crops[i:i + batch])), 1)[:, LIVE].numpy() for i in range(0, len(crops), batch)]
-    return np.concatenate(out) if out else np.zeros(0)
-
-
-def augmented_scores(model: nn.Module, crops: np.ndarray, seed: int, copies: int = 8) -> np.ndarray:
-    """Scores of training crops under the training augmentation: an in-sample model is sure of its
-    own training frames, and the augmented copies show how far its scores fall on harder views."""
-    rng = np.random.default_rng(seed + 1)
-    n = crops.shape[1]
-    views = np.stack([augment(crops[rng.integers(0, crops.shape[0]), i], rng) for _ in range(copies) for i in range(n)])
-    return live_scores(model, views)
+    out = [torch.softmax(model(to_tensor(crops[i:i + batch]).to(device)), 1)[:, LIVE].cpu().numpy()
+           for i in range(0, len(crops), batch)]
+    return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
 
 
 def threshold_at_bpcer(live: np.ndarray, bpcer: float) -> float:
@@ -284,52 +429,80 @@ def threshold_at_bpcer(live: np.ndarray, bpcer: float) -> float:
     return float(s[min(int(np.floor(bpcer * s.size + 1e-9)), s.size - 1)])
 
 
-def subject_folds(subjects: list[str], k: int) -> list[set[str]]:
-    names = sorted(set(subjects))
-    return [set(names[i::k]) for i in range(k)]
+def window_means(scores: np.ndarray, frames: int) -> np.ndarray:
+    """Each frame's mean with the previous ones of its sequence, up to `frames` (the gate's policy)."""
+    c = np.cumsum(np.concatenate([[0.0], scores]))
+    i = np.arange(1, len(scores) + 1)
+    lo = np.maximum(0, i - frames)
+    return (c[i] - c[lo]) / (i - lo)
 
 
-def out_of_fold(crops: np.ndarray, labels: np.ndarray, subjects: list[str], k: int, cfg: FitConfig,
-                progress: bool) -> np.ndarray:
-    """Scores of each training frame from a model that never saw its subject (at the card's scale)."""
+def session_oof(crops: np.ndarray, canvas: np.ndarray, labels: np.ndarray, sessions: np.ndarray, cfg: FitConfig,
+                device: str = "cpu", progress: bool = False) -> np.ndarray:
+    """Leave-one-session-out scores of every training frame (an ensemble of cfg.seeds per fold)."""
     scores = np.full(len(labels), np.nan)
-    subj = np.asarray(subjects)
-    centre = TRAIN_SCALES.index(CROP_SCALE)
-    for f, held in enumerate(subject_folds(subjects, k)):
-        test = np.isin(subj, sorted(held))
-        log.info("fold %d/%d: holding out subjects %s", f + 1, k, ",".join(sorted(held)))
-        m = fit(crops[:, ~test], labels[~test], cfg, progress)
-        scores[test] = live_scores(m, crops[centre, test])
+    for s in sorted(set(sessions.tolist())):
+        held = sessions == s
+        log.info("session fold: training without session %s (%d frames)", s, int(held.sum()))
+        m = fit_ensemble(canvas[~held], labels[~held], cfg, device, progress)
+        scores[held] = live_scores(m, crops[held], device)
     return scores
+
+
+def cv_figures(scores: np.ndarray, labels: np.ndarray, seq_ids: np.ndarray, frames: int = 3,
+               bpcer: float = 0.05) -> dict:
+    """Figures of out-of-fold scores: the threshold at `bpcer` of the live window means (the gate
+    judges the mean of the last `frames` frames), the per-frame and per-sequence APCER / BPCER there
+    (a sequence passes when any of its windows does), and the a-posteriori APCER at BPCER 5%."""
+    win = np.empty_like(scores)
+    seq_max = {}
+    for sid in np.unique(seq_ids):
+        idx = np.nonzero(seq_ids == sid)[0]  # callers keep each sequence in frame order
+        win[idx] = window_means(scores[idx], frames)
+        seq_max[sid] = (win[idx].max(), labels[idx[0]])
+    live, att = win[labels == LIVE], win[labels == ATTACK]
+    t = threshold_at_bpcer(live, bpcer)
+    sl = np.array([v for v, lab in seq_max.values() if lab == LIVE])
+    sa = np.array([v for v, lab in seq_max.values() if lab == ATTACK])
+    t_post = threshold_at_bpcer(live, 0.05)
+    order = np.sort(att)
+    auc = float(np.mean(np.searchsorted(order, live, side="left")) / max(len(att), 1))
+    return {"threshold": round(t, 4), "frame_apcer": round(float(np.mean(att >= t)), 4),
+            "frame_bpcer": round(float(np.mean(live < t)), 4), "seq_apcer": round(float(np.mean(sa >= t)), 4),
+            "seq_bpcer": round(float(np.mean(sl < t)), 4), "apcer_at_bpcer5": round(float(np.mean(att >= t_post)), 4),
+            "auc": round(auc, 4), "n_seq": [int(len(sl)), int(len(sa))]}
 
 
 # ---------------------------------------------------------------- export
 
-def export_pad(model: nn.Module, out_dir: Path, name: str, threshold: float, calib: np.ndarray,
+def export_pad(model: nn.Module, out_dir: Path, name: str, threshold: float, calib: np.ndarray, cfg: FitConfig,
                accuracy: dict, notes: str = "") -> tuple[Path, Path]:
     """torch -> fp32 ONNX (dynamo, opset 18) -> INT8 QDQ (calibrated on training crops), with cards.
     Returns the two card paths (fp32, int8)."""
+    from edge.modelcard import Card, InputSpec, LivenessSpec, SourceSpec, sha256_file, write_card
     from export.quantize import ArrayReader, quantize
 
     out_dir.mkdir(parents=True, exist_ok=True)
     fp32 = out_dir / f"{name}_fp32.onnx"
     int8 = out_dir / f"{name}_int8.onnx"
-    x = torch.zeros(2, 3, SIZE, SIZE)
+    x = torch.zeros(2, 3, cfg.size, cfg.size)
     torch.onnx.export(model.eval().cpu(), (x,), str(fp32), input_names=["input"], output_names=["logits"],
                       dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, opset_version=18,
                       external_data=False, dynamo=True)
     # 21 batches: export.quantize flushes ranges every 4 batches, and onnxruntime's MinMax
-    # calibrator then finds "no data" when the count is a multiple of 4.
-    step = max(1, len(calib) // 21)
-    batches = [to_tensor(calib[i * step:(i + 1) * step]).numpy() for i in range(21)]
+    # calibrator then finds "no data" when the count is a multiple of 4 (or a batch is empty).
+    calib = calib[np.random.default_rng(0).permutation(len(calib))]
+    batches = [to_tensor(b).numpy() for b in np.array_split(calib, 21) if len(b)]
+    if len(batches) % 4 == 0:
+        batches = batches[:-1]
     quantize(fp32, int8, "minmax", ArrayReader("input", batches))
     cards = []
     for path, precision in ((fp32, "fp32"), (int8, "int8")):
         card = Card(name=path.stem, task="liveness", file=path.name, sha256=sha256_file(path),
                     size_bytes=path.stat().st_size, runtime="onnxruntime", precision=precision,
-                    input=InputSpec(width=SIZE, height=SIZE, color="BGR", layout="NCHW", mean=MEAN, std=STD,
+                    input=InputSpec(width=cfg.size, height=cfg.size, color="BGR", layout="NCHW", mean=MEAN, std=STD,
                                     dynamic_batch=True),
-                    liveness=LivenessSpec(crop_scale=CROP_SCALE, live_class=LIVE, threshold=round(threshold, 6)),
+                    liveness=LivenessSpec(crop_scale=cfg.scale, live_class=LIVE, threshold=round(threshold, 6)),
                     source=SourceSpec(package="facegate-train", version="", file=path.name,
                                       license="trained by facegate on NUAA Photograph Imposter Database (research "
                                               "data, terms unverified: see ../shared/data/nuaa/SOURCE.txt)",
@@ -339,48 +512,63 @@ def export_pad(model: nn.Module, out_dir: Path, name: str, threshold: float, cal
     return cards[0], cards[1]
 
 
-def run(nuaa: str | Path, detector_card: str, out: str | Path, cfg: FitConfig, folds: int = 3, bpcer: float = 0.05,
-        progress: bool = True, reuse: bool = False) -> dict:
-    """`python -m train liveness`: boxes, crops, out-of-fold threshold, final model, ONNX + INT8 + cards."""
-    torch.set_num_threads(1)  # the training box is shared: one core, and no oversubscription stalls
-    root, out = Path(nuaa), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    items = [it for it in nuaa_items(root) if it.split == "train"]
-    faces = detect_all(root, nuaa_items(root), detector_card, out / "faces.json")
-    crops, found = crops_for(root, items, faces)
+def train_data(nuaa: str | Path, detector_card: str, out: Path, cfg: FitConfig) -> dict:
+    """The train split's frames with a face, in sequence and frame order: crops, canvases, labels,
+    sessions and sequence ids (arrays), as `run` and the GPU sweep's data file use them."""
+    root = Path(nuaa)
+    all_items = nuaa_items(root)
+    faces = detect_all(root, all_items, detector_card, out / "faces.json")
+    items = [it for it in all_items if it.split == "train"]
+    items = [items[i] for idx in sequences(items).values() for i in idx]
+    crops, canvas, found = crops_for(root, items, faces, cfg.scale, cfg.size)
     keep = np.nonzero(found)[0]
     items = [items[i] for i in keep]
-    crops, labels = crops[:, keep], np.array([it.label for it in items])
-    subjects = [it.subject for it in items]
-    log.info("train: %d live + %d print frames with a face (%d without)", int((labels == LIVE).sum()),
-             int((labels == ATTACK).sum()), int((~found).sum()))
+    log.info("train: %d live + %d print frames with a face (%d without)", sum(it.label == LIVE for it in items),
+             sum(it.label == ATTACK for it in items), int((~found).sum()))
+    return {"crops": crops[keep], "canvas": canvas[keep], "labels": np.array([it.label for it in items]),
+            "sessions": np.array([it.session for it in items]), "seq": np.array([it.sequence for it in items]),
+            "paths": np.array([it.path for it in items])}
+
+
+def run(nuaa: str | Path, detector_card: str, out: str | Path, cfg: FitConfig, bpcer: float = 0.05, frames: int = 3,
+        device: str = "cpu", progress: bool = True, state: str | Path | None = None,
+        threshold: float | None = None, loso: dict | None = None) -> dict:
+    """`python -m train liveness`: boxes, crops, leave-one-session-out threshold, final ensemble,
+    ONNX + INT8 + cards. With `state` (a state_dict of the Ensemble, e.g. from the GPU sweep),
+    `threshold` and its `loso` figures, it exports those instead of fitting."""
+    if device == "cpu":
+        torch.set_num_threads(1)  # the training box is shared: one core, and no oversubscription stalls
+    from edge.atomic import atomic_write_bytes
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    d = train_data(nuaa, detector_card, out, cfg)
     t0 = time.time()
-    oof = out_of_fold(crops, labels, subjects, folds, cfg, progress) if folds > 1 else None
-    if oof is not None:
-        threshold = threshold_at_bpcer(oof[labels == LIVE], bpcer)
-        origin = f"{folds}-fold subject-wise out-of-fold scores on the NUAA train split, BPCER {bpcer:g}"
-        log.info("out-of-fold threshold %.4f", threshold)
-    if reuse and (out / "pad.pt").is_file():
-        model = PadNet()
-        model.load_state_dict(torch.load(out / "pad.pt", weights_only=True))
-        model.eval()
-    else:
-        model = fit(crops, labels, cfg, progress)
+    acc: dict = {}
+    if state is None:
+        oof = session_oof(d["crops"], d["canvas"], d["labels"], d["sessions"], cfg, device, progress)
+        cv = cv_figures(oof, d["labels"], d["seq"], frames, bpcer)
+        threshold = cv["threshold"]
+        log.info("leave-one-session-out: %s", cv)
+        model = fit_ensemble(d["canvas"], d["labels"], cfg, device, progress).cpu()
         torch.save(model.state_dict(), out / "pad.pt")
-    if oof is None:
-        threshold = threshold_at_bpcer(augmented_scores(model, crops[:, labels == LIVE], cfg.seed), bpcer)
-        origin = f"in-sample scores of augmented NUAA train live crops (8 per frame), BPCER {bpcer:g}"
-    acc = {"threshold_from": origin}
-    if oof is not None:
-        acc["oof_apcer_print"] = round(float(share_at_least(oof[labels == ATTACK], [threshold])[0]), 4)
-        acc["oof_bpcer"] = round(float(1 - share_at_least(oof[labels == LIVE], [threshold])[0]), 4)
-    calib = crops[TRAIN_SCALES.index(CROP_SCALE)]
-    fp32_card, int8_card = export_pad(model, out, "pad", threshold, calib, acc,
-                                      notes=f"PadNet {param_count(model)} params, 80x80 at {CROP_SCALE}x the YuNet box; "
-                                            f"{cfg.epochs} epochs; threshold from {origin}")
+    else:
+        if threshold is None:
+            raise ValueError("a given state needs its threshold (from its leave-one-session-out scores)")
+        model = Ensemble([cfg.net() for _ in range(cfg.seeds)])
+        model.load_state_dict(torch.load(state, map_location="cpu", weights_only=True))
+        model.eval()
+        cv = loso  # the figures that came with the state (liveness_gpu's final.json), if any
+    origin = (f"leave-one-session-out scores on the NUAA train split (sessions 1, 2), mean of {frames} frames, "
+              f"BPCER {bpcer:g}")
+    acc["threshold_from"] = origin
+    if cv is not None:
+        acc.update({f"loso_{k}": v for k, v in cv.items() if k not in ("threshold", "n_seq")})
+    fp32_card, int8_card = export_pad(
+        model, out, "pad", threshold, d["crops"], cfg, acc,
+        notes=f"PadNet ensemble of {cfg.seeds}, {param_count(model)} params, {cfg.size}x{cfg.size} at {cfg.scale}x the "
+              f"YuNet box; recipe {json.dumps(asdict(cfg))}; threshold from {origin}")
     report = {"threshold": threshold, "accuracy": acc, "params": param_count(model), "train_s": round(time.time() - t0),
-              "fit": cfg.__dict__, "cards": [str(fp32_card), str(int8_card)],
-              "oof": None if oof is None else {"live": oof[labels == LIVE].round(4).tolist(),
-                                               "print": oof[labels == ATTACK].round(4).tolist()}}
+              "fit": asdict(cfg), "cards": [str(fp32_card), str(int8_card)], "loso": cv}
     atomic_write_bytes(out / "report.json", json.dumps(report, indent=1).encode())
     return report

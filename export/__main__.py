@@ -20,9 +20,11 @@ def cmd_fetch(args) -> int:
 
 
 def cmd_build(args) -> int:
-    from .build import build
+    from .build import build, build_dlib
 
     build(force=args.force)
+    if args.dlib:
+        build_dlib(force=args.force)
     return 0
 
 
@@ -52,12 +54,14 @@ def main(argv=None) -> int:
     s.set_defaults(fn=cmd_fetch)
     s = sub.add_parser("build", help="fp32 import + INT8 quantization of the fetched models, with cards")
     s.add_argument("--force", action="store_true")
+    s.add_argument("--dlib", action="store_true", help="also dlib fp32 + INT8 (needs torch and `fetch --group dlib`)")
     s.set_defaults(fn=cmd_build)
     s = sub.add_parser("setup", help="fetch + build, quietly and idempotently")
     s.set_defaults(fn=cmd_setup)
     s = sub.add_parser("calibrate", help="INT8 ranges and impostor-score tables from a face folder (never LFW)")
     s.add_argument("--faces", default=str(SHARED / "data" / "celeba" / "images"), help="one sub-folder per identity")
     s.add_argument("--methods", default="minmax,entropy,percentile")
+    s.add_argument("--models", default="sface,yunet", help="which of sface, dlib, yunet to calibrate (dlib: build --dlib first)")
     s.add_argument("--limit", type=int, default=400, help="crops used for the activation ranges")
     s.add_argument("--thresholds-only", action="store_true", help="only the impostor-score tables (and the cards)")
     s.set_defaults(fn=_lazy("calibrate_cmd"))

@@ -9,7 +9,8 @@ import tempfile
 from pathlib import Path
 
 from edge.atomic import atomic_write_bytes
-from edge.modelcard import CalibrationSpec, load_card, write_card
+from edge.errors import FacegateError
+from edge.modelcard import Card, CalibrationSpec, load_card, sha256_file, write_card
 
 from .cards import BLAZEFACE, blazeface_card, sface_card, yunet_card
 from .fetch import RAW_DIR
@@ -75,4 +76,39 @@ def build(out_dir: Path = MODELS_DIR, force: bool = False, quiet: bool = False) 
             say(f"BlazeFace {variant}-range (copy, card)")
             atomic_write_bytes(tfl, raw.read_bytes())
             made.append(write_card(blazeface_card(f"blazeface_{variant}", tfl, variant), tfl))
+    return made
+
+
+def derived_card(base: Card, name: str, model_file: Path, precision: str, **extra) -> Card:
+    """`base`'s card (input, alignment, embedding, source) re-pointed at another file of the same
+    encoder: its INT8 twin, or a probe built while comparing calibration methods."""
+    d = base.model_dump()
+    d.update({"name": name, "file": model_file.name, "precision": precision, "sha256": sha256_file(model_file),
+              "size_bytes": model_file.stat().st_size, "calibration": None, "accuracy": {}, "speed": {}, **extra})
+    return Card.model_validate(d)
+
+
+def build_dlib(out_dir: Path = MODELS_DIR, force: bool = False, quiet: bool = False) -> list[Path]:
+    """dlib's .dat -> fp32 ONNX (torch, export.dlib_net) -> INT8 from the committed ranges, with
+    cards. Needs torch (requirements-train.txt) and `python -m export fetch --group dlib`; the
+    device needs neither: it runs the ONNX files."""
+    from .dlib_net import DAT_NAME
+    from .dlib_net import build as build_fp32
+
+    made = []
+    say = (lambda *a: None) if quiet else (lambda *a: print("build:", *a))
+    dat, d32, d8 = RAW_DIR / DAT_NAME, out_dir / "dlib_fp32.onnx", out_dir / "dlib_int8.onnx"
+    if not dat.is_file():
+        raise FacegateError(dat, "dlib's model is not fetched: run python -m export fetch --group dlib")
+    card32_path = out_dir / "dlib_fp32.card.json"
+    if force or not _fresh(card32_path, [dat, CALIB_DIR / "dlib_fp32.thresholds.json"]):
+        say("dlib fp32 (.dat -> torch -> ONNX)")
+        build_fp32(RAW_DIR, out_dir)
+        card32, _ = load_card(card32_path)
+        made.append(write_card(derived_card(card32, "dlib_fp32", d32, "fp32", calibration=thresholds_for("dlib_fp32")), d32))
+    if force or not _fresh(out_dir / "dlib_int8.card.json", [d32, ranges_cache("dlib"), CALIB_DIR / "dlib_int8.thresholds.json"]):
+        say("dlib INT8 (static QDQ from committed ranges)")
+        quantize(d32, d8, method("dlib"), None, ranges_cache("dlib"))
+        card32, _ = load_card(card32_path)
+        made.append(write_card(derived_card(card32, "dlib_int8", d8, "int8", calibration=thresholds_for("dlib_int8")), d8))
     return made

@@ -76,15 +76,18 @@ def impostor_mask(ids: np.ndarray) -> np.ndarray:
 
 # Identity centroids this alike are one person under two labels (CelebA has such duplicates, often
 # at neighbouring ids: their "impostor" pairs score like genuine ones and would set the raw FMR
-# tail, hence the gate's threshold, far too strict). Typical centroid cosine of two people: ~0.1.
+# tail, hence the gate's threshold, far too strict). Centroids are compared after removing the
+# mean embedding: dlib's embeddings share a large common part (any two people score ~0.9 raw),
+# SFace's hardly any; centred, two different people sit near 0 for both.
 DUPLICATE_CENTROID_COS = 0.5
 
 
 def duplicate_identities(vectors: np.ndarray, ids: np.ndarray, limit: float = DUPLICATE_CENTROID_COS) -> list[tuple]:
-    """Pairs of identity labels whose embedding centroids have cosine >= limit."""
+    """Pairs of identity labels whose mean-centred embedding centroids have cosine >= limit."""
     ids = np.asarray(ids)
     names = sorted(set(ids.tolist()))
-    cent = np.stack([vectors[ids == n].mean(0) for n in names])
+    centre = np.asarray(vectors, np.float64).mean(0)
+    cent = np.stack([vectors[ids == n].mean(0) for n in names]) - centre
     cent /= np.maximum(np.linalg.norm(cent, axis=1, keepdims=True), 1e-12)
     s = cent @ cent.T
     i, j = np.nonzero(np.triu(s >= limit, 1))

@@ -84,6 +84,18 @@ def test_duplicate_labels_are_not_counted_as_impostors():
     # a and b are one person (same direction), c is someone else.
     v = np.array([[1, 0], [0.99, 0.14], [0.98, -0.2], [0, 1]], np.float64)
     ids = np.array(["a", "a", "b", "c"])
-    assert C.duplicate_identities(v, ids) == [("a", "b", pytest.approx(0.98, abs=0.02))]
+    # centred on the mean embedding (0.7425, 0.235): a's centroid (0.2525, -0.165), b's (0.2375, -0.435)
+    assert C.duplicate_identities(v, ids) == [("a", "b", pytest.approx(0.881, abs=0.002))]
     m = C.clean_impostor_mask(v, ids)
     assert m.sum() == 3 and not m[0, 2] and not m[1, 2] and m[0, 3]
+
+
+def test_a_common_offset_does_not_make_everyone_one_person():
+    # dlib-like embeddings: a large shared component makes any two people score ~0.9 raw.
+    rng = np.random.default_rng(0)
+    people = rng.normal(0, 1, (20, 128))
+    v = np.repeat(people, 3, axis=0) + rng.normal(0, 0.3, (60, 128)) + 5.0
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    ids = np.repeat([f"p{i}" for i in range(20)], 3)
+    assert (v[0] @ v[3]) > 0.9  # raw cosine of two different people
+    assert C.duplicate_identities(v, ids) == []

@@ -348,3 +348,22 @@ def test_template_aligns_like_dlib_chips(faces):
         chip = align.warp(rgb, align.similarity_transform(kps, np.array(DLIB_TEMPLATE_150)), (150, 150))
         emb = np.array(rec.compute_face_descriptor(chip), np.float32)
         assert _cos(emb, ref) >= 0.98
+
+
+def test_build_dlib_makes_the_int8_model_from_the_committed_ranges(faces, tmp_path):
+    """`python -m export build --dlib`: the INT8 model comes from export/calibration/ (no images
+    needed), keeps to fp32 on dlib's own chips, is at least 3x smaller, and a second run is a no-op."""
+    pytest.importorskip("onnxscript", reason="onnxscript not installed: torch's dynamo ONNX exporter needs it")
+    from edge.embed import load_encoder
+    from export.build import build_dlib
+
+    made = build_dlib(tmp_path, quiet=True)
+    assert sorted(p.name for p in made) == ["dlib_fp32.card.json", "dlib_int8.card.json"]
+    e32, e8 = load_encoder(tmp_path / "dlib_fp32.card.json"), load_encoder(tmp_path / "dlib_int8.card.json")
+    assert e8.card.precision == "int8" and e8.card.calibration is not None and e32.card.calibration is not None
+    assert e8.card.input == e32.card.input and e8.card.alignment == e32.card.alignment
+    chips_bgr = [np.ascontiguousarray(f[2][..., ::-1]) for f in faces[0]]  # dlib chips are RGB; cards take BGR
+    cos = (e32.embed_images(chips_bgr) * e8.embed_images(chips_bgr)).sum(1)
+    assert cos.min() >= 0.99, cos
+    assert (tmp_path / "dlib_fp32.onnx").stat().st_size >= 3 * (tmp_path / "dlib_int8.onnx").stat().st_size
+    assert build_dlib(tmp_path, quiet=True) == []

@@ -81,13 +81,14 @@ def test_object_arrays_are_refused_not_unpickled(tmp_path):
 
 
 def test_duplicate_labels_are_not_counted_as_impostors():
-    # a and b are one person (same direction), c is someone else.
-    v = np.array([[1, 0], [0.99, 0.14], [0.98, -0.2], [0, 1]], np.float64)
-    ids = np.array(["a", "a", "b", "c"])
-    # centred on the mean embedding (0.7425, 0.235): a's centroid (0.2525, -0.165), b's (0.2375, -0.435)
-    assert C.duplicate_identities(v, ids) == [("a", "b", pytest.approx(0.881, abs=0.002))]
+    # a and b are one person (same direction), c is someone else; two images each.
+    v = np.array([[1, 0], [0.995, 0.0998], [0.995, -0.0998], [0.98, 0.199], [0, 1], [0.0998, 0.995]], np.float64)
+    ids = np.array(["a", "a", "b", "b", "c", "c"])
+    # genuine means: a 0.995, b 0.955, c 0.995 -> 10th percentile 0.963;
+    # a x b pairs: 0.995, 0.98, 0.980, 0.995 -> mean 0.9875 (a x c and b x c are near 0.1)
+    assert C.duplicate_identities(v, ids) == [("a", "b", pytest.approx(0.9875, abs=0.001))]
     m = C.clean_impostor_mask(v, ids)
-    assert m.sum() == 3 and not m[0, 2] and not m[1, 2] and m[0, 3]
+    assert m.sum() == 8 and not m[0, 2] and not m[1, 3] and m[0, 4]
 
 
 def test_a_common_offset_does_not_make_everyone_one_person():

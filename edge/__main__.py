@@ -56,7 +56,7 @@ def _ensure_demo_gallery(cfg, stack) -> None:
     if not Path(cfg.storage.key_file).exists():
         G.new_key_file(cfg.storage.key_file)
     g = G.Gallery(stack.encoder.sha256, stack.encoder.card.embedding.dim)
-    results = [embed_photo(stack, cfg.quality, load_image(SAMPLES / f), name, f) for name, f in ENROLL.items()]
+    results = [embed_photo(stack, cfg.enroll_quality, load_image(SAMPLES / f), name, f) for name, f in ENROLL.items()]
     for r in results:
         print(f"demo enroll {r.name}: {r.reason}")
     apply(g, results, cfg.storage.retention_days)

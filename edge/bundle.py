@@ -413,7 +413,7 @@ def _apply(bundle_dir, public_key, gallery, stack, cfg, audit, key, now) -> Bund
             report.refused[p.name] = f"validity ended {p.valid_until}"
             continue
         try:
-            r = embed_photo(stack, cfg.quality, load_image(vb.photos.pop(p.photo), name=p.photo), p.name, p.photo)
+            r = embed_photo(stack, cfg.enroll_quality, load_image(vb.photos.pop(p.photo), name=p.photo), p.name, p.photo)
         except FacegateError as e:
             report.refused[p.name] = e.problem
             continue

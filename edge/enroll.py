@@ -59,7 +59,7 @@ def enroll_folder(stack, cfg, folder: Path) -> list[EnrollResult]:
         except FacegateError as e:
             out.append(EnrollResult(p.stem, str(p), False, e.problem))
             continue
-        out.append(embed_photo(stack, cfg.quality, img, p.stem, str(p)))
+        out.append(embed_photo(stack, cfg.enroll_quality, img, p.stem, str(p)))
     return out
 
 

@@ -105,3 +105,24 @@ def test_brightness_and_sharpness_ignore_the_warp_border():
 def test_checks_report_in_order_size_first():
     q = assess(face((0.0, 0.0, 30.0, 30.0), kps(nose=(80.0, 70.0))), bgr(np.zeros((112, 112), np.uint8)), CFG)
     assert q.reason == "too_small"
+
+
+def test_enrollment_is_held_to_the_stricter_gate(stack, samples, tmp_path):
+    """The same photo can pass the gate's frame check and still be refused as an enrollment
+    photo: enrollment uses `enroll_quality` (here a face-size limit the photo misses)."""
+    import shutil
+
+    from edge.config import Config
+    from edge.enroll import enroll_folder
+    from edge.imageio import load_image
+    from edge.quality import assess
+
+    cfg = Config()
+    cfg.enroll_quality = QualityConfig(min_face_px=1500)
+    shutil.copy(samples / "obama.jpg", tmp_path / "obama.jpg")
+    img = load_image(tmp_path / "obama.jpg")
+    det = max(stack.detector.detect(img), key=lambda d: d.size)
+    assert assess(det, stack.encoder.align(img, det).image, cfg.quality).ok
+    [r] = enroll_folder(stack, cfg, tmp_path)
+    assert not r.ok and "too_small" in r.reason
+    assert Config().enroll_quality.max_yaw < Config().quality.max_yaw

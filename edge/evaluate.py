@@ -159,7 +159,9 @@ def _save(path: Path, tag: str, qtag: str, rec: dict, dim: int) -> None:
     njit = np.asarray([len(rec[k].get("jit", ())) for k in keys])
     arrays = {"tag": np.asarray(tag), "qtag": np.asarray(qtag), "keys": np.asarray(keys),
               "ok": np.asarray([rec[k]["ok"] for k in keys]),
-              "quality": np.asarray([rec[k]["quality"] for k in keys]),
+              # "" = not judged under these quality settings (images of another run sharing the
+              # cache): a None here would make an object array that allow_pickle=False refuses.
+              "quality": np.asarray([rec[k]["quality"] or "" for k in keys]),
               "vec": np.stack([rec[k].get("vec", z) for k in keys]),
               "vec_flip": np.stack([rec[k].get("vec_flip", z) for k in keys]), "njit": njit}
     if njit.max(initial=0):
@@ -185,7 +187,7 @@ def _load(path: Path, tag: str, qtag: str) -> dict:
         ok, quality, vec, vec_flip = z["ok"], z["quality"], z["vec"], z["vec_flip"]
         rec = {}
         for i, k in enumerate(z["keys"].tolist()):
-            r = {"ok": bool(ok[i]), "quality": str(quality[i]) if same_q else None}
+            r = {"ok": bool(ok[i]), "quality": (str(quality[i]) or None) if same_q else None}
             if r["ok"]:
                 r["vec"], r["vec_flip"] = vec[i].copy(), vec_flip[i].copy()
                 if jit is not None and njit[i]:
@@ -630,9 +632,11 @@ def main_1n(args) -> int:
             lv.append((f"+ fusion {Path(other[0]).name.split('.')[0]} w={other[1]:g}", False, False, 0.0, True, 1))
         if frames > 1:
             lv.append((f"+ multi-frame EMULATION k={frames}", False, False, 0.0, False, frames))
-        lv += [("flip + AS-norm", True, True, 0.0, False, 1), (f"flip + AS-norm + margin {m:g}", True, True, m, False, 1)]
+        lv += [(f"flip + margin {m:g}", True, False, m, False, 1)]
         if other:
-            lv += [("flip + AS-norm + fusion", True, True, 0.0, True, 1), (f"flip + AS-norm + fusion + margin {m:g}", True, True, m, True, 1)]
+            lv += [(f"fusion + margin {m:g}", False, False, m, True, 1), ("flip + fusion", True, False, 0.0, True, 1),
+                   (f"flip + fusion + margin {m:g}", True, False, m, True, 1)]
+        lv += [(f"all: flip + AS-norm{' + fusion' if other else ''} + margin {m:g}", True, True, m, bool(other), 1)]
         configs = [(n, members_for(f, nm, fu), scoring(f, nm, mg, fu, fr), 1.0) for n, f, nm, mg, fu, fr in lv]
         if not args.no_quality:
             # The gate's quality config refuses some LFW photos (a door camera would wait for the
@@ -665,7 +669,7 @@ def main_1n(args) -> int:
         row = {"name": name, "scoring": s.__dict__ | {"template_scale": scale}, "failures_to_acquire": fta,
                "cost": cost, **{k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in fig.items()}}
         curves[name] = (res.curve_fpir, res.curve_fnir)
-        if i == 0 or name.startswith("flip + AS-norm + margin"):
+        if i == 0 or name.startswith("all: "):
             row["false_matches_at_fpir_0.003"] = false_matches(r, res.thresholds[0.003])
             tbl = _k_table(ms, s, cohort_for, enc_card)
             if tbl is not None:

@@ -115,6 +115,11 @@ def test_embed_folder_caches_and_rechecks_quality_without_reembedding(tmp_path, 
     q = E.embed_folder(root, keys, det, enc, strict, cache_dir=tmp_path / "c", progress=False)
     assert calls == [] and q.quality.tolist() == ["too_small", "too_small", "no_face"]
     assert q.acquired(True).sum() == 0 and q.acquired(False).sum() == 2
+    # Another run on part of the keys, with other quality settings, shares the cache file: the
+    # records it does not judge must stay readable (and be judged again when asked for).
+    E.embed_folder(root, keys[:1], det, enc, QualityConfig(), cache_dir=tmp_path / "c", progress=False)
+    back = E.embed_folder(root, keys, det, enc, strict, cache_dir=tmp_path / "c", progress=False)
+    assert calls == [] and back.quality.tolist() == ["too_small", "too_small", "no_face"]
 
 
 def test_embed_folder_refuses_a_flipping_encoder(tmp_path, stack_parts):

@@ -12,7 +12,7 @@ from .atomic import atomic_write_bytes
 
 # Probit axes cannot show 0: rates are clipped to this floor (well below one error in LFW's 6,000 pairs).
 _FLOOR = 1e-5
-_DET_TICKS = (1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.2, 0.5)
+_DET_TICKS = (1e-4, 1e-3, 1e-2, 0.02, 0.05, 0.1, 0.2, 0.5)
 
 
 def _pyplot():
@@ -58,14 +58,16 @@ def det_plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path,
     labels = [f"{t:g}" for t in _DET_TICKS]
     ax.set_xticks(ticks, labels)
     ax.set_yticks(ticks, labels)
-    lim = _probit([1e-4, 0.5])
-    ax.set_xlim(*lim)
-    ax.set_ylim(*lim)
+    ax.set_xlim(*_probit([1e-4, 0.5]))
+    # The y axis starts just below the lowest error any curve reaches, so the curves fill the plot.
+    low = min((float(np.min(y[y > 0])) for _, y in curves.values() if np.any(np.asarray(y) > 0)), default=1e-4)
+    ax.set_ylim(*_probit([max(1e-4, low / 2), 0.5]))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, linewidth=0.3)
-    ax.legend(loc="upper right")
+    # Below the axes: with a dozen curves a legend inside hides them.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), fontsize=8)
     return _save(fig, plt, path)
 
 

@@ -1,11 +1,15 @@
-"""Embedding: runs any face encoder through its model card (ONNX Runtime or LiteRT)."""
+"""Embedding: runs any face encoder through its model card (ONNX Runtime or LiteRT), or a score
+fusion of several (a card whose runtime is "fusion")."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .align import align
+from .errors import ModelError
 from .modelcard import Card, load_card
 from .records import AlignedFace, Detection, Embedding
 from .runtime import open_model
@@ -45,6 +49,68 @@ class Encoder:
         return Embedding(vector=self.embed_images([face.image])[0], encoder_sha256=self.sha256)
 
 
-def load_encoder(card_path: str | Path, threads: int = 1, flip: bool = False) -> Encoder:
+class FusionMember(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    card: str = Field(pattern=r"^[^/\\]+\.card\.json$")  # a card in the recipe's own folder
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")  # the member model's, as its card says
+    scale: float = Field(gt=0, le=1000)
+
+
+class FusionRecipe(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    members: list[FusionMember] = Field(min_length=2, max_length=4)
+    notes: str = ""
+
+
+def fuse_vectors(vectors: list[np.ndarray], scales: list[float]) -> np.ndarray:
+    """Unit member embeddings (N x d_i each) -> the fused unit embedding, N x sum(d_i).
+
+    Concatenating s_i * v_i makes the dot product of two fused vectors sum_i s_i^2 cos_i over the
+    members, and the fused norm is constant, so the fused cosine is an affine function of the
+    z-score fusion sum_i w_i (cos_i - mu_i) / sd_i when s_i^2 = w_i / sd_i: gallery, matcher and
+    thresholds work on fused vectors unchanged."""
+    return l2_normalize(np.concatenate([v * s for v, s in zip(vectors, scales)], axis=-1).astype(np.float32))
+
+
+class FusedEncoder:
+    """Score fusion of member encoders as one encoder: each member aligns the face with its own
+    template (`AlignedFace.views`), embeds it, and the scaled embeddings are concatenated."""
+
+    def __init__(self, card: Card, recipe_path: Path, threads: int = 1, flip: bool = False):
+        if card.task != "face_embedding":
+            raise ValueError(f"{recipe_path}: card is for {card.task}, not face_embedding")
+        try:
+            recipe = FusionRecipe.model_validate(json.loads(recipe_path.read_text(encoding="utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError, ValidationError) as e:
+            raise ModelError(recipe_path, f"invalid fusion recipe: {e}") from None
+        self.card, self.flip = card, flip
+        self.members = [load_encoder(recipe_path.parent / m.card, threads, flip) for m in recipe.members]
+        for m, enc in zip(recipe.members, self.members):
+            if enc.sha256 != m.sha256:
+                raise ModelError(recipe_path, f"member {m.card} is not the model the recipe was made with "
+                                              f"(sha256 {enc.sha256[:12]}... vs {m.sha256[:12]}...)")
+        self.scales = [m.scale for m in recipe.members]
+        if sum(e.card.embedding.dim for e in self.members) != card.embedding.dim:
+            raise ModelError(recipe_path, "the card's embedding size is not the sum of its members'")
+
+    @property
+    def sha256(self) -> str:
+        return self.card.sha256
+
+    def align(self, image: np.ndarray, det: Detection) -> AlignedFace:
+        views = tuple(m.align(image, det).image for m in self.members)
+        return AlignedFace(image=views[0], detection=det, views=views)
+
+    def embed(self, face: AlignedFace) -> Embedding:
+        if len(face.views) != len(self.members):
+            raise ValueError("a fused encoder needs the face aligned by its own align()")
+        vecs = [m.embed_images([v]) for m, v in zip(self.members, face.views)]
+        return Embedding(vector=fuse_vectors(vecs, self.scales)[0], encoder_sha256=self.sha256)
+
+
+def load_encoder(card_path: str | Path, threads: int = 1, flip: bool = False) -> Encoder | FusedEncoder:
+    """The encoder a card describes, routed by what the card says it is (InsightFace-style)."""
     card, path = load_card(card_path)
+    if card.runtime == "fusion":
+        return FusedEncoder(card, path, threads, flip)
     return Encoder(card, path, threads, flip)

@@ -249,6 +249,10 @@ def embed_folder(images_root: str | Path, keys: list[str], detector, encoder, qu
     emulate further frames of one track. Images already in the cache are not run again."""
     if encoder.flip:
         raise ValueError("pass an encoder without flip: the runner stores both views")
+    if hasattr(encoder, "members"):  # a fused encoder: each member's table (and cache), combined
+        return _fused_table([embed_folder(images_root, keys, detector, m, quality_cfg, template_scale=template_scale,
+                                          jitter=jitter, sigma=sigma, cache_dir=cache_dir, progress=progress, batch=batch)
+                             for m in encoder.members], encoder.scales)
     root = Path(images_root)
     dim = encoder.card.embedding.dim
     qtag = json.dumps(quality_cfg.model_dump(), sort_keys=True)
@@ -324,6 +328,21 @@ def embed_folder(images_root: str | Path, keys: list[str], detector, encoder, qu
                  vec_flip=np.stack([rec[k].get("vec_flip", z) for k in keys]).astype(np.float32),
                  quality=np.asarray([rec[k]["quality"] for k in keys]),
                  jit=_jit_stack(rec, keys, jitter, dim) if jitter else None, seconds=time.time() - t0)
+
+
+def _fused_table(tables: list[Table], scales: list[float]) -> Table:
+    """Member tables of one key list -> the fused encoder's: acquired where every member got the
+    face, the first member's quality verdict (the gate judges the first member's crop)."""
+    from .embed import fuse_vectors
+
+    ok = np.logical_and.reduce([t.ok for t in tables])
+    jit = None
+    if all(t.jit is not None for t in tables):
+        jit = np.stack([fuse_vectors([t.jit[j] for t in tables], scales) for j in range(len(tables[0].jit))])
+    return Table(keys=tables[0].keys, ok=ok, vec=fuse_vectors([t.vec for t in tables], scales),
+                 vec_flip=fuse_vectors([t.vec_flip for t in tables], scales),
+                 quality=np.where(ok, tables[0].quality, np.where(tables[0].ok, "no_face", tables[0].quality)),
+                 jit=jit, seconds=sum(t.seconds for t in tables))
 
 
 # ---------------------------------------------------------------- scoring one configuration
@@ -526,15 +545,15 @@ def lever_costs(encoder_card, detector, image: np.ndarray, cohort=None, other_ca
     encoder (its alignment and embedding). Crop scale and the margin rule cost nothing."""
     from .embed import load_encoder
 
-    enc = load_encoder(encoder_card, 1)
+    enc, flipped = load_encoder(encoder_card, 1), load_encoder(encoder_card, 1, flip=True)
     dets = detector.detect(image)
     det = dets[nearest_centre(dets, image.shape)]
-    crop = enc.align(image, det).image
-    base = _median_ms(lambda: enc.embed_images([crop]), n)
-    costs = {"encoder_ms": base, "flip_ms": _median_ms(lambda: enc.embed_images([crop, crop[:, ::-1]]), n) - base,
+    face = enc.align(image, det)
+    base = _median_ms(lambda: enc.embed(face), n)
+    costs = {"encoder_ms": base, "flip_ms": _median_ms(lambda: flipped.embed(face), n) - base,
              "margin_ms": 0.0, "crop_scale_ms": 0.0}
     if cohort is not None:
-        v = enc.embed_images([crop])
+        v = enc.embed(face).vector[None]
         costs["asnorm_ms"] = _median_ms(lambda: cohort.stats(v), n)
     if other_card is not None:
         other = load_encoder(other_card, 1)

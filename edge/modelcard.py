@@ -97,7 +97,7 @@ class Card(_Strict):
     file: str  # model file name, relative to the card
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     size_bytes: int = Field(ge=1)
-    runtime: Literal["onnxruntime", "litert"]
+    runtime: Literal["onnxruntime", "litert", "fusion"]  # fusion: `file` is a recipe of member encoders (edge/embed.py)
     precision: Literal["fp32", "int8", "int8bq"]
     input: InputSpec
     alignment: AlignmentSpec | None = None

@@ -47,6 +47,7 @@ class Quality:
 class AlignedFace:
     image: np.ndarray  # the encoder's input size, BGR uint8
     detection: Detection
+    views: tuple = ()  # a fused encoder's member crops (each member's own template), in member order
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""python -m export COMMAND --help: fetch, build, calibrate, verify, bench, cohort, detectors, tflite, import-onnx."""
+"""python -m export COMMAND --help: fetch, build, calibrate, verify, bench, cohort, fuse, detectors, tflite, import-onnx."""
 from __future__ import annotations
 
 import argparse
@@ -94,6 +94,14 @@ def main(argv=None) -> int:
     s.add_argument("--out", help="default: <model>.cohort.npz beside the encoder")
     s.add_argument("--cache-dir", default=str(models.parent / "out" / "eval_cache"))
     s.set_defaults(fn=_lazy("cohort"))
+    s = sub.add_parser("fuse", help="two encoders as one fused encoder (weight and thresholds from a face folder, never LFW)")
+    s.add_argument("--members", default=f"{models / 'sface_int8.card.json'},{models / 'dlib_int8.card.json'}",
+                   help="two encoder cards, comma-separated, in one folder")
+    s.add_argument("--name", default="sface_dlib_int8")
+    s.add_argument("--detector", default=str(models / "yunet_fp32.card.json"))
+    s.add_argument("--faces", default=str(SHARED / "data" / "celeba" / "images"), help="one sub-folder per identity")
+    s.add_argument("--cache-dir", default=str(models.parent / "out" / "eval_cache"))
+    s.set_defaults(fn=_lazy("fusion"))
     s = sub.add_parser("detectors", help="detector speed per 640x480 frame and faces found on LFW, to pick the default")
     from .detectors import add_arguments as detector_arguments
 

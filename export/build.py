@@ -111,4 +111,26 @@ def build_dlib(out_dir: Path = MODELS_DIR, force: bool = False, quiet: bool = Fa
         quantize(d32, d8, method("dlib"), None, ranges_cache("dlib"))
         card32, _ = load_card(card32_path)
         made.append(write_card(derived_card(card32, "dlib_int8", d8, "int8", calibration=thresholds_for("dlib_int8")), d8))
+    return made + install_fusions(out_dir, say)
+
+
+def install_fusions(out_dir: Path = MODELS_DIR, say=print) -> list[Path]:
+    """Copy the committed fusion recipes (export/calibration/*.fusion.json, made by `export fuse`)
+    and their cards beside their member models, where all members are present. The recipe names
+    each member model's sha256, so a member built differently is refused when the gate loads it."""
+    from edge.embed import FusionRecipe
+
+    made = []
+    for recipe in sorted(CALIB_DIR.glob("*.fusion.json")):
+        card = recipe.with_name(recipe.name[: -len(".json")] + ".card.json")
+        members = FusionRecipe.model_validate_json(recipe.read_text()).members
+        if not card.is_file() or not all((out_dir / m.card).is_file() for m in members):
+            continue
+        for src in (recipe, card):
+            dst = out_dir / src.name
+            if not dst.is_file() or dst.read_bytes() != src.read_bytes():
+                atomic_write_bytes(dst, src.read_bytes())
+                made.append(dst)
+        if made:
+            say(f"fusion {recipe.name} installed")
     return made

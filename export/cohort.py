@@ -197,27 +197,32 @@ def build_cohort(encoder_card: Path, detector_card: Path, faces: Path, out: Path
     return summary
 
 
+def best_fusion_weight(va: np.ndarray, vb: np.ndarray, ids: np.ndarray) -> tuple[float, float, list[tuple[float, float]]]:
+    """Weight w of encoder a in w * z_a + (1 - w) * z_b (z = raw cosine standardised by each
+    encoder's impostor mean/std on these faces) maximising TAR at FAR 1e-4 over their pairs.
+    Returns (w, that TAR, [(mean, std) of a, of b])."""
+    gen, imp = genuine_mask(ids), clean_impostor_mask(va, ids)
+    sa, sb = va @ va.T, vb @ vb.T
+    stats = [(float(s[imp].mean()), float(s[imp].std())) for s in (sa, sb)]
+    best = None
+    for w in np.round(np.arange(0.0, 1.0001, 0.1), 2):
+        f = fuse([sa, sb], [w, 1 - w], [m for m, _ in stats], [s for _, s in stats])
+        t = tar_at_far(f[gen], f[imp], 1e-4)
+        if best is None or t > best[1]:
+            best = (float(w), t)
+    return best[0], best[1], stats
+
+
 def fusion_weight(tab, ids, d_rows, other_card: Path, det, faces, keys, cache_dir, progress, say) -> dict:
-    """Weight w of this encoder in w * z_this + (1 - w) * z_other (z = raw cosine standardised by
-    each encoder's dev impostor mean/std) maximising TAR at FAR 1e-4 on the dev identities' pairs."""
+    """best_fusion_weight on the dev identities, for both test-time-flip modes."""
     other = embed_folder(faces, keys, det, load_encoder(other_card, 2), QualityConfig(), cache_dir=cache_dir,
                          progress=progress)
     rows = d_rows & other.ok
-    di = ids[rows]
-    gen, imp = genuine_mask(di), clean_impostor_mask(tab.vectors(False)[rows], di)
     res = {}
     for flip, mode in MODES.items():
-        sa = tab.vectors(flip)[rows] @ tab.vectors(flip)[rows].T
-        sb = other.vectors(flip)[rows] @ other.vectors(flip)[rows].T
-        stats = [(float(s[imp].mean()), float(s[imp].std())) for s in (sa, sb)]
-        best = None
-        for w in np.round(np.arange(0.0, 1.0001, 0.1), 2):
-            f = fuse([sa, sb], [w, 1 - w], [m for m, _ in stats], [s for _, s in stats])
-            t = tar_at_far(f[gen], f[imp], 1e-4)
-            if best is None or t > best[1]:
-                best = (float(w), t)
-        say(f"fusion ({mode}) with {Path(other_card).name}: weight {best[0]:.1f} (dev TAR@FAR1e-4 {100 * best[1]:.2f}%)")
-        res[mode] = {"weight": best[0], "dev_tar_at_far_1e-4": best[1]}
+        w, tar, _ = best_fusion_weight(tab.vectors(flip)[rows], other.vectors(flip)[rows], ids[rows])
+        say(f"fusion ({mode}) with {Path(other_card).name}: weight {w:.1f} (dev TAR@FAR1e-4 {100 * tar:.2f}%)")
+        res[mode] = {"weight": w, "dev_tar_at_far_1e-4": tar}
     return res
 
 

@@ -59,6 +59,7 @@ class MatchConfig(_Section):
     threshold: float | None = Field(None, ge=-1, le=1, description="fixed cosine threshold; None = from target_fpir and gallery size")
     min_margin: float = Field(0.0, ge=0, le=2, description="best score must beat the runner-up by this much")
     flip: bool = Field(False, description="average the embedding of the face and its mirror image")
+    track_frames: int = Field(1, ge=1, le=10, description="match the mean embedding of the track's last N judged frames (multi-frame fusion; 1 = each frame alone)")
     cohort: str | None = Field(None, description="cohort embeddings (.npz) for score normalisation")
 
 

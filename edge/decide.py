@@ -30,6 +30,7 @@ class Track:
     box: tuple[float, float, float, float]
     last_seen: float
     history: deque = field(default_factory=deque)
+    embeddings: deque = field(default_factory=lambda: deque(maxlen=10))  # for multi-frame fusion (match.track_frames)
 
 
 def choose_faces(dets: list[Detection], frame_shape, policy: str, max_faces: int) -> tuple[list[Detection], str | None]:

@@ -22,6 +22,16 @@ def cosine_scores(gallery: np.ndarray, probe: np.ndarray) -> np.ndarray:
     return gallery @ probe.astype(np.float32)
 
 
+def track_embedding(vectors, frames: int) -> np.ndarray:
+    """Multi-frame fusion: the L2-normalised mean of a track's last `frames` unit embeddings (its
+    frames' noise averages out; a track that switched people gets a blend that matches no one)."""
+    last = np.asarray(list(vectors)[-frames:], np.float64)
+    if last.size == 0:
+        raise ValueError("no embeddings on this track")
+    m = last.mean(0)
+    return (m / max(float(np.linalg.norm(m)), 1e-12)).astype(np.float32)
+
+
 def per_comparison_fmr(target_fpir: float, k: int) -> float:
     if not 0 < target_fpir < 1:
         raise ValueError("target FPIR must be in (0, 1)")

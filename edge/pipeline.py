@@ -21,7 +21,7 @@ from .detect import Detector, load_detector
 from .embed import Encoder, load_encoder
 from .errors import GalleryError
 from .liveness import LivenessCheck, NoLiveness, make_liveness
-from .match import cosine_scores, identify, threshold_for_gallery, verify
+from .match import cosine_scores, identify, threshold_for_gallery, track_embedding, verify
 from .quality import assess
 from .records import Decision, Frame
 
@@ -116,8 +116,10 @@ class Gate:
         t3 = t()
         self.timings["liveness"] = t3 - t2
         emb = enc.embed(aligned)
+        track.embeddings.append(emb.vector)
+        probe = track_embedding(track.embeddings, self.cfg.match.track_frames)
         t4 = t()
-        scores = cosine_scores(self.gallery.matrix, emb.vector)
+        scores = cosine_scores(self.gallery.matrix, probe)
         if self.claim is not None:
             m = verify(scores, self.gallery.names, self.claim, self.threshold_1to1)
         else:

@@ -109,3 +109,19 @@ def test_stage_exception_denies_and_is_audited(gate, samples):
     assert not d.grant and d.reason == "error"
     assert len(gate.relay.pin.states) == 1
     assert reasons(gate) == ["error"]
+
+
+def test_multi_frame_fusion_matches_the_tracks_mean_embedding(gate, samples):
+    """match.track_frames = 3: the score a frame reports is the enrolled face's cosine with the
+    mean of the track's last three embeddings, not with the frame's own."""
+    from edge.match import track_embedding
+
+    gate.cfg.match.track_frames = 3
+    frames = frames_of(load_image(samples / "obama2.jpg"), 3)
+    decisions = run(gate, frames)
+    track = next(iter(gate.policy.tracks.values()))
+    assert len(track.embeddings) == 3
+    want = float(gate.gallery.matrix[gate.gallery.names.index("obama")] @ track_embedding(track.embeddings, 3))
+    scored = [d for d in decisions if d.score is not None]
+    assert scored and abs(scored[-1].score - want) < 1e-5
+    assert any(d.grant for d in decisions)

@@ -158,3 +158,16 @@ def test_cohort_stats_feed_as_norm_consistently():
     cohort = np.array([[0.1, 0.3, 0.5]])
     mu, sd = cohort_stats(cohort, top_k=2)
     assert as_norm(0.4, cohort[0], (mu[0], sd[0]), top_k=2) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_track_embedding_is_the_normalised_mean_of_the_last_frames():
+    from edge.match import track_embedding
+
+    v = [np.array([1.0, 0.0]), np.array([0.0, 1.0]), np.array([0.6, 0.8])]
+    assert np.allclose(track_embedding(v, 1), [0.6, 0.8])
+    # last two: mean (0.3, 0.9), norm sqrt(0.9) -> (0.3162, 0.9487)
+    assert np.allclose(track_embedding(v, 2), [0.3 / np.sqrt(0.9), 0.9 / np.sqrt(0.9)], atol=1e-6)
+    # more frames asked than seen: all of them, (1.6, 1.8) / 2.408
+    assert np.allclose(track_embedding(v, 10), np.array([1.6, 1.8]) / np.hypot(1.6, 1.8), atol=1e-6)
+    with pytest.raises(ValueError):
+        track_embedding([], 3)

@@ -209,27 +209,25 @@ def _audit_event(cfg, kind, reason, **fields) -> None:
 
 
 def _probe(args):
+    """The probe photo's embedding and the gallery's matcher, as the gate would search it."""
     from . import gallery as G
+    from .enroll import embed_photo
     from .imageio import load_image
-    from .pipeline import Stack, gallery_threshold
+    from .pipeline import Matcher, Stack
 
     cfg = _cfg(args)
     stack = Stack.from_config(cfg)
     g = G.load(cfg.storage.gallery, G.load_key(cfg.storage.key_file), stack.encoder.sha256)
-    from .enroll import embed_photo
-
     r = embed_photo(stack, cfg.quality, load_image(args.image), "probe", args.image)
-    return cfg, stack, g, r, gallery_threshold
+    return r, Matcher(cfg, stack, g)
 
 
 def cmd_identify(args) -> int:
-    from .match import cosine_scores, identify
-
-    cfg, stack, g, r, thr = _probe(args)
+    r, matcher = _probe(args)
     if not r.ok:
         print(f"{args.image}: {r.reason}")
         return 2
-    m = identify(cosine_scores(g.matrix, r.embedding), g.names, thr(cfg, stack.encoder, max(len(g), 1)), cfg.match.min_margin)
+    m = matcher.match(r.embedding)
     print(json.dumps({"identity": m.identity if m.accepted else None, "nearest": m.identity, "score": round(m.score, 4),
                       "runner_up": m.runner_up, "runner_up_score": round(m.runner_up_score, 4) if m.runner_up else None,
                       "threshold": round(m.threshold, 4), "reason": m.reason}))
@@ -237,13 +235,11 @@ def cmd_identify(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .match import cosine_scores, verify
-
-    cfg, stack, g, r, thr = _probe(args)
+    r, matcher = _probe(args)
     if not r.ok:
         print(f"{args.image}: {r.reason}")
         return 2
-    m = verify(cosine_scores(g.matrix, r.embedding), g.names, args.as_name, thr(cfg, stack.encoder, 1, verification=True))
+    m = matcher.match(r.embedding, claim=args.as_name)
     print(json.dumps({"claim": args.as_name, "verified": m.accepted, "score": round(m.score, 4) if m.score > -1e9 else None,
                       "threshold": round(m.threshold, 4), "reason": m.reason}))
     return 0 if m.accepted else 1

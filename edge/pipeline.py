@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import gallery as gallery_io
+from .cohort import Cohort, as_norm_matrix, load_cohort
 from .config import Config
 from .decide import DecisionPolicy, Observation, choose_faces
 from .detect import Detector, load_detector
@@ -23,7 +24,7 @@ from .errors import GalleryError
 from .liveness import LivenessCheck, NoLiveness, make_liveness
 from .match import cosine_scores, identify, threshold_for_gallery, track_embedding, verify
 from .quality import assess
-from .records import Decision, Frame
+from .records import Decision, Frame, Match
 
 log = logging.getLogger(__name__)
 
@@ -37,22 +38,52 @@ class Stack:
 
     detector: Detector
     encoder: Encoder
+    cohort: Cohort | None = None  # match.cohort: AS-norm against this cohort, thresholds from its table
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Stack":
-        return cls(load_detector(cfg.models.detector, cfg.models.threads),
-                   load_encoder(cfg.models.encoder, cfg.models.threads, flip=cfg.match.flip))
+        encoder = load_encoder(cfg.models.encoder, cfg.models.threads, flip=cfg.match.flip)
+        cohort = load_cohort(cfg.match.cohort, encoder.sha256, cfg.match.flip) if cfg.match.cohort else None
+        return cls(load_detector(cfg.models.detector, cfg.models.threads), encoder, cohort)
 
 
-def gallery_threshold(cfg: Config, encoder: Encoder, k: int, verification: bool = False) -> float:
-    """Operating threshold: fixed in config, or from the card's calibration for the gallery size
-    (1:1 verification is one comparison, so K = 1)."""
+def gallery_threshold(cfg: Config, stack: Stack, k: int, verification: bool = False) -> float:
+    """Operating threshold: fixed in config, or for the gallery size (1:1 verification is one
+    comparison, so K = 1) from the impostor table of the scores compared: the cohort's (AS-norm
+    scores) when one is configured, else the encoder card's (raw cosine)."""
     if cfg.match.threshold is not None:
         return cfg.match.threshold
-    cal = encoder.card.calibration
-    if cal is None:
-        raise GalleryError(None, f"encoder {encoder.card.name} has no calibration in its card; set match.threshold")
-    return threshold_for_gallery(cal.fmr, cal.threshold, cfg.match.target_fpir, 1 if verification else k)
+    if stack.cohort is not None:
+        fmr, thr = stack.cohort.fmr, stack.cohort.threshold
+    else:
+        cal = stack.encoder.card.calibration
+        if cal is None:
+            raise GalleryError(None, f"encoder {stack.encoder.card.name} has no calibration in its card; set match.threshold")
+        fmr, thr = cal.fmr, cal.threshold
+    return threshold_for_gallery(fmr, thr, cfg.match.target_fpir, 1 if verification else k)
+
+
+class Matcher:
+    """The gallery as the gate searches it: its thresholds for its size and, with a cohort, the
+    enrollees' AS-norm statistics, computed once per gallery."""
+
+    def __init__(self, cfg: Config, stack: Stack, g: gallery_io.Gallery):
+        if g.encoder_sha256 != stack.encoder.sha256:
+            raise GalleryError(None, "gallery was built with another encoder; re-enroll")
+        self.cfg, self.stack, self.gallery = cfg, stack, g
+        self.threshold_1n = gallery_threshold(cfg, stack, max(len(g), 1))
+        self.threshold_1to1 = gallery_threshold(cfg, stack, 1, verification=True)
+        self._enrollees = stack.cohort.stats(g.matrix) if stack.cohort is not None and len(g) else None
+
+    def match(self, probe: np.ndarray, claim: str | None = None) -> Match:
+        """1:N (claim None) or 1:1 against the claimed identity."""
+        raw = cosine_scores(self.gallery.matrix, probe)
+        norm = None
+        if self._enrollees is not None:
+            norm = as_norm_matrix(raw[None], self.stack.cohort.stats(probe[None]), self._enrollees)[0]
+        if claim is not None:
+            return verify(raw if norm is None else norm, self.gallery.names, claim, self.threshold_1to1)
+        return identify(raw, self.gallery.names, self.threshold_1n, self.cfg.match.min_margin, normalized=norm)
 
 
 @dataclass
@@ -75,11 +106,9 @@ class Gate:
         self.set_gallery(self.gallery)
 
     def set_gallery(self, g: gallery_io.Gallery) -> None:
-        if g.encoder_sha256 != self.stack.encoder.sha256:
-            raise GalleryError(None, "gallery was built with another encoder; re-enroll")
+        self.matcher = Matcher(self.cfg, self.stack, g)
         self.gallery = g
-        self.threshold_1n = gallery_threshold(self.cfg, self.stack.encoder, max(len(g), 1))
-        self.threshold_1to1 = gallery_threshold(self.cfg, self.stack.encoder, 1, verification=True)
+        self.threshold_1n, self.threshold_1to1 = self.matcher.threshold_1n, self.matcher.threshold_1to1
 
     # ------------------------------------------------------------------ one frame
     def process(self, frame: Frame) -> Decision:
@@ -119,11 +148,7 @@ class Gate:
         track.embeddings.append(emb.vector)
         probe = track_embedding(track.embeddings, self.cfg.match.track_frames)
         t4 = t()
-        scores = cosine_scores(self.gallery.matrix, probe)
-        if self.claim is not None:
-            m = verify(scores, self.gallery.names, self.claim, self.threshold_1to1)
-        else:
-            m = identify(scores, self.gallery.names, self.threshold_1n, self.cfg.match.min_margin)
+        m = self.matcher.match(probe, self.claim)
         t5 = t()
         self.timings.update(embed=t4 - t3, match=t5 - t4)
         if not live.live:

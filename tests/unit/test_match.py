@@ -171,3 +171,45 @@ def test_track_embedding_is_the_normalised_mean_of_the_last_frames():
     assert np.allclose(track_embedding(v, 10), np.array([1.6, 1.8]) / np.hypot(1.6, 1.8), atol=1e-6)
     with pytest.raises(ValueError):
         track_embedding([], 3)
+
+
+def test_the_gates_matcher_applies_as_norm_with_a_configured_cohort(tmp_path, stack, model_cards):
+    """match.cohort: the gate scores AS-norm (edge.match.as_norm, score by score) against the
+    cohort and reads its threshold off the cohort's table, not the card's."""
+    import io as _io
+
+    from edge import gallery as G
+    from edge.config import Config
+    from edge.match import as_norm
+    from edge.pipeline import Matcher, Stack
+
+    rng = np.random.default_rng(1)
+    dim = stack.encoder.card.embedding.dim
+    cohort_v = rng.normal(size=(40, dim)).astype(np.float32)
+    cohort_v /= np.linalg.norm(cohort_v, axis=1, keepdims=True)
+    arrays = {"encoder_sha256": np.asarray(stack.encoder.sha256), "dataset": np.asarray("test")}
+    for mode in ("plain", "flip"):
+        arrays.update({f"{mode}_vectors": cohort_v, f"{mode}_top_k": np.asarray(5),
+                       f"{mode}_fmr": np.asarray([0.1, 1e-6]), f"{mode}_threshold": np.asarray([1.0, 9.0]),
+                       f"{mode}_raw_fmr": np.asarray([0.1, 0.01]), f"{mode}_raw_threshold": np.asarray([0.3, 0.5]),
+                       f"{mode}_impostor_mean": np.asarray(0.0), f"{mode}_impostor_std": np.asarray(0.1)})
+    buf = _io.BytesIO()
+    np.savez(buf, **arrays)
+    (tmp_path / "c.cohort.npz").write_bytes(buf.getvalue())
+    cfg = Config()
+    cfg.models.detector, cfg.models.encoder = str(model_cards["detector"]), str(model_cards["encoder"])
+    cfg.match.cohort = str(tmp_path / "c.cohort.npz")
+    st = Stack.from_config(cfg)
+    g = G.Gallery(st.encoder.sha256, dim)
+    people = rng.normal(size=(3, dim)).astype(np.float32)
+    people /= np.linalg.norm(people, axis=1, keepdims=True)
+    for i, v in enumerate(people):
+        g.add(G.Person(f"p{i}", v, f"E{i}", 0.0, None))
+    m = Matcher(cfg, st, g)
+    probe = (people[1] + 0.3 * people[0]) / np.linalg.norm(people[1] + 0.3 * people[0])
+    r = m.match(probe.astype(np.float32))
+    top = lambda v: np.sort(cohort_v @ v)[-5:]  # noqa: E731
+    want = as_norm(float(people[1] @ probe), cohort_v @ probe, (float(top(people[1]).mean()), float(top(people[1]).std())), 5)
+    assert r.identity == "p1" and r.normalized_score == pytest.approx(want, rel=1e-4)
+    # K = 3, target FPIR 0.003 -> FMR 0.001: between the cohort table's 1.0 (0.1) and 9.0 (1e-6)
+    assert 1.0 < m.threshold_1n < 9.0 and m.threshold_1n != Matcher(Config(), stack, g).threshold_1n

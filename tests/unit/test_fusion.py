@@ -123,3 +123,26 @@ def test_committed_fusions_are_installed_only_beside_all_their_members(tmp_path,
     (out / "b.card.json").write_text("{}")
     assert sorted(p.name for p in B.install_fusions(out, say=lambda *a: None)) == ["ab.fusion.card.json", "ab.fusion.json"]
     assert B.install_fusions(out, say=lambda *a: None) == []  # already there, same bytes
+
+
+def test_export_fuse_on_a_small_celeba_subset_writes_a_loadable_calibrated_fusion(fused_dir, shared, tmp_path):
+    """python -m export fuse on 8 CelebA identities x 3 photos (the full run uses all 3,497)."""
+    from export.fusion import build_fusion
+
+    faces = tmp_path / "faces"
+    people = sorted(p for p in (shared / "data" / "celeba" / "images").iterdir() if p.is_dir())[:8]
+    for p in people:
+        (faces / p.name).mkdir(parents=True)
+        for f in sorted(p.iterdir())[:3]:
+            (faces / p.name / f.name).write_bytes(f.read_bytes())
+    card_path = build_fusion([fused_dir / "sface_int8.card.json", fused_dir / "sface_fp32.card.json"],
+                             MODELS / "yunet_fp32.card.json", faces, "pair2", cache_dir=None, progress=False,
+                             say=lambda *a: None)
+    enc = load_encoder(card_path)
+    assert isinstance(enc, FusedEncoder) and enc.card.runtime == "fusion" and enc.card.embedding.dim == 256
+    cal = enc.card.calibration
+    assert cal.impostor_pairs > 0 and cal.threshold == sorted(cal.threshold)
+    assert all(a >= b for a, b in zip(cal.fmr, cal.fmr[1:]))  # rarer false matches at higher thresholds
+    with pytest.raises(Exception, match="LFW"):
+        build_fusion([fused_dir / "sface_int8.card.json", fused_dir / "sface_fp32.card.json"],
+                     MODELS / "yunet_fp32.card.json", tmp_path / "lfw" / "images", "x", say=lambda *a: None)

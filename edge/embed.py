@@ -84,6 +84,9 @@ class FusedEncoder:
         except (UnicodeDecodeError, json.JSONDecodeError, ValidationError) as e:
             raise ModelError(recipe_path, f"invalid fusion recipe: {e}") from None
         self.card, self.flip = card, flip
+        for m in recipe.members:  # a fusion of fusions (or of itself) would never end loading
+            if load_card(recipe_path.parent / m.card, verify_file=False)[0].runtime == "fusion":
+                raise ModelError(recipe_path, f"member {m.card} is itself a fusion; members must be plain encoders")
         self.members = [load_encoder(recipe_path.parent / m.card, threads, flip) for m in recipe.members]
         for m, enc in zip(recipe.members, self.members):
             if enc.sha256 != m.sha256:

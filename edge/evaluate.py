@@ -332,7 +332,9 @@ def embed_folder(images_root: str | Path, keys: list[str], detector, encoder, qu
 
 def _fused_table(tables: list[Table], scales: list[float]) -> Table:
     """Member tables of one key list -> the fused encoder's: acquired where every member got the
-    face, the first member's quality verdict (the gate judges the first member's crop)."""
+    face, the first member's quality verdict (the gate judges the first member's crop). With test-time
+    flip the fused vectors of the face and its mirror are averaged; the gate averages per member
+    before concatenating, which differs only by the members' norms of those means."""
     from .embed import fuse_vectors
 
     ok = np.logical_and.reduce([t.ok for t in tables])

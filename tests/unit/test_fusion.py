@@ -82,6 +82,16 @@ def test_a_recipe_that_names_other_models_is_refused(fused_dir):
         load_encoder(fused_dir / "pair.fusion.card.json")
 
 
+def test_a_recipe_whose_member_is_a_fusion_is_refused(fused_dir):
+    recipe = fused_dir / "pair.fusion.json"
+    r = json.loads(recipe.read_text())
+    r["members"][1]["card"] = "pair.fusion.card.json"  # itself
+    recipe.write_text(json.dumps(r))
+    card, _ = load_card(fused_dir / "pair.fusion.card.json", verify_file=False)
+    with pytest.raises(ModelError, match="itself a fusion"):
+        FusedEncoder(card, recipe)
+
+
 def test_a_malformed_recipe_is_refused_by_name(fused_dir):
     recipe = fused_dir / "pair.fusion.json"
     card, _ = load_card(fused_dir / "pair.fusion.card.json", verify_file=False)

@@ -19,7 +19,7 @@ from .cohort import Cohort, as_norm_matrix, load_cohort
 from .config import Config
 from .decide import DecisionPolicy, Observation, choose_faces
 from .detect import Detector, load_detector
-from .embed import Encoder, load_encoder
+from .embed import Encoder, FusedEncoder, load_encoder
 from .errors import GalleryError
 from .liveness import LivenessCheck, NoLiveness, make_liveness
 from .match import cosine_scores, identify, threshold_for_gallery, track_embedding, verify
@@ -37,7 +37,7 @@ class Stack:
     """The models, loaded once and shared by the gate, enrollment and the evaluations."""
 
     detector: Detector
-    encoder: Encoder
+    encoder: Encoder | FusedEncoder
     cohort: Cohort | None = None  # match.cohort: AS-norm against this cohort, thresholds from its table
 
     @classmethod

@@ -10,7 +10,7 @@ import numpy as np
 from .errors import FacegateError
 from .gallery import Gallery, Person
 from .imageio import load_image
-from .quality import assess
+from .quality import assess_face
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -32,7 +32,8 @@ def embed_photo(stack, quality_cfg, image: np.ndarray, name: str, source: str) -
     if len(dets) > 1:
         return EnrollResult(name, source, False, f"{len(dets)} faces found; an enrollment photo must show one")
     aligned = stack.encoder.align(image, dets[0])
-    q = assess(dets[0], aligned.image, quality_cfg)
+    a = stack.encoder.card.alignment
+    q = assess_face(image, dets[0], aligned.image, a.template, a.size, quality_cfg)
     if not q.ok:
         return EnrollResult(name, source, False, f"low quality: {q.reason} (face {q.face_px:.0f}px, "
                                                  f"sharpness {q.sharpness:.0f}, yaw {q.yaw:.2f}, roll {q.roll:.0f} deg, "

@@ -29,7 +29,7 @@ from .cohort import as_norm_matrix
 from .embed import l2_normalize
 from .errors import FacegateError
 from .imageio import load_image
-from .quality import assess
+from .quality import QUALITY_SIZE, QUALITY_TEMPLATE, assess_face
 
 # A probe refused by the margin rule passes no threshold; a finite sentinel (not NaN) keeps it
 # out of the failure-to-acquire count, which NaN means in edge.metrics.
@@ -255,7 +255,8 @@ def embed_folder(images_root: str | Path, keys: list[str], detector, encoder, qu
                              for m in encoder.members], encoder.scales)
     root = Path(images_root)
     dim = encoder.card.embedding.dim
-    qtag = json.dumps(quality_cfg.model_dump(), sort_keys=True)
+    # The verdicts depend on the limits and on the crop they judge.
+    qtag = json.dumps({**quality_cfg.model_dump(), "crop": [QUALITY_TEMPLATE, QUALITY_SIZE]}, sort_keys=True)
     path = tag = None
     rec: dict = {}
     if cache_dir is not None:
@@ -301,7 +302,7 @@ def embed_folder(images_root: str | Path, keys: list[str], detector, encoder, qu
         else:
             det = dets[i]
             crop = align_face(img, det, tpl, size).image
-            q = assess(det, crop, quality_cfg)
+            q = assess_face(img, det, crop, tpl, size, quality_cfg)
             reason = "ok" if q.ok else q.reason
             have = k in rec and rec[k]["ok"] and "vec" in rec[k]
             if have:

@@ -23,7 +23,7 @@ from .embed import Encoder, FusedEncoder, load_encoder
 from .errors import GalleryError
 from .liveness import LivenessCheck, NoLiveness, make_liveness
 from .match import cosine_scores, identify, threshold_for_gallery, track_embedding, verify
-from .quality import assess
+from .quality import assess_face
 from .records import Decision, Frame, Match
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,8 @@ class Gate:
         aligned = enc.align(frame.image, det)
         t2 = t()
         self.timings["align"] = t2 - t1
-        q = assess(det, aligned.image, self.cfg.quality)
+        q = assess_face(frame.image, det, aligned.image, enc.card.alignment.template, enc.card.alignment.size,
+                        self.cfg.quality)
         if not q.ok:
             return self.policy.update(track, Observation("quality:" + q.reason), frame.t_mono, frame.t_wall)
         live = self.liveness.assess(frame.image, det, track.track_id, frame.t_mono)

@@ -126,3 +126,20 @@ def test_enrollment_is_held_to_the_stricter_gate(stack, samples, tmp_path):
     [r] = enroll_folder(stack, cfg, tmp_path)
     assert not r.ok and "too_small" in r.reason
     assert Config().enroll_quality.max_yaw < Config().quality.max_yaw
+
+
+def test_quality_is_judged_on_the_arcface_crop_whatever_the_encoders_template(stack, samples):
+    """The limits are set on the ArcFace 112 crop: a dlib-template chip is not judged as it is
+    (its wider view reads blurrier) but re-aligned to that crop first."""
+    from edge.align import ARCFACE_112, DLIB_TEMPLATE_150, align
+    from edge.imageio import load_image
+    from edge.quality import assess_face
+
+    img = load_image(samples / "obama.jpg")
+    det = max(stack.detector.detect(img), key=lambda d: d.size)
+    arc = align(img, det, ARCFACE_112, (112, 112)).image
+    chip = align(img, det, DLIB_TEMPLATE_150, (150, 150)).image
+    q = assess(det, arc, CFG)
+    assert assess_face(img, det, chip, DLIB_TEMPLATE_150, (150, 150), CFG) == q
+    assert assess_face(img, det, arc, ARCFACE_112, (112, 112), CFG) == q
+    assert assess(det, chip, CFG).sharpness < q.sharpness

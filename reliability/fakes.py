@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from edge import gallery as G
+from edge.align import ARCFACE_112
 from edge.camera import _ThreadedCamera
 from edge.config import Config
 from edge.pipeline import Stack
@@ -58,8 +59,9 @@ class FakeEncoder:
     sha256 = ENCODER_SHA
 
     def __init__(self):
+        # Its crop counts as the quality gate's own (ArcFace 112), so the gate judges it as it is.
         self.card = SimpleNamespace(calibration=None, embedding=SimpleNamespace(dim=DIM), name="fake-encoder",
-                                    sha256=ENCODER_SHA)
+                                    sha256=ENCODER_SHA, alignment=SimpleNamespace(template=ARCFACE_112, size=(112, 112)))
 
     def align(self, image: np.ndarray, det: Detection) -> AlignedFace:
         crop = image[140:252, 264:376].copy()

@@ -108,7 +108,6 @@ class Gate:
     def set_gallery(self, g: gallery_io.Gallery) -> None:
         self.matcher = Matcher(self.cfg, self.stack, g)
         self.gallery = g
-        self.threshold_1n, self.threshold_1to1 = self.matcher.threshold_1n, self.matcher.threshold_1to1
 
     # ------------------------------------------------------------------ one frame
     def process(self, frame: Frame) -> Decision:

@@ -95,7 +95,7 @@ def run_service(cfg: Config, max_frames: int | None = None, verbose: bool = True
             raise
         gate = Gate(cfg, stack, gallery, relay=relay, audit=audit, liveness=make_liveness(cfg, cfg.models.threads))
         camera = CameraMonitor(camera_factory or (lambda: make_camera(cfg.camera)), cfg.camera)
-        audit.record_event("service", "started", details={"people": len(gallery), "threshold": round(gate.threshold_1n, 4)})
+        audit.record_event("service", "started", details={"people": len(gallery), "threshold": round(gate.matcher.threshold_1n, 4)})
         notifier.ready(f"{len(gallery)} enrolled")
         frames = 0
         while not stop["flag"]:

@@ -126,11 +126,13 @@ def install_fusions(out_dir: Path = MODELS_DIR, say=print) -> list[Path]:
         members = FusionRecipe.model_validate_json(recipe.read_text()).members
         if not card.is_file() or not all((out_dir / m.card).is_file() for m in members):
             continue
+        written = []
         for src in (recipe, card):
             dst = out_dir / src.name
             if not dst.is_file() or dst.read_bytes() != src.read_bytes():
                 atomic_write_bytes(dst, src.read_bytes())
-                made.append(dst)
-        if made:
+                written.append(dst)
+        if written:
             say(f"fusion {recipe.name} installed")
+        made += written
     return made

@@ -54,6 +54,13 @@ def shared() -> Path:
     return SHARED
 
 
+DETECTOR_CARD = MODELS / "yunet_fp32.card.json"
+# Training tests prepare crops from the sample photos (sample_identities) with the gate's detector.
+needs_samples_and_detector = pytest.mark.skipif(
+    not (SAMPLES / "obama3.jpg").exists() or not DETECTOR_CARD.exists(),
+    reason="needs models/raw/images and models/yunet_fp32.card.json (python -m export fetch/build)")
+
+
 def sample_identities(root: Path) -> Path:
     """An identity-folder dataset of real faces, honestly named: "obama" is his three photos,
     "biden" is his one photo and its mirror image (the samples hold no second photo of him)."""

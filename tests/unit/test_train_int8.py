@@ -8,25 +8,21 @@ torch = pytest.importorskip("torch", reason="torch is a training requirement (.v
 
 from edge.embed import load_encoder  # noqa: E402
 from edge.modelcard import load_card  # noqa: E402
-from tests.conftest import MODELS, SAMPLES, sample_identities  # noqa: E402
+from tests.conftest import DETECTOR_CARD, needs_samples_and_detector, sample_identities  # noqa: E402
 from train import backbones  # noqa: E402
 from train.data import load_faces, prepare  # noqa: E402
 from train.fit import recalibrate_bn  # noqa: E402
 from train.int8 import export_int8  # noqa: E402
 from train.onnx import export_onnx  # noqa: E402
 
-IMAGES = SAMPLES
-DETECTOR = MODELS / "yunet_fp32.card.json"
-
-pytestmark = pytest.mark.skipif(not (IMAGES / "obama3.jpg").exists() or not DETECTOR.exists(),
-                                reason="needs models/raw/images and models/yunet_fp32.card.json (python -m export fetch/build)")
+pytestmark = needs_samples_and_detector
 
 
 @pytest.fixture(scope="module")
 def faces(tmp_path_factory):
     raw = sample_identities(tmp_path_factory.mktemp("raw"))
     out = tmp_path_factory.mktemp("prepared")
-    prepare(raw, out, DETECTOR, progress=False)
+    prepare(raw, out, DETECTOR_CARD, progress=False)
     return load_faces(out)
 
 

@@ -10,17 +10,14 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="torch is a training requirement (.venv-train)")
 
-from tests.conftest import MODELS, SAMPLES, sample_identities  # noqa: E402
+from tests.conftest import DETECTOR_CARD, MODELS, needs_samples_and_detector, sample_identities  # noqa: E402
 from train import backbones  # noqa: E402
 from train.data import load_faces, prepare, to_input  # noqa: E402
 from train.fit import Trainer, fit, load_config, load_encoder_weights  # noqa: E402
 
-IMAGES = SAMPLES
-DETECTOR = MODELS / "yunet_fp32.card.json"
 SFACE = MODELS / "sface_fp32.card.json"
 
-pytestmark = pytest.mark.skipif(not (IMAGES / "obama3.jpg").exists() or not DETECTOR.exists(),
-                                reason="needs models/raw/images and models/yunet_fp32.card.json (python -m export fetch/build)")
+pytestmark = needs_samples_and_detector
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +25,7 @@ def crops(tmp_path_factory):
     raw = sample_identities(tmp_path_factory.mktemp("raw"))
     (raw / "biden" / "unreadable.jpg").write_bytes(b"not a jpeg")
     out = tmp_path_factory.mktemp("prepared")
-    report = prepare(raw, out, DETECTOR, progress=False)
+    report = prepare(raw, out, DETECTOR_CARD, progress=False)
     assert (report["written"], report["no_face"], report["unreadable"]) == (5, [], ["biden/unreadable.jpg"])
     return out
 

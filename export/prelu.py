@@ -6,8 +6,16 @@ y = Conv(x) (batch norm folded in):
     PReLU(y) = a*y + (1 - a)*ReLU(y) = Conv_a(x) + ReLU(Conv_(1-a)(x))
 where Conv_k scales each output channel's weights and bias by k >= 0 (so k*ReLU(y) = ReLU(k*y)).
 Both convs quantize to QLinearConv (ReLU fused) and the sum to QLinearAdd. A PReLU with a slope
-above 1 is left as it is. The rewrite is exact in fp32 (checked by the parity test)."""
+above 1 is left as it is. The rewrite is exact in fp32 (checked by the parity test).
+
+The PReLUs left (slopes above 1, and late layers where doubling a conv would double many weights)
+run in float between a DequantizeLinear and a QuantizeLinear. onnxruntime's PRelu broadcasts its
+per-channel slope element by element and took 40% of INT8 SFace's time; after quantization each
+becomes ReLU(y) + a * Min(y, 0), whose kernels are vectorised (3-4x faster here) and whose result
+is the same to float rounding (`split_prelu`)."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -106,6 +114,34 @@ def decompose_prelu(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         count += 1
     nodes = [n for n in new_nodes if id(n) not in dropped]
     return _rebuild(model, nodes, new_inits), count
+
+
+def split_prelu(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """Every PReLU -> ReLU(y) + a * Min(y, 0) (the slope tensor, often a DequantizeLinear of INT8
+    slopes, is used as it is); returns the model and the count."""
+    zero = "prelu_split_zero"
+    nodes, count = [], 0
+    for n in model.graph.node:
+        if n.op_type != "PRelu":
+            nodes.append(n)
+            continue
+        y, out, tag = n.input[0], n.output[0], n.name or n.output[0]
+        nodes += [helper.make_node("Relu", [y], [f"{out}_pos"], name=f"{tag}_pos"),
+                  helper.make_node("Min", [y, zero], [f"{out}_neg"], name=f"{tag}_neg"),
+                  helper.make_node("Mul", [f"{out}_neg", n.input[1]], [f"{out}_negslope"], name=f"{tag}_slope"),
+                  helper.make_node("Add", [f"{out}_pos", f"{out}_negslope"], [out], name=f"{tag}_sum")]
+        count += 1
+    if not count:
+        return model, 0
+    return _rebuild(model, nodes, [numpy_helper.from_array(np.zeros(1, np.float32), zero)]), count
+
+
+def finish_int8(path) -> int:
+    """Post-quantization pass on an INT8 ONNX file (export.quantize's scratch output), in place."""
+    model, n = split_prelu(onnx.load(str(path)))
+    if n:
+        Path(path).write_bytes(model.SerializeToString())
+    return n
 
 
 def _rebuild(model, nodes, extra_inits):

@@ -106,6 +106,9 @@ def quantize(fp32: Path, out: Path, method: str = "minmax", reader: CalibrationD
                         extra_options={"CalibMaxIntermediateOutputs": _flush_every(reader)})
         from edge.atomic import atomic_write_bytes
 
+        from .prelu import finish_int8
+
+        finish_int8(tmp_out)  # the float PReLUs left between Dequantize and Quantize, made fast
         atomic_write_bytes(out, tmp_out.read_bytes())
     return out
 

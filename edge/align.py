@@ -12,7 +12,7 @@ from .records import AlignedFace, Detection
 ARCFACE_112 = [(38.2946, 51.6963), (73.5318, 51.5014), (56.0252, 71.7366), (41.5493, 92.3655), (70.7299, 92.2041)]
 # dlib's 5-point chip (150x150, padding 0.25) as the same kind of template: eye centroids, nose
 # tip (68-point 30) and mouth corners (48, 54) of dlib's mean face, placed as dlib's
-# get_face_chip_details places them (export/dlib_net.py template_from_mean_face derives it).
+# get_face_chip_details places them (export/dlib_onnx.py template_from_mean_face derives it).
 DLIB_TEMPLATE_150 = [(47.5492, 46.5990), (100.4761, 46.5990), (74.0127, 76.5625), (50.4149, 103.0233),
                      (97.6104, 103.0233)]
 

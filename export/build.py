@@ -89,11 +89,11 @@ def derived_card(base: Card, name: str, model_file: Path, precision: str, **extr
 
 
 def build_dlib(out_dir: Path = MODELS_DIR, force: bool = False, quiet: bool = False) -> list[Path]:
-    """dlib's .dat -> fp32 ONNX (torch, export.dlib_net) -> INT8 from the committed ranges, with
-    cards. Needs torch (requirements-train.txt) and `python -m export fetch --group dlib`; the
-    device needs neither: it runs the ONNX files."""
-    from .dlib_net import DAT_NAME
-    from .dlib_net import build as build_fp32
+    """dlib's .dat -> fp32 ONNX (export.dlib_onnx, no torch) -> INT8 from the committed ranges,
+    with cards, and the fusion recipes whose members are now all built. Needs `python -m export
+    fetch --group dlib`."""
+    from .dlib_onnx import DAT_NAME
+    from .dlib_onnx import build as build_fp32
 
     made = []
     say = (lambda *a: None) if quiet else (lambda *a: print("build:", *a))
@@ -102,7 +102,7 @@ def build_dlib(out_dir: Path = MODELS_DIR, force: bool = False, quiet: bool = Fa
         raise FacegateError(dat, "dlib's model is not fetched: run python -m export fetch --group dlib")
     card32_path = out_dir / "dlib_fp32.card.json"
     if force or not _fresh(card32_path, [dat, CALIB_DIR / "dlib_fp32.thresholds.json"]):
-        say("dlib fp32 (.dat -> torch -> ONNX)")
+        say("dlib fp32 (.dat -> ONNX)")
         build_fp32(RAW_DIR, out_dir)
         card32, _ = load_card(card32_path)
         made.append(write_card(derived_card(card32, "dlib_fp32", d32, "fp32", calibration=thresholds_for("dlib_fp32")), d32))

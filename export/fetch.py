@@ -71,9 +71,11 @@ def fetch(groups: set[str] | None = None, raw_dir: Path = RAW_DIR, quiet: bool =
     out: list[Path] = []
     CACHE.mkdir(parents=True, exist_ok=True)
     for pkg in load_lock():
-        if pkg["group"] not in groups:
+        # A member may name its own group (test references the device never needs).
+        wanted = [m for m in pkg["members"] if m.get("group", pkg["group"]) in groups]
+        if not wanted:
             continue
-        pending = [m for m in pkg["members"] if not _present(raw_dir / m["dest"], m)]
+        pending = [m for m in wanted if not _present(raw_dir / m["dest"], m)]
         if pending:
             if not quiet:
                 print(f"fetch: {pkg['name']}=={pkg['version']} ({len(pending)} file(s))", file=sys.stderr)
@@ -86,7 +88,7 @@ def fetch(groups: set[str] | None = None, raw_dir: Path = RAW_DIR, quiet: bool =
                 dest = raw_dir / m["dest"]
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_bytes(dest, data)
-        out += [raw_dir / m["dest"] for m in pkg["members"]]
+        out += [raw_dir / m["dest"] for m in wanted]
     return out
 
 

@@ -23,6 +23,7 @@ SP68 = RAW / "dlib_shape_predictor_68_face_landmarks.dat"
 IMAGES = RAW / "images"
 NO_TORCH = "torch not installed (export tests run in .venv-train)"
 FETCH_HINT = "run `python -m export fetch --group dlib` (or export.fetch.fetch({'dlib'}))"
+SP_HINT = "run `python -m export fetch --group dlib-test` (dlib's landmark models, test references only)"
 
 needs_dat = pytest.mark.skipif(not DAT.is_file(), reason=f"{DAT.name} not fetched; {FETCH_HINT}")
 
@@ -225,9 +226,9 @@ def faces():
     dlib = pytest.importorskip("dlib", reason="dlib not installed (dlib-bin, requirements-train.txt): the parity reference")
     cv2 = pytest.importorskip("cv2")
     pytest.importorskip("torch", reason=NO_TORCH)
-    for f in (DAT, SP5):
+    for f, hint in ((DAT, FETCH_HINT), (SP5, SP_HINT)):
         if not f.is_file():
-            pytest.skip(f"{f.name} not fetched; {FETCH_HINT}")
+            pytest.skip(f"{f.name} not fetched; {hint}")
     detector = dlib.get_frontal_face_detector()
     sp = dlib.shape_predictor(str(SP5))
     rec = dlib.face_recognition_model_v1(str(DAT))
@@ -276,9 +277,8 @@ def test_torch_matches_dlib_raw_output(faces, torch_net):
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    pytest.importorskip("torch", reason=NO_TORCH)
-    pytest.importorskip("onnxscript", reason="onnxscript not installed: torch's dynamo ONNX exporter needs it")
-    from export.dlib_net import build
+    """What setup builds (export.dlib_onnx, no torch)."""
+    from export.dlib_onnx import build
 
     if not DAT.is_file():
         pytest.skip(f"{DAT.name} not fetched; {FETCH_HINT}")
@@ -318,8 +318,7 @@ def test_onnx_matches_torch_and_dlib_through_its_card(faces, torch_net, built):
 
 
 def test_bad_dat_writes_nothing(tmp_path, dat_bytes):
-    pytest.importorskip("torch", reason=NO_TORCH)
-    from export.dlib_net import DAT_NAME, build
+    from export.dlib_onnx import DAT_NAME, build
 
     raw = tmp_path / "raw"
     raw.mkdir()
@@ -338,7 +337,7 @@ def test_template_aligns_like_dlib_chips(faces):
     from export.dlib_net import DLIB_TEMPLATE_150
 
     if not SP68.is_file():
-        pytest.skip(f"{SP68.name} not fetched; {FETCH_HINT}")
+        pytest.skip(f"{SP68.name} not fetched; {SP_HINT}")
     sp68 = dlib.shape_predictor(str(SP68))
     items, rec = faces
     for rgb, rect, _, ref in items:

@@ -218,7 +218,7 @@ def _probe(args):
     cfg = _cfg(args)
     stack = Stack.from_config(cfg)
     g = G.load(cfg.storage.gallery, G.load_key(cfg.storage.key_file), stack.encoder.sha256)
-    r = embed_photo(stack, cfg.quality, load_image(args.image), "probe", args.image)
+    r = embed_photo(stack, cfg.quality, load_image(args.image), "probe", args.image, probe=True)
     return r, Matcher(cfg, stack, g)
 
 

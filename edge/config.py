@@ -35,7 +35,8 @@ class CameraConfig(_Section):
 class ModelsConfig(_Section):
     detector: str = Field(str(MODELS / "yunet_fp32.card.json"),
                           description="detector model card (YuNet fp32: faster than its INT8 build on x86 here, see README)")
-    encoder: str = Field(str(MODELS / "sface_int8.card.json"), description="face encoder model card")
+    encoder: str = Field(str(MODELS / "sface_dlib_int8.fusion.card.json"),
+                         description="face encoder model card (default: SFace + dlib INT8 score fusion, dlib also mirrored)")
     liveness: str | None = Field(None, description="passive liveness (PAD) model card; None = no passive model")
     threads: int = Field(1, ge=1, le=16, description="inference threads per model")
 
@@ -59,6 +60,7 @@ class MatchConfig(_Section):
     threshold: float | None = Field(None, ge=-1, le=1, description="fixed cosine threshold; None = from target_fpir and gallery size")
     min_margin: float = Field(0.0, ge=0, le=2, description="best score must beat the runner-up by this much")
     flip: bool = Field(False, description="average the embedding of the face and its mirror image")
+    enroll_flip: bool = Field(True, description="enrollment photos: average the embedding of the face and its mirror image (costs nothing at the door)")
     track_frames: int = Field(1, ge=1, le=10, description="match the mean embedding of the track's last N judged frames (multi-frame fusion; 1 = each frame alone)")
     cohort: str | None = Field(None, description="cohort embeddings (.npz) for score normalisation")
 

@@ -35,18 +35,20 @@ class Encoder:
     def align(self, image: np.ndarray, det: Detection) -> AlignedFace:
         return align(image, det, self.card.alignment.template, self.card.alignment.size)
 
-    def embed_images(self, faces: list[np.ndarray]) -> np.ndarray:
-        """Aligned BGR crops (card size) -> N x dim L2-normalised float32."""
-        batch = faces + [f[:, ::-1] for f in faces] if self.flip else faces
+    def embed_images(self, faces: list[np.ndarray], flip: bool | None = None) -> np.ndarray:
+        """Aligned BGR crops (card size) -> N x dim L2-normalised float32. `flip` None: the
+        encoder's own setting; True: also the mirror images (enrollment mirrors every photo)."""
+        flip = self.flip if flip is None else flip
+        batch = faces + [f[:, ::-1] for f in faces] if flip else faces
         out = self.model(self.card.preprocess(batch))
         y = out[self.output] if self.output else next(iter(out.values()))
         y = l2_normalize(y.reshape(len(batch), -1).astype(np.float32))
-        if self.flip:
+        if flip:
             y = l2_normalize(y[:len(faces)] + y[len(faces):])
         return y
 
-    def embed(self, face: AlignedFace) -> Embedding:
-        return Embedding(vector=self.embed_images([face.image])[0], encoder_sha256=self.sha256)
+    def embed(self, face: AlignedFace, flip: bool | None = None) -> Embedding:
+        return Embedding(vector=self.embed_images([face.image], flip)[0], encoder_sha256=self.sha256)
 
 
 class FusionMember(BaseModel):
@@ -54,6 +56,9 @@ class FusionMember(BaseModel):
     card: str = Field(pattern=r"^[^/\\]+\.card\.json$")  # a card in the recipe's own folder
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")  # the member model's, as its card says
     scale: float = Field(gt=0, le=1000)
+    # Mirror this member at the door too (test-time flip) whatever match.flip says: worth it for
+    # a cheap member, not for an expensive one.
+    flip: bool = False
 
 
 class FusionRecipe(BaseModel):
@@ -87,7 +92,7 @@ class FusedEncoder:
         for m in recipe.members:  # a fusion of fusions (or of itself) would never end loading
             if load_card(recipe_path.parent / m.card, verify_file=False)[0].runtime == "fusion":
                 raise ModelError(recipe_path, f"member {m.card} is itself a fusion; members must be plain encoders")
-        self.members = [load_encoder(recipe_path.parent / m.card, threads, flip) for m in recipe.members]
+        self.members = [load_encoder(recipe_path.parent / m.card, threads, flip or m.flip) for m in recipe.members]
         for m, enc in zip(recipe.members, self.members):
             if enc.sha256 != m.sha256:
                 raise ModelError(recipe_path, f"member {m.card} is not the model the recipe was made with "
@@ -104,10 +109,10 @@ class FusedEncoder:
         views = tuple(m.align(image, det).image for m in self.members)
         return AlignedFace(image=views[0], detection=det, views=views)
 
-    def embed(self, face: AlignedFace) -> Embedding:
+    def embed(self, face: AlignedFace, flip: bool | None = None) -> Embedding:
         if len(face.views) != len(self.members):
             raise ValueError("a fused encoder needs the face aligned by its own align()")
-        vecs = [m.embed_images([v]) for m, v in zip(self.members, face.views)]
+        vecs = [m.embed_images([v], True if flip else None) for m, v in zip(self.members, face.views)]
         return Embedding(vector=fuse_vectors(vecs, self.scales)[0], encoder_sha256=self.sha256)
 
 

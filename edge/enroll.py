@@ -24,8 +24,11 @@ class EnrollResult:
     embedding: np.ndarray | None = None
 
 
-def embed_photo(stack, quality_cfg, image: np.ndarray, name: str, source: str) -> EnrollResult:
-    """Exactly one face, passing the quality gate; else a refusal with its reason."""
+def embed_photo(stack, quality_cfg, image: np.ndarray, name: str, source: str, probe: bool = False) -> EnrollResult:
+    """Exactly one face, passing the quality gate; else a refusal with its reason. An enrollment
+    photo is embedded with its mirror image when the stack says so (`stack.enroll_flip`): the
+    gallery side can afford the second pass, the door cannot; `probe` photos are embedded as the
+    door embeds a frame."""
     dets = stack.detector.detect(image)
     if not dets:
         return EnrollResult(name, source, False, "no face found")
@@ -38,7 +41,8 @@ def embed_photo(stack, quality_cfg, image: np.ndarray, name: str, source: str) -
         return EnrollResult(name, source, False, f"low quality: {q.reason} (face {q.face_px:.0f}px, "
                                                  f"sharpness {q.sharpness:.0f}, yaw {q.yaw:.2f}, roll {q.roll:.0f} deg, "
                                                  f"brightness {q.brightness:.0f})")
-    return EnrollResult(name, source, True, "enrolled", stack.encoder.embed(aligned).vector)
+    mirror = True if stack.enroll_flip and not probe else None
+    return EnrollResult(name, source, True, "enrolled", stack.encoder.embed(aligned, mirror).vector)
 
 
 def photos_in(folder: Path) -> list[Path]:

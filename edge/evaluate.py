@@ -13,6 +13,7 @@ little. LFW is for evaluation only: nothing here feeds training or calibration.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
 import json
@@ -244,15 +245,14 @@ def embed_folder(images_root: str | Path, keys: list[str], detector, encoder, qu
                  cache_dir: str | Path | None = None, progress: bool = True, batch: int = 32) -> Table:
     """Embed `keys` (paths relative to `images_root`) through the device pipeline.
 
-    `encoder` must be an edge.embed.Encoder without flip (both views are stored); `jitter` extra
+    Both views of every face are stored (as is and mirrored) whatever the encoder's flip setting,
+    so flip is chosen when scoring; `jitter` extra
     alignments per image with keypoints moved by N(0, sigma eye distances), seeded by the key,
     emulate further frames of one track. Images already in the cache are not run again."""
-    if encoder.flip:
-        raise ValueError("pass an encoder without flip: the runner stores both views")
     if hasattr(encoder, "members"):  # a fused encoder: each member's table (and cache), combined
         return _fused_table([embed_folder(images_root, keys, detector, m, quality_cfg, template_scale=template_scale,
                                           jitter=jitter, sigma=sigma, cache_dir=cache_dir, progress=progress, batch=batch)
-                             for m in encoder.members], encoder.scales)
+                             for m in encoder.members], encoder.scales, [m.flip for m in encoder.members])
     root = Path(images_root)
     dim = encoder.card.embedding.dim
     # The verdicts depend on the limits and on the crop they judge.
@@ -279,9 +279,9 @@ def embed_folder(images_root: str | Path, keys: list[str], detector, encoder, qu
         if not pending:
             return
         crops = [c for _, _, cs in pending for c in cs]
-        v = encoder.embed_images(crops)
+        v = encoder.embed_images(crops, flip=False)
         bases = [cs[0] for _, base, cs in pending if base]
-        vf = iter(encoder.embed_images([c[:, ::-1] for c in bases]) if bases else [])
+        vf = iter(encoder.embed_images([c[:, ::-1] for c in bases], flip=False) if bases else [])
         i = 0
         for k, base, cs in pending:
             if base:
@@ -331,19 +331,23 @@ def embed_folder(images_root: str | Path, keys: list[str], detector, encoder, qu
                  jit=_jit_stack(rec, keys, jitter, dim) if jitter else None, seconds=time.time() - t0)
 
 
-def _fused_table(tables: list[Table], scales: list[float]) -> Table:
+def _fused_table(tables: list[Table], scales: list[float], flips: list[bool] | None = None) -> Table:
     """Member tables of one key list -> the fused encoder's: acquired where every member got the
-    face, the first member's quality verdict (the gate judges the first member's crop). With test-time
+    face, the first member's quality verdict (the gate judges the first member's crop). A member
+    the recipe mirrors at the door (`flips`) enters as the mean of its two views. With test-time
     flip the fused vectors of the face and its mirror are averaged; the gate averages per member
-    before concatenating, which differs only by the members' norms of those means."""
+    before concatenating, which differs only by the members' norms of those means. Jittered
+    views (multi-frame emulation) have no mirror and enter as they are."""
     from .embed import fuse_vectors
 
+    flips = flips or [False] * len(tables)
     ok = np.logical_and.reduce([t.ok for t in tables])
     jit = None
     if all(t.jit is not None for t in tables):
         jit = np.stack([fuse_vectors([t.jit[j] for t in tables], scales) for j in range(len(tables[0].jit))])
-    return Table(keys=tables[0].keys, ok=ok, vec=fuse_vectors([t.vec for t in tables], scales),
-                 vec_flip=fuse_vectors([t.vec_flip for t in tables], scales),
+    door = [combine(t.vec, t.vec_flip, f) for t, f in zip(tables, flips)]
+    mirror = [d if f else t.vec_flip for t, d, f in zip(tables, door, flips)]
+    return Table(keys=tables[0].keys, ok=ok, vec=fuse_vectors(door, scales), vec_flip=fuse_vectors(mirror, scales),
                  quality=np.where(ok, tables[0].quality, np.where(tables[0].ok, "no_face", tables[0].quality)),
                  jit=jit, seconds=sum(t.seconds for t in tables))
 
@@ -355,6 +359,7 @@ class Scoring:
     """One matcher configuration (a lever setting); every field is a pure scoring choice."""
 
     flip: bool = False
+    gallery_flip: bool = False  # enrollment side only: references embedded with their mirror image
     norm: str | None = None  # None (raw cosine) or "asnorm"
     margin: float = 0.0
     frames: int = 1  # > 1: multi-frame emulation (needs the jittered embeddings)
@@ -368,17 +373,20 @@ class Member:
 
     table: Table
     cohort: object | None = None  # edge.cohort.Cohort
+    flip: bool = False  # this member mirrored at the door whatever Scoring.flip says (a fusion recipe's member flip)
 
 
 def score_matrices(members: list[Member], s: Scoring, probe_keys: list[str], ref_keys: list[str]):
     """(decision scores, raw scores) of probes x references: the (fused, normalised) score the
-    threshold applies to, and the first encoder's raw cosine (what the margin rule looks at)."""
+    threshold applies to, and the first encoder's raw cosine (what the margin rule looks at).
+    References are the enrolled side (gallery_flip applies to them), probes the door's."""
     if len(members) != len(s.weights):
         raise ValueError("one weight per encoder")
     fused, raw0 = [], None
     for m in members:
-        v = m.table.vectors(s.flip, s.frames)
-        p, r = v[m.table.rows(probe_keys)], v[m.table.rows(ref_keys)]
+        door = s.flip or m.flip
+        p = m.table.vectors(door, s.frames)[m.table.rows(probe_keys)]
+        r = m.table.vectors(door or s.gallery_flip, s.frames)[m.table.rows(ref_keys)]
         raw = p @ r.T
         if raw0 is None:
             raw0 = raw
@@ -624,6 +632,9 @@ def main_1n(args) -> int:
             return None
         return load_cohort(p, load_card(card)[0].sha256, flip)
 
+    flip = args.flip or cfg.match.flip
+    gflip = cfg.match.enroll_flip if args.enroll_flip is None else args.enroll_flip
+    margin = cfg.match.min_margin if args.margin is None else args.margin
     main_t = table(enc_card, args.scale, frames - 1)
     other = None
     if args.fusion:
@@ -635,37 +646,44 @@ def main_1n(args) -> int:
         need = norm or fusion
         ms = [Member(t, cohort_for(enc_card, flip, need) if need else None)]
         if fusion:
-            ms.append(Member(other[2], cohort_for(other[0], flip, True)))
+            ms.append(Member(other[2], cohort_for(other[0], flip or args.fusion_flip, True), flip=args.fusion_flip))
         return ms
 
-    def scoring(flip=False, norm=False, margin=0.0, fusion=False, fr=1):
+    def scoring(flip=False, gflip=False, norm=False, margin=0.0, fusion=False, fr=1):
         w = (1 - other[1], other[1]) if fusion else (1.0,)
-        return Scoring(flip=flip, norm="asnorm" if norm else None, margin=margin, frames=fr, weights=w,
-                       gate_quality=not args.no_quality)
+        return Scoring(flip=flip, gallery_flip=gflip, norm="asnorm" if norm else None, margin=margin, frames=fr,
+                       weights=w, gate_quality=not args.no_quality)
 
-    main_s = scoring(args.flip, want_norm, args.margin, bool(other), frames)
-    configs = [("selected: " + _describe(args), members_for(args.flip, want_norm, bool(other)), main_s, args.scale)]
+    main_s = scoring(flip, gflip, want_norm, margin, bool(other), frames)
+    configs = [("selected: " + _describe(args, flip, gflip, margin), members_for(flip, want_norm, bool(other)), main_s,
+                args.scale)]
     if args.levers:
-        m = args.margin or 0.05
-        lv = [("baseline (ArcFace template x1.0)", False, False, 0.0, False, 1),
-              ("+ flip", True, False, 0.0, False, 1), ("+ AS-norm", False, True, 0.0, False, 1),
-              (f"+ margin {m:g}", False, False, m, False, 1)]
+        m = margin or 0.05
+        fu = f"fusion {Path(other[0]).name.split('.')[0]}{' (mirrored)' if args.fusion_flip else ''}" if other else ""
+        # name, flip, enrollment flip, AS-norm, margin, fusion, frames
+        lv = [("baseline (ArcFace template x1.0)", False, False, False, 0.0, False, 1),
+              ("+ flip", True, False, False, 0.0, False, 1), ("+ enrollment flip", False, True, False, 0.0, False, 1),
+              ("+ AS-norm", False, False, True, 0.0, False, 1), (f"+ margin {m:g}", False, False, False, m, False, 1)]
         if other:
-            lv.append((f"+ fusion {Path(other[0]).name.split('.')[0]} w={other[1]:g}", False, False, 0.0, True, 1))
+            lv.append((f"+ {fu} w={other[1]:g}", False, False, False, 0.0, True, 1))
         if frames > 1:
-            lv.append((f"+ multi-frame EMULATION k={frames}", False, False, 0.0, False, frames))
-        lv += [(f"flip + margin {m:g}", True, False, m, False, 1)]
+            lv.append((f"+ multi-frame EMULATION k={frames}", False, False, False, 0.0, False, frames))
+        lv += [(f"flip + margin {m:g}", True, False, False, m, False, 1),
+               (f"enrollment flip + margin {m:g}", False, True, False, m, False, 1)]
         if other:
-            lv += [(f"fusion + margin {m:g}", False, False, m, True, 1), ("flip + fusion", True, False, 0.0, True, 1),
-                   (f"flip + fusion + margin {m:g}", True, False, m, True, 1)]
-        lv += [(f"all: flip + AS-norm{' + fusion' if other else ''} + margin {m:g}", True, True, m, bool(other), 1)]
-        configs = [(n, members_for(f, nm, fu), scoring(f, nm, mg, fu, fr), 1.0) for n, f, nm, mg, fu, fr in lv]
+            lv += [(f"{fu} + margin {m:g}", False, False, False, m, True, 1),
+                   (f"enrollment flip + {fu}", False, True, False, 0.0, True, 1),
+                   (f"enrollment flip + {fu} + margin {m:g}", False, True, False, m, True, 1),
+                   (f"flip + {fu}", True, False, False, 0.0, True, 1),
+                   (f"flip + {fu} + margin {m:g}", True, False, False, m, True, 1)]
+        lv += [(f"all: flip + AS-norm{' + ' + fu if other else ''} + margin {m:g}", True, False, True, m, bool(other), 1)]
+        configs = [(n, members_for(f, nm, fs), scoring(f, g, nm, mg, fs, fr), 1.0) for n, f, g, nm, mg, fs, fr in lv]
         if not args.no_quality:
             # The gate's quality config refuses some LFW photos (a door camera would wait for the
             # next frame; a photo has none): show what keeping them gives.
-            for n, f, nm, mg, fu, fr in (lv[0], lv[-1]):
-                sc = Scoring(**{**scoring(f, nm, mg, fu, fr).__dict__, "gate_quality": False})
-                configs.append((n + " [quality report-only]", members_for(f, nm, fu), sc, 1.0))
+            for n, f, g, nm, mg, fs, fr in (lv[0], lv[-1]):
+                sc = Scoring(**{**scoring(f, g, nm, mg, fs, fr).__dict__, "gate_quality": False})
+                configs.append((n + " [quality report-only]", members_for(f, nm, fs), sc, 1.0))
         for sc in args.scales:
             configs.insert(1, (f"crop: template x{sc:g}", [Member(table(enc_card, sc))], scoring(), sc))
     from .imageio import load_image
@@ -749,16 +767,17 @@ def _cost_of(s: Scoring, costs: dict, ms) -> str:
     if s.norm == "asnorm" and "asnorm_ms" in costs:
         extra += costs["asnorm_ms"]
     if len(ms) > 1 and "fusion_ms" in costs:
-        extra += costs["fusion_ms"] * (2 if s.flip else 1)
+        extra += costs["fusion_ms"] * (2 if s.flip or ms[1].flip else 1)
     txt = f"{costs['encoder_ms']:.1f} + {extra:.2f} ms"
     if s.frames > 1:
         txt += f" (+{s.frames - 1} frames wait)"
     return txt
 
 
-def _describe(args) -> str:
-    bits = [f"x{args.scale:g}"] + (["flip"] if args.flip else []) + ([args.norm] if args.norm else [])
-    bits += ([f"margin {args.margin:g}"] if args.margin else []) + ([f"fusion {args.fusion}"] if args.fusion else [])
+def _describe(args, flip: bool, gflip: bool, margin: float) -> str:
+    bits = [f"x{args.scale:g}"] + (["flip"] if flip else []) + (["enrollment flip"] if gflip else [])
+    bits += ([args.norm] if args.norm else []) + ([f"margin {margin:g}"] if margin else [])
+    bits += [f"fusion {args.fusion}{' (mirrored)' if args.fusion_flip else ''}"] if args.fusion else []
     bits += [f"frames {args.frames}"] if args.frames > 1 else []
     return " ".join(bits)
 
@@ -777,10 +796,13 @@ def add_arguments(s) -> None:
     s.add_argument("--lfw", default=str(repo.parent / "shared" / "data" / "lfw"))
     s.add_argument("--encoder", help="encoder model card (default: the config's)")
     s.add_argument("--detector", help="detector model card (default: the config's)")
-    s.add_argument("--flip", action="store_true", help="test-time flip")
+    s.add_argument("--flip", action="store_true", help="test-time flip (default: the config's match.flip)")
+    s.add_argument("--enroll-flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="enrolled photos embedded with their mirror image (default: the config's match.enroll_flip)")
     s.add_argument("--norm", choices=["asnorm"], help="AS-norm against the cohort file beside the encoder")
-    s.add_argument("--margin", type=float, default=0.0, help="best minus runner-up cosine must reach this")
+    s.add_argument("--margin", type=float, default=None, help="best minus runner-up cosine must reach this (default: the config's match.min_margin)")
     s.add_argument("--fusion", metavar="CARD2:W", help="score fusion with a second encoder; W = its weight")
+    s.add_argument("--fusion-flip", action="store_true", help="mirror the --fusion encoder at the door (as a recipe member with flip)")
     s.add_argument("--scale", type=float, default=1.0, help="alignment template scale about the crop centre")
     s.add_argument("--frames", type=int, default=1, help="multi-frame EMULATION: jittered alignments averaged")
     s.add_argument("--levers", action="store_true", help="every lever alone and combined")

@@ -39,12 +39,13 @@ class Stack:
     detector: Detector
     encoder: Encoder | FusedEncoder
     cohort: Cohort | None = None  # match.cohort: AS-norm against this cohort, thresholds from its table
+    enroll_flip: bool = False  # match.enroll_flip: enrollment embeds each photo and its mirror image
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Stack":
         encoder = load_encoder(cfg.models.encoder, cfg.models.threads, flip=cfg.match.flip)
         cohort = load_cohort(cfg.match.cohort, encoder.sha256, cfg.match.flip) if cfg.match.cohort else None
-        return cls(load_detector(cfg.models.detector, cfg.models.threads), encoder, cohort)
+        return cls(load_detector(cfg.models.detector, cfg.models.threads), encoder, cohort, cfg.match.enroll_flip)
 
 
 def gallery_threshold(cfg: Config, stack: Stack, k: int, verification: bool = False) -> float:

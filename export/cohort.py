@@ -197,20 +197,23 @@ def build_cohort(encoder_card: Path, detector_card: Path, faces: Path, out: Path
     return summary
 
 
-def best_fusion_weight(va: np.ndarray, vb: np.ndarray, ids: np.ndarray) -> tuple[float, float, list[tuple[float, float]]]:
+def best_fusion_weight(va: np.ndarray, vb: np.ndarray, ids: np.ndarray, ga: np.ndarray | None = None,
+                       gb: np.ndarray | None = None) -> tuple[float, float, list[tuple[float, float]]]:
     """Weight w of encoder a in w * z_a + (1 - w) * z_b (z = raw cosine standardised by each
     encoder's impostor mean/std on these faces) maximising TAR at FAR 1e-4 over their pairs.
-    Returns (w, that TAR, [(mean, std) of a, of b])."""
+    `ga`, `gb`: the same faces as enrolled (e.g. embedded with their mirror image), compared with
+    the door's `va`, `vb`; default the door's. Returns (w, that TAR, [(mean, std) of a, of b])."""
     gen, imp = genuine_mask(ids), clean_impostor_mask(va, ids)
-    sa, sb = va @ va.T, vb @ vb.T
+    sa, sb = va @ (va if ga is None else ga).T, vb @ (vb if gb is None else gb).T
     stats = [(float(s[imp].mean()), float(s[imp].std())) for s in (sa, sb)]
-    best = None
+    # Ties (the same genuine pairs accepted) go to the weight nearest equal weighting: the faces
+    # give no reason to move away from it.
+    tars = {}
     for w in np.round(np.arange(0.0, 1.0001, 0.1), 2):
         f = fuse([sa, sb], [w, 1 - w], [m for m, _ in stats], [s for _, s in stats])
-        t = tar_at_far(f[gen], f[imp], 1e-4)
-        if best is None or t > best[1]:
-            best = (float(w), t)
-    return best[0], best[1], stats
+        tars[float(w)] = tar_at_far(f[gen], f[imp], 1e-4)
+    w = max(tars, key=lambda k: (tars[k], -abs(k - 0.5)))
+    return w, tars[w], stats
 
 
 def fusion_weight(tab, ids, d_rows, other_card: Path, det, faces, keys, cache_dir, progress, say) -> dict:

@@ -19,7 +19,7 @@ from edge.config import QualityConfig
 from edge.detect import load_detector
 from edge.embed import Encoder, FusionMember, FusionRecipe, fuse_vectors, load_encoder
 from edge.errors import FacegateError
-from edge.evaluate import embed_folder
+from edge.evaluate import combine, embed_folder
 from edge.modelcard import CalibrationSpec, EmbeddingSpec, SourceSpec, write_card
 
 from .build import CALIB_DIR, derived_card
@@ -28,7 +28,10 @@ from .cohort import best_fusion_weight, identity_keys, split_identities
 
 
 def build_fusion(member_cards: list[Path], detector_card: Path, faces: Path, name: str, cache_dir: Path | None = None,
-                 progress: bool = True, say=print) -> Path:
+                 progress: bool = True, say=print, flips: tuple[bool, ...] = (False, False), enroll_flip: bool = True) -> Path:
+    """`flips`: which members the door mirrors too (the recipe's member flip); `enroll_flip`: the
+    gallery embeds each enrollment photo with its mirror (match.enroll_flip). Weight and impostor
+    table come from the scores the gate will compute: door faces against enrolled faces."""
     if len(member_cards) != 2:
         raise FacegateError(None, f"fuse takes two encoder cards, got {len(member_cards)}")
     folder = member_cards[0].resolve().parent
@@ -46,18 +49,25 @@ def build_fusion(member_cards: list[Path], detector_card: Path, faces: Path, nam
     ok = tabs[0].ok & tabs[1].ok
     _, dev_ids = split_identities(ids[ok].tolist())
     dev = ok & np.isin(ids, list(dev_ids))
-    w, tar, stats = best_fusion_weight(tabs[0].vec[dev], tabs[1].vec[dev], ids[dev])
+    door = [combine(t.vec, t.vec_flip, f) for t, f in zip(tabs, flips)]
+    enrolled = [combine(t.vec, t.vec_flip, True) for t in tabs] if enroll_flip else door
+    w, tar, stats = best_fusion_weight(door[0][dev], door[1][dev], ids[dev], enrolled[0][dev], enrolled[1][dev])
     weights = (w, 1.0 - w)
     # s_i^2 = w_i / sd_i makes the fused cosine an affine function of the z-score fusion
     scales = [math.sqrt(max(wi, 1e-6) / sd) for wi, (_, sd) in zip(weights, stats)]
     say(f"fuse: weight {weights[0]:.1f} / {weights[1]:.1f} (dev TAR@FAR1e-4 {100 * tar:.2f}%), "
         f"impostor std {stats[0][1]:.4f} / {stats[1][1]:.4f}, scales {scales[0]:.3f} / {scales[1]:.3f}")
-    fused = fuse_vectors([t.vec[ok] for t in tabs], scales)
-    cal = CalibrationSpec(dataset=f"{faces.parent.name} ({faces.name}), {int(ok.sum())} faces",
-                          **impostor_table(fused, ids[ok].tolist()))
-    recipe = FusionRecipe(members=[FusionMember(card=c.name, sha256=e.sha256, scale=s)
-                                   for c, e, s in zip(member_cards, encs, scales)],
-                          notes=f"z-score fusion weights {weights[0]:.2f} / {weights[1]:.2f} chosen on {faces.parent.name}/{faces.name}")
+    fused = fuse_vectors([v[ok] for v in door], scales)
+    refs = fuse_vectors([v[ok] for v in enrolled], scales)
+    cal = CalibrationSpec(dataset=f"{faces.parent.name} ({faces.name}), {int(ok.sum())} faces"
+                                  f"{', enrolled with their mirror' if enroll_flip else ''}",
+                          **impostor_table(fused, ids[ok].tolist(), refs=refs))
+    mirrored = [c.name for c, f in zip(member_cards, flips) if f]
+    recipe = FusionRecipe(members=[FusionMember(card=c.name, sha256=e.sha256, scale=s, flip=f)
+                                   for c, e, s, f in zip(member_cards, encs, scales, flips)],
+                          notes=f"z-score fusion weights {weights[0]:.2f} / {weights[1]:.2f} chosen on {faces.parent.name}/{faces.name}"
+                                f"{'; mirrored at the door: ' + ', '.join(mirrored) if mirrored else ''}"
+                                f"{'; enrollment photos embedded with their mirror' if enroll_flip else ''}")
     path = folder / f"{name}.fusion.json"
     atomic_write_bytes(path, (json.dumps(recipe.model_dump(), indent=1) + "\n").encode())
     first = encs[0].card
@@ -73,8 +83,10 @@ def build_fusion(member_cards: list[Path], detector_card: Path, faces: Path, nam
 
 
 def main(args) -> int:
-    card = build_fusion([Path(c) for c in args.members.split(",")], Path(args.detector), Path(args.faces), args.name,
-                        Path(args.cache_dir))
+    members = [Path(c) for c in args.members.split(",")]
+    flips = tuple(i + 1 in args.mirror for i in range(len(members)))
+    card = build_fusion(members, Path(args.detector), Path(args.faces), args.name, Path(args.cache_dir), flips=flips,
+                        enroll_flip=args.enroll_flip)
     # The committed copy, which `export build --dlib` installs beside the members on other machines.
     recipe = card.with_name(card.name.replace(".card.json", ".json"))
     for f in (recipe, card):

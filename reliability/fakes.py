@@ -68,7 +68,7 @@ class FakeEncoder:
         crop[0, 0] = image[0, 0]
         return AlignedFace(crop, det)
 
-    def embed(self, face: AlignedFace) -> Embedding:
+    def embed(self, face: AlignedFace, flip: bool | None = None) -> Embedding:  # one colour, mirror or not
         v = np.zeros(DIM, np.float32)
         v[0 if int(face.image[0, 0, 0]) == ALICE else 1] = 1.0
         return Embedding(v, ENCODER_SHA)

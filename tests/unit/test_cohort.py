@@ -100,3 +100,22 @@ def test_a_common_offset_does_not_make_everyone_one_person():
     ids = np.repeat([f"p{i}" for i in range(20)], 3)
     assert (v[0] @ v[3]) > 0.9  # raw cosine of two different people
     assert C.duplicate_identities(v, ids) == []
+
+
+def _clusters(seed: int, people: int = 12, each: int = 4, noise: float = 0.35) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(people, 16))
+    v = np.repeat(centres, each, axis=0) + noise * rng.normal(size=(people * each, 16))
+    return v / np.linalg.norm(v, axis=1, keepdims=True), np.repeat([f"p{i}" for i in range(people)], each)
+
+
+def test_fusion_weight_ties_go_to_equal_weighting_and_a_useless_encoder_gets_less():
+    v, ids = _clusters(0)
+    w, tar, _ = C.best_fusion_weight(v, v.copy(), ids)  # two copies of one encoder: every weight ties
+    assert w == 0.5 and tar > 0
+    noise = np.random.default_rng(1).normal(size=v.shape)
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    w, tar, _ = C.best_fusion_weight(v, noise, ids)  # b knows nobody
+    assert w > 0.5 and tar == C.best_fusion_weight(v, v.copy(), ids)[1]
+    # Enrolled views default to the door's: passing them explicitly changes nothing.
+    assert C.best_fusion_weight(v, noise, ids, v, noise)[0] == w

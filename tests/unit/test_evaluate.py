@@ -199,3 +199,36 @@ def test_our_alignment_is_the_opencv_zoo_aligncrop(stack_parts):
         theirs = zoo.alignCrop(img, np.array([[*d.box, *d.keypoints.ravel(), d.score]], np.float32))
         ours = enc.align(img, d).image
         assert np.abs(theirs.astype(int) - ours.astype(int)).max() <= 1
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_enrollment_flip_applies_to_references_and_member_flip_to_both_sides():
+    rng = np.random.default_rng(3)
+    vec, mir = _unit(rng.normal(size=(3, 4))), _unit(rng.normal(size=(3, 4)))
+    keys = ["a/1", "b/1", "c/1"]
+    t = E.Table(keys=keys, ok=np.ones(3, bool), vec=vec, vec_flip=mir, quality=np.array(["ok"] * 3))
+    both = _unit(vec + mir)
+    s, _ = E.score_matrices([E.Member(t)], E.Scoring(gallery_flip=True), ["a/1"], ["b/1", "c/1"])
+    np.testing.assert_allclose(s, vec[:1] @ both[1:].T, atol=1e-6)  # door face as is, enrolled mirrored
+    s, _ = E.score_matrices([E.Member(t, flip=True)], E.Scoring(), ["a/1"], ["b/1", "c/1"])
+    np.testing.assert_allclose(s, both[:1] @ both[1:].T, atol=1e-6)
+    # A fusion member the recipe mirrors enters the fused table as the mean of its two views.
+    f = E._fused_table([t, t], [1.0, 1.0], [False, True])
+    np.testing.assert_allclose(f.vec, _unit(np.concatenate([vec, both], axis=1)), atol=1e-6)
+    np.testing.assert_allclose(f.vec_flip, _unit(np.concatenate([mir, both], axis=1)), atol=1e-6)
+
+
+def test_impostor_table_with_enrolled_views_scores_door_against_enrolled():
+    from export.calibrate import impostor_table
+
+    rng = np.random.default_rng(4)
+    door, enrolled = _unit(rng.normal(size=(40, 8))), _unit(rng.normal(size=(40, 8)))
+    ids = [f"p{i // 2}" for i in range(40)]
+    same = impostor_table(door, ids)
+    cross = impostor_table(door, ids, refs=enrolled)
+    assert same["impostor_pairs"] == cross["impostor_pairs"] == 40 * 39 // 2 - 20
+    assert cross["threshold"] != same["threshold"]
+    assert impostor_table(door, ids, refs=door) == same

@@ -69,6 +69,46 @@ def test_a_fusion_card_loads_as_one_encoder_and_embeds_from_each_members_crop(fu
         enc.embed(enc.members[0].align(img, det))
 
 
+def test_a_member_the_recipe_mirrors_is_embedded_with_its_mirror_and_enrollment_mirrors_all(fused_dir, samples):
+    from edge.config import Config
+    from edge.detect import load_detector
+    from edge.enroll import embed_photo
+    from edge.pipeline import Stack
+
+    recipe = fused_dir / "pair.fusion.json"
+    r = json.loads(recipe.read_text())
+    r["members"][1]["flip"] = True  # the door mirrors the second member only
+    recipe.write_text(json.dumps(r))
+    card, _ = load_card(fused_dir / "pair.fusion.card.json", verify_file=False)
+    write_card(derived_card(card, "pair", recipe, "int8", runtime="fusion", embedding=card.embedding,
+                            calibration=card.calibration), recipe)
+    enc = load_encoder(fused_dir / "pair.fusion.card.json")
+    assert [m.flip for m in enc.members] == [False, True]
+    img = load_image(samples / "obama.jpg")
+    det = max(load_detector(MODELS / "yunet_fp32.card.json").detect(img), key=lambda d: d.size)
+    face = enc.align(img, det)
+
+    def unit(x):
+        return x / np.linalg.norm(x)
+
+    (pa, pb), (ma, mb) = [[m.embed_images([v], flip=False)[0] for m, v in zip(enc.members, vs)]
+                          for vs in (face.views, [v[:, ::-1] for v in face.views])]
+    door = unit(np.concatenate([2.0 * pa, 1.0 * unit(pb + mb)]))
+    enrolled = unit(np.concatenate([2.0 * unit(pa + ma), 1.0 * unit(pb + mb)]))
+    assert np.allclose(enc.embed(face).vector, door, atol=1e-5)
+    assert np.allclose(enc.embed(face, flip=True).vector, enrolled, atol=1e-5)
+    assert not np.allclose(door, enrolled, atol=1e-3)
+    # Enrollment photos are embedded as enrolled, probes (identify / verify) as the door does.
+    cfg = Config()
+    cfg.models.encoder = str(fused_dir / "pair.fusion.card.json")
+    stack = Stack.from_config(cfg)
+    assert stack.enroll_flip
+    assert np.allclose(embed_photo(stack, cfg.enroll_quality, img, "o", "o.jpg").embedding, enrolled, atol=1e-5)
+    assert np.allclose(embed_photo(stack, cfg.quality, img, "p", "p.jpg", probe=True).embedding, door, atol=1e-5)
+    cfg.match.enroll_flip = False
+    assert np.allclose(embed_photo(Stack.from_config(cfg), cfg.enroll_quality, img, "o", "o.jpg").embedding, door, atol=1e-5)
+
+
 def test_a_recipe_that_names_other_models_is_refused(fused_dir):
     recipe = fused_dir / "pair.fusion.json"
     r = json.loads(recipe.read_text())

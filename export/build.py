@@ -134,5 +134,29 @@ def install_fusions(out_dir: Path = MODELS_DIR, say=print) -> list[Path]:
                 written.append(dst)
         if written:
             say(f"fusion {recipe.name} installed")
-        made += written
+        made += written + _fp32_twin(out_dir / recipe.name, out_dir)
     return made
+
+
+def _fp32_twin(recipe_path: Path, out_dir: Path) -> list[Path]:
+    """An INT8 fusion's fp32 twin (same scales and flips on the members' fp32 models): what
+    `edge bench` runs as the fusion's fp32 baseline. Its card keeps the INT8 fusion's table."""
+    from edge.embed import FusionRecipe
+
+    name = recipe_path.name.replace("_int8", "_fp32")
+    recipe = FusionRecipe.model_validate_json(recipe_path.read_text())
+    cards = [out_dir / m.card.replace("_int8", "_fp32") for m in recipe.members]
+    if name == recipe_path.name or not all(c.is_file() and c != out_dir / m.card for c, m in zip(cards, recipe.members)):
+        return []
+    twin = recipe.model_copy(update={
+        "members": [m.model_copy(update={"card": c.name, "sha256": load_card(c)[0].sha256}) for m, c in zip(recipe.members, cards)],
+        "notes": f"fp32 twin of {recipe_path.name} (its scales and flips), the speed baseline of edge bench"})
+    path = out_dir / name
+    data = (json.dumps(twin.model_dump(), indent=1) + "\n").encode()
+    if path.is_file() and path.read_bytes() == data:
+        return []
+    atomic_write_bytes(path, data)
+    int8_card, _ = load_card(recipe_path.with_name(recipe_path.name[: -len(".json")] + ".card.json"), verify_file=False)
+    return [path, write_card(derived_card(int8_card, name[: -len(".fusion.json")], path, "fp32", runtime="fusion",
+                                          embedding=int8_card.embedding, calibration=int8_card.calibration,
+                                          source=int8_card.source), path)]

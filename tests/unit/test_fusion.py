@@ -175,6 +175,26 @@ def test_committed_fusions_are_installed_only_beside_all_their_members(tmp_path,
     assert B.install_fusions(out, say=lambda *a: None) == []  # already there, same bytes
 
 
+def test_an_int8_fusion_gets_an_fp32_twin_with_its_scales_and_flips(fused_dir):
+    import export.build as B
+
+    m = load_encoder(fused_dir / "sface_int8.card.json")
+    recipe = fused_dir / "x_int8.fusion.json"
+    recipe.write_text(json.dumps({"members": [{"card": "sface_int8.card.json", "sha256": m.sha256, "scale": s, "flip": f}
+                                              for s, f in ((2.0, False), (1.0, True))]}))
+    base, _ = load_card(fused_dir / "pair.fusion.card.json", verify_file=False)
+    write_card(derived_card(base, "x_int8", recipe, "int8", runtime="fusion", embedding=base.embedding,
+                            calibration=base.calibration), recipe)
+    made = B._fp32_twin(recipe, fused_dir)
+    assert [p.name for p in made] == ["x_fp32.fusion.json", "x_fp32.fusion.card.json"]
+    twin = load_encoder(fused_dir / "x_fp32.fusion.card.json")
+    assert twin.card.precision == "fp32" and twin.card.calibration == base.calibration
+    assert [e.card.name for e in twin.members] == ["sface_fp32", "sface_fp32"] and twin.scales == [2.0, 1.0]
+    assert [e.flip for e in twin.members] == [False, True]
+    assert B._fp32_twin(recipe, fused_dir) == []  # unchanged: nothing rewritten
+    assert B._fp32_twin(fused_dir / "pair.fusion.json", fused_dir) == []  # not an INT8 recipe by name
+
+
 def test_export_fuse_on_a_small_celeba_subset_writes_a_loadable_calibrated_fusion(fused_dir, shared, tmp_path):
     """python -m export fuse on 8 CelebA identities x 3 photos (the full run uses all 3,497)."""
     from export.fusion import build_fusion

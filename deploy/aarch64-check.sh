@@ -69,7 +69,7 @@ if [ ! -x "$ROOT/opt/venv/bin/pytest" ]; then
     inside /opt/venv/bin/pip install -q -r /tmp/requirements.txt pytest hypothesis
 fi
 
-say "copying the checkout (tracked and new files, models/ without the dlib files)"
+say "copying the checkout (tracked and new files, models/ without the raw .dat files)"
 rm -rf "$ROOT/opt/facegate"
 mkdir -p "$ROOT/opt/facegate"
 (cd "$REPO" && { git ls-files -co --exclude-standard; find models -type f ! -name '*.dat'; } | sort -u |

@@ -160,9 +160,11 @@ if [ -z "$models" ]; then
     models=$build/models
 fi
 say "installing models from $models"
-for m in yunet sface; do
+# The default encoder is the SFace + dlib fusion: its recipe, card and both member models.
+for m in yunet sface dlib; do
     run install -m 0644 "$models/${m}_int8.onnx" "$models/${m}_int8.card.json" "$PREFIX/models/"
 done
+run install -m 0644 "$models/sface_dlib_int8.fusion.json" "$models/sface_dlib_int8.fusion.card.json" "$PREFIX/models/"
 
 # ------------------------------------------------------------------ config, keys, data
 run install -d -m 0750 -o root -g "$USER_NAME" "$ETC"
@@ -175,7 +177,7 @@ camera:
   path: "0"          # opencv: device index or a GStreamer pipeline
 models:
   detector: $PREFIX/models/yunet_int8.card.json
-  encoder: $PREFIX/models/sface_int8.card.json
+  encoder: $PREFIX/models/sface_dlib_int8.fusion.card.json
 relay:
   pin: GPIO17
   pin_factory: default

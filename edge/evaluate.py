@@ -518,7 +518,8 @@ def threshold_from_k(r: OneToN, table: tuple[list, list], targets=(0.003, 0.01),
                      members=None, s=None, split=None) -> list[dict]:
     """The gate's rule (edge.match.threshold_for_gallery: FMR = 1 - (1 - FPIR)^(1/K), read off the
     calibration table) checked on the benchmark: measured FPIR of the non-mated probes with the full
-    gallery (K) and with a fixed random half of it (K/2), against the target."""
+    gallery (K) and with a fixed random half of it (K/2), against the target. With half the
+    gallery, the probes of people left out are strangers too (non-mated), not misses."""
     from .match import threshold_for_gallery
 
     rng = np.random.default_rng(seed)
@@ -526,7 +527,8 @@ def threshold_from_k(r: OneToN, table: tuple[list, list], targets=(0.003, 0.01),
     runs = [(len(r.gallery), r)] + ([(len(half), one_to_n(members, s, split, half))] if half else [])
     out = []
     for k, res in runs:
-        mated = np.array([t is not None for t in res.true_ids])
+        enrolled = set(res.gallery)
+        mated = np.array([t is not None and t in enrolled for t in res.true_ids])
         non = res.score[~mated]
         hit = np.array([b == t for b, t in zip(res.best, res.true_ids)])[mated]
         for target in targets:

@@ -232,3 +232,25 @@ def test_impostor_table_with_enrolled_views_scores_door_against_enrolled():
     assert same["impostor_pairs"] == cross["impostor_pairs"] == 40 * 39 // 2 - 20
     assert cross["threshold"] != same["threshold"]
     assert impostor_table(door, ids, refs=door) == same
+
+
+def test_threshold_from_k_counts_people_left_out_of_the_gallery_as_strangers():
+    # 2 enrolled people; probes: one of each (scores 0.9, 0.8) and one stranger (0.7).
+    r = E.OneToN(gallery=["a", "b"], probe_keys=["a/2", "b/2", "x/1"], true_ids=["a", "b", None],
+                 best=["a", "b", "a"], score=np.array([0.9, 0.8, 0.7]), margin=np.zeros(3))
+    half = E.OneToN(gallery=["a"], probe_keys=["a/2", "b/2", "x/1"], true_ids=["a", "b", None],
+                    best=["a", "a", "a"], score=np.array([0.9, 0.75, 0.7]), margin=np.zeros(3))
+    table = ([1e-1, 1e-3], [0.72, 0.95])  # FMR -> threshold
+    import edge.evaluate as mod
+
+    orig = mod.one_to_n
+    mod.one_to_n = lambda members, s, split, names: half
+    try:
+        out = E.threshold_from_k(r, table, targets=(0.1,), seed=0)
+    finally:
+        mod.one_to_n = orig
+    full, halved = out
+    assert (full["K"], full["nonmated"], full["false_positives"]) == (2, 1, 0)  # 0.7 < threshold
+    assert halved["K"] == 1 and halved["nonmated"] == 2  # b's probe is a stranger to a gallery of a alone
+    assert halved["false_positives"] == int(0.75 >= halved["threshold"]) + int(0.7 >= halved["threshold"])
+    assert halved["fnir"] == 0.0  # a's probe is found; b's is not counted as a miss

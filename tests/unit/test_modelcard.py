@@ -127,6 +127,18 @@ def test_preprocess_rgb_nchw_mean_std_by_hand():
     np.testing.assert_allclose(x[1, 0], [[30, 45], [0, 15]])  # second image, rows swapped
 
 
+def test_preprocess_with_one_std_takes_the_fast_path_with_the_same_arithmetic():
+    # A uniform std goes through OpenCV's blob maker: mean per RGB channel, mirrored views accepted.
+    img = np.array([[[10, 20, 30], [40, 50, 60]],
+                    [[70, 80, 90], [100, 110, 120]]], np.uint8)
+    card = make_card(input=dict(color="RGB", layout="NCHW", mean=(30.0, 20.0, 10.0), std=(2.0, 2.0, 2.0)))
+    x = card.preprocess([img, img[:, ::-1]])
+    assert x.shape == (2, 3, 2, 2) and x.dtype == np.float32 and x.flags.c_contiguous
+    np.testing.assert_allclose(x[0, 0], [[0, 15], [30, 45]])  # R = BGR index 2, minus 30, / 2
+    np.testing.assert_allclose(x[0, 2], [[0, 15], [30, 45]])  # B = index 0, minus 10, / 2
+    np.testing.assert_allclose(x[1, 0], [[15, 0], [45, 30]])  # the mirror image
+
+
 def test_preprocess_bgr_nhwc_keeps_channel_order():
     img = np.array([[[10, 20, 30], [40, 50, 60]],
                     [[70, 80, 90], [100, 110, 120]]], np.uint8)

@@ -116,6 +116,32 @@ class FusedEncoder:
         return Embedding(vector=fuse_vectors(vecs, self.scales)[0], encoder_sha256=self.sha256)
 
 
+def enrollment_card(door_card: str | Path, configured: str | Path | None = None) -> Path:
+    """The card enrollment embeds with: the configured one, else the door encoder's fp32 twin
+    beside it (`*_int8*` -> `*_fp32*`) when present, else the door encoder's own card."""
+    if configured:
+        return Path(configured)
+    door = Path(door_card)
+    twin = door.with_name(door.name.replace("_int8", "_fp32"))
+    return twin if twin != door and twin.is_file() else door
+
+
+def _network(enc) -> list[tuple]:
+    """What makes two encoders' embeddings comparable: per member, the source network, how it
+    is fed and aligned, its embedding size, scale and door flip (precision may differ)."""
+    parts = list(zip(enc.members, enc.scales)) if isinstance(enc, FusedEncoder) else [(enc, 1.0)]
+    return [(e.card.source.package, e.card.source.file, e.card.input.model_dump_json(exclude={"dtype"}),
+             e.card.alignment.model_dump_json(), e.card.embedding.dim, round(s, 9), e.flip) for e, s in parts]
+
+
+def check_twin(door, enroll, enroll_card: str | Path) -> None:
+    """Refuses an enrollment encoder that is not the door encoder's network (a gallery made with
+    it would be compared against embeddings of another space)."""
+    if enroll is not door and _network(enroll) != _network(door):
+        raise ModelError(enroll_card, f"enrollment encoder {enroll.card.name} is not the door encoder "
+                                      f"{door.card.name}'s network (source, input, alignment, scales or flips differ)")
+
+
 def load_encoder(card_path: str | Path, threads: int = 1, flip: bool = False) -> Encoder | FusedEncoder:
     """The encoder a card describes, routed by what the card says it is (InsightFace-style)."""
     card, path = load_card(card_path)

@@ -28,21 +28,23 @@ def embed_photo(stack, quality_cfg, image: np.ndarray, name: str, source: str, p
     """Exactly one face, passing the quality gate; else a refusal with its reason. An enrollment
     photo is embedded with its mirror image when the stack says so (`stack.enroll_flip`): the
     gallery side can afford the second pass, the door cannot; `probe` photos are embedded as the
-    door embeds a frame."""
+    door embeds a frame. Enrollment photos go through `stack.enroller()`: the door encoder's
+    full-precision twin where one is installed."""
     dets = stack.detector.detect(image)
     if not dets:
         return EnrollResult(name, source, False, "no face found")
     if len(dets) > 1:
         return EnrollResult(name, source, False, f"{len(dets)} faces found; an enrollment photo must show one")
-    aligned = stack.encoder.align(image, dets[0])
-    a = stack.encoder.card.alignment
+    encoder = stack.encoder if probe else stack.enroller()
+    aligned = encoder.align(image, dets[0])
+    a = encoder.card.alignment
     q = assess_face(image, dets[0], aligned.image, a.template, a.size, quality_cfg)
     if not q.ok:
         return EnrollResult(name, source, False, f"low quality: {q.reason} (face {q.face_px:.0f}px, "
                                                  f"sharpness {q.sharpness:.0f}, yaw {q.yaw:.2f}, roll {q.roll:.0f} deg, "
                                                  f"brightness {q.brightness:.0f})")
     mirror = True if stack.enroll_flip and not probe else None
-    return EnrollResult(name, source, True, "enrolled", stack.encoder.embed(aligned, mirror).vector)
+    return EnrollResult(name, source, True, "enrolled", encoder.embed(aligned, mirror).vector)
 
 
 def photos_in(folder: Path) -> list[Path]:

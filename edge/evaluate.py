@@ -360,6 +360,7 @@ class Scoring:
 
     flip: bool = False
     gallery_flip: bool = False  # enrollment side only: references embedded with their mirror image
+    enroll_twin: bool = False  # references from each member's enrollment table (its fp32 twin) where it has one
     norm: str | None = None  # None (raw cosine) or "asnorm"
     margin: float = 0.0
     frames: int = 1  # > 1: multi-frame emulation (needs the jittered embeddings)
@@ -374,6 +375,7 @@ class Member:
     table: Table
     cohort: object | None = None  # edge.cohort.Cohort
     flip: bool = False  # this member mirrored at the door whatever Scoring.flip says (a fusion recipe's member flip)
+    ref_table: Table | None = None  # the same faces as enrollment embeds them (the encoder's fp32 twin)
 
 
 def score_matrices(members: list[Member], s: Scoring, probe_keys: list[str], ref_keys: list[str]):
@@ -385,8 +387,9 @@ def score_matrices(members: list[Member], s: Scoring, probe_keys: list[str], ref
     fused, raw0 = [], None
     for m in members:
         door = s.flip or m.flip
+        rt = m.ref_table if s.enroll_twin and m.ref_table is not None else m.table
         p = m.table.vectors(door, s.frames)[m.table.rows(probe_keys)]
-        r = m.table.vectors(door or s.gallery_flip, s.frames)[m.table.rows(ref_keys)]
+        r = rt.vectors(door or s.gallery_flip, s.frames)[rt.rows(ref_keys)]
         raw = p @ r.T
         if raw0 is None:
             raw0 = raw
@@ -601,7 +604,7 @@ def main_1n(args) -> int:
     from .cohort import cohort_path_for, load_cohort
     from .config import load_config
     from .detect import load_detector
-    from .embed import load_encoder
+    from .embed import enrollment_card, load_encoder
     from .lfw import lfw_pairs, one_to_n_split
     from .modelcard import load_card
 
@@ -643,48 +646,66 @@ def main_1n(args) -> int:
         card2, _, w = args.fusion.rpartition(":")
         other = (card2, float(w), table(card2))
     want_norm = args.norm == "asnorm"
+    # The gallery side as the gate's enrollment makes it: each encoder's fp32 twin where one is
+    # installed (models.enroll_encoder), else the encoder itself.
+    twins = {}
+    for card in [enc_card] + ([other[0]] if other else []):
+        tw = enrollment_card(card, (args.enroll_encoder or cfg.models.enroll_encoder) if card == enc_card else None)
+        if Path(tw).resolve() != Path(card).resolve():
+            twins[card] = (tw, table(tw, args.scale, frames - 1) if card == enc_card else table(tw))
+    twin = not args.no_enroll_twin and bool(twins)
 
     def members_for(flip, norm, fusion, t=main_t):
         need = norm or fusion
-        ms = [Member(t, cohort_for(enc_card, flip, need) if need else None)]
+        ref = twins.get(enc_card, (None, None))[1] if t is main_t else None
+        ms = [Member(t, cohort_for(enc_card, flip, need) if need else None, ref_table=ref)]
         if fusion:
-            ms.append(Member(other[2], cohort_for(other[0], flip or args.fusion_flip, True), flip=args.fusion_flip))
+            ms.append(Member(other[2], cohort_for(other[0], flip or args.fusion_flip, True), flip=args.fusion_flip,
+                             ref_table=twins.get(other[0], (None, None))[1]))
         return ms
 
-    def scoring(flip=False, gflip=False, norm=False, margin=0.0, fusion=False, fr=1):
+    def scoring(flip=False, gflip=False, norm=False, margin=0.0, fusion=False, fr=1, tw=False):
         w = (1 - other[1], other[1]) if fusion else (1.0,)
-        return Scoring(flip=flip, gallery_flip=gflip, norm="asnorm" if norm else None, margin=margin, frames=fr,
-                       weights=w, gate_quality=not args.no_quality)
+        return Scoring(flip=flip, gallery_flip=gflip, enroll_twin=tw, norm="asnorm" if norm else None, margin=margin,
+                       frames=fr, weights=w, gate_quality=not args.no_quality)
 
-    main_s = scoring(flip, gflip, want_norm, margin, bool(other), frames)
-    configs = [("selected: " + _describe(args, flip, gflip, margin), members_for(flip, want_norm, bool(other)), main_s,
-                args.scale)]
+    main_s = scoring(flip, gflip, want_norm, margin, bool(other), frames, twin)
+    configs = [("selected: " + _describe(args, flip, gflip, margin, twin), members_for(flip, want_norm, bool(other)),
+                main_s, args.scale)]
     if args.levers:
         m = margin or 0.05
         fu = f"fusion {Path(other[0]).name.split('.')[0]}{' (mirrored)' if args.fusion_flip else ''}" if other else ""
-        # name, flip, enrollment flip, AS-norm, margin, fusion, frames
-        lv = [("baseline (ArcFace template x1.0)", False, False, False, 0.0, False, 1),
-              ("+ flip", True, False, False, 0.0, False, 1), ("+ enrollment flip", False, True, False, 0.0, False, 1),
-              ("+ AS-norm", False, False, True, 0.0, False, 1), (f"+ margin {m:g}", False, False, False, m, False, 1)]
+        ef, tw = "enrollment flip", "fp32 enrollment"
+        # name, flip, enrollment flip, AS-norm, margin, fusion, frames, fp32 enrollment
+        lv = [("baseline (ArcFace template x1.0)", False, False, False, 0.0, False, 1, False),
+              ("+ flip", True, False, False, 0.0, False, 1, False), (f"+ {ef}", False, True, False, 0.0, False, 1, False),
+              ("+ AS-norm", False, False, True, 0.0, False, 1, False), (f"+ margin {m:g}", False, False, False, m, False, 1, False)]
+        if twins:
+            lv.append((f"+ {tw}", False, False, False, 0.0, False, 1, True))
         if other:
-            lv.append((f"+ {fu} w={other[1]:g}", False, False, False, 0.0, True, 1))
+            lv.append((f"+ {fu} w={other[1]:g}", False, False, False, 0.0, True, 1, False))
         if frames > 1:
-            lv.append((f"+ multi-frame EMULATION k={frames}", False, False, False, 0.0, False, frames))
-        lv += [(f"flip + margin {m:g}", True, False, False, m, False, 1),
-               (f"enrollment flip + margin {m:g}", False, True, False, m, False, 1)]
+            lv.append((f"+ multi-frame EMULATION k={frames}", False, False, False, 0.0, False, frames, False))
+        lv += [(f"flip + margin {m:g}", True, False, False, m, False, 1, False),
+               (f"{ef} + margin {m:g}", False, True, False, m, False, 1, False)]
+        if twins:
+            lv.append((f"{ef} + {tw}", False, True, False, 0.0, False, 1, True))
         if other:
-            lv += [(f"{fu} + margin {m:g}", False, False, False, m, True, 1),
-                   (f"enrollment flip + {fu}", False, True, False, 0.0, True, 1),
-                   (f"enrollment flip + {fu} + margin {m:g}", False, True, False, m, True, 1),
-                   (f"flip + {fu}", True, False, False, 0.0, True, 1),
-                   (f"flip + {fu} + margin {m:g}", True, False, False, m, True, 1)]
-        lv += [(f"all: flip + AS-norm{' + ' + fu if other else ''} + margin {m:g}", True, False, True, m, bool(other), 1)]
-        configs = [(n, members_for(f, nm, fs), scoring(f, g, nm, mg, fs, fr), 1.0) for n, f, g, nm, mg, fs, fr in lv]
+            lv += [(f"{fu} + margin {m:g}", False, False, False, m, True, 1, False),
+                   (f"{ef} + {fu}", False, True, False, 0.0, True, 1, False),
+                   (f"{ef} + {fu} + margin {m:g}", False, True, False, m, True, 1, False),
+                   (f"flip + {fu}", True, False, False, 0.0, True, 1, False),
+                   (f"flip + {fu} + margin {m:g}", True, False, False, m, True, 1, False)]
+            if twins:
+                lv += [(f"{ef} + {tw} + {fu}", False, True, False, 0.0, True, 1, True),
+                       (f"{ef} + {tw} + {fu} + margin {m:g}", False, True, False, m, True, 1, True)]
+        lv += [(f"all: flip + AS-norm{' + ' + fu if other else ''} + margin {m:g}", True, False, True, m, bool(other), 1, False)]
+        configs = [(n, members_for(f, nm, fs), scoring(f, g, nm, mg, fs, fr, t), 1.0) for n, f, g, nm, mg, fs, fr, t in lv]
         if not args.no_quality:
             # The gate's quality config refuses some LFW photos (a door camera would wait for the
             # next frame; a photo has none): show what keeping them gives.
-            for n, f, g, nm, mg, fs, fr in (lv[0], lv[-1]):
-                sc = Scoring(**{**scoring(f, g, nm, mg, fs, fr).__dict__, "gate_quality": False})
+            for n, f, g, nm, mg, fs, fr, t in (lv[0], lv[-1]) + tuple(r for r in lv if r[7] and r[5] and not r[4]):
+                sc = Scoring(**{**scoring(f, g, nm, mg, fs, fr, t).__dict__, "gate_quality": False})
                 configs.append((n + " [quality report-only]", members_for(f, nm, fs), sc, 1.0))
         for sc in args.scales:
             configs.insert(1, (f"crop: template x{sc:g}", [Member(table(enc_card, sc))], scoring(), sc))
@@ -776,8 +797,9 @@ def _cost_of(s: Scoring, costs: dict, ms) -> str:
     return txt
 
 
-def _describe(args, flip: bool, gflip: bool, margin: float) -> str:
+def _describe(args, flip: bool, gflip: bool, margin: float, twin: bool) -> str:
     bits = [f"x{args.scale:g}"] + (["flip"] if flip else []) + (["enrollment flip"] if gflip else [])
+    bits += ["fp32 enrollment"] if twin else []
     bits += ([args.norm] if args.norm else []) + ([f"margin {margin:g}"] if margin else [])
     bits += [f"fusion {args.fusion}{' (mirrored)' if args.fusion_flip else ''}"] if args.fusion else []
     bits += [f"frames {args.frames}"] if args.frames > 1 else []
@@ -802,6 +824,8 @@ def add_arguments(s) -> None:
     s.add_argument("--enroll-flip", action=argparse.BooleanOptionalAction, default=None,
                    help="enrolled photos embedded with their mirror image (default: the config's match.enroll_flip)")
     s.add_argument("--norm", choices=["asnorm"], help="AS-norm against the cohort file beside the encoder")
+    s.add_argument("--enroll-encoder", help="enrollment encoder card (default: the config's models.enroll_encoder, else the fp32 twin)")
+    s.add_argument("--no-enroll-twin", action="store_true", help="enroll with the door encoder itself")
     s.add_argument("--margin", type=float, default=None, help="best minus runner-up cosine must reach this (default: the config's match.min_margin)")
     s.add_argument("--fusion", metavar="CARD2:W", help="score fusion with a second encoder; W = its weight")
     s.add_argument("--fusion-flip", action="store_true", help="mirror the --fusion encoder at the door (as a recipe member with flip)")

@@ -19,7 +19,7 @@ from .cohort import Cohort, as_norm_matrix, load_cohort
 from .config import Config
 from .decide import DecisionPolicy, Observation, choose_faces
 from .detect import Detector, load_detector
-from .embed import Encoder, FusedEncoder, load_encoder
+from .embed import Encoder, FusedEncoder, check_twin, enrollment_card, load_encoder
 from .errors import GalleryError
 from .liveness import LivenessCheck, NoLiveness, make_liveness
 from .match import cosine_scores, identify, threshold_for_gallery, track_embedding, verify
@@ -40,12 +40,29 @@ class Stack:
     encoder: Encoder | FusedEncoder
     cohort: Cohort | None = None  # match.cohort: AS-norm against this cohort, thresholds from its table
     enroll_flip: bool = False  # match.enroll_flip: enrollment embeds each photo and its mirror image
+    enroll_card: str | None = None  # models.enroll_encoder as resolved; None: the door encoder enrolls
+    threads: int = 1
+    _enroller: Encoder | FusedEncoder | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Stack":
         encoder = load_encoder(cfg.models.encoder, cfg.models.threads, flip=cfg.match.flip)
         cohort = load_cohort(cfg.match.cohort, encoder.sha256, cfg.match.flip) if cfg.match.cohort else None
-        return cls(load_detector(cfg.models.detector, cfg.models.threads), encoder, cohort, cfg.match.enroll_flip)
+        card = enrollment_card(cfg.models.encoder, cfg.models.enroll_encoder)
+        same = card.resolve() == Path(cfg.models.encoder).resolve()
+        return cls(load_detector(cfg.models.detector, cfg.models.threads), encoder, cohort, cfg.match.enroll_flip,
+                   None if same else str(card), cfg.models.threads)
+
+    def enroller(self) -> Encoder | FusedEncoder:
+        """The encoder enrollment photos go through, loaded on first use: the gate itself, which
+        never enrolls, does not hold the full-precision models in memory."""
+        if self.enroll_card is None:
+            return self.encoder
+        if self._enroller is None:
+            enc = load_encoder(self.enroll_card, self.threads)
+            check_twin(self.encoder, enc, self.enroll_card)
+            self._enroller = enc
+        return self._enroller
 
 
 def gallery_threshold(cfg: Config, stack: Stack, k: int, verification: bool = False) -> float:

@@ -104,6 +104,8 @@ def main(argv=None) -> int:
                    help="members (1-based) the door also mirrors, worth it for a cheap one (default: 2, dlib)")
     s.add_argument("--enroll-flip", action=argparse.BooleanOptionalAction, default=True,
                    help="weights and thresholds for a gallery enrolled with mirror images (match.enroll_flip)")
+    s.add_argument("--enroll-twins", action=argparse.BooleanOptionalAction, default=True,
+                   help="... and enrolled by each member's fp32 twin (models.enroll_encoder's default)")
     s.add_argument("--detector", default=str(models / "yunet_fp32.card.json"))
     s.add_argument("--faces", default=str(SHARED / "data" / "celeba" / "images"), help="one sub-folder per identity")
     s.add_argument("--cache-dir", default=str(models.parent / "out" / "eval_cache"))

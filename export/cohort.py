@@ -206,13 +206,16 @@ def best_fusion_weight(va: np.ndarray, vb: np.ndarray, ids: np.ndarray, ga: np.n
     gen, imp = genuine_mask(ids), clean_impostor_mask(va, ids)
     sa, sb = va @ (va if ga is None else ga).T, vb @ (vb if gb is None else gb).T
     stats = [(float(s[imp].mean()), float(s[imp].std())) for s in (sa, sb)]
-    # Ties (the same genuine pairs accepted) go to the weight nearest equal weighting: the faces
-    # give no reason to move away from it.
+    # The one-standard-error rule: every weight whose TAR is within one binomial standard error
+    # of the best is as good as far as these faces can tell, and of those the one nearest equal
+    # weighting is kept (a dev half of ~130 identities cannot justify leaning on either encoder).
     tars = {}
     for w in np.round(np.arange(0.0, 1.0001, 0.1), 2):
         f = fuse([sa, sb], [w, 1 - w], [m for m, _ in stats], [s for _, s in stats])
         tars[float(w)] = tar_at_far(f[gen], f[imp], 1e-4)
-    w = max(tars, key=lambda k: (tars[k], -abs(k - 0.5)))
+    best = max(tars.values())
+    se = np.sqrt(best * (1 - best) / max(int(gen.sum()), 1))
+    w = min((k for k, t in tars.items() if t >= best - se), key=lambda k: (abs(k - 0.5), -tars[k]))
     return w, tars[w], stats
 
 

@@ -17,7 +17,7 @@ import numpy as np
 from edge.atomic import atomic_write_bytes
 from edge.config import QualityConfig
 from edge.detect import load_detector
-from edge.embed import Encoder, FusionMember, FusionRecipe, fuse_vectors, load_encoder
+from edge.embed import Encoder, FusionMember, FusionRecipe, enrollment_card, fuse_vectors, load_encoder
 from edge.errors import FacegateError
 from edge.evaluate import combine, embed_folder
 from edge.modelcard import CalibrationSpec, EmbeddingSpec, SourceSpec, write_card
@@ -28,10 +28,12 @@ from .cohort import best_fusion_weight, identity_keys, split_identities
 
 
 def build_fusion(member_cards: list[Path], detector_card: Path, faces: Path, name: str, cache_dir: Path | None = None,
-                 progress: bool = True, say=print, flips: tuple[bool, ...] = (False, False), enroll_flip: bool = True) -> Path:
+                 progress: bool = True, say=print, flips: tuple[bool, ...] = (False, False), enroll_flip: bool = True,
+                 enroll_twins: bool = True) -> Path:
     """`flips`: which members the door mirrors too (the recipe's member flip); `enroll_flip`: the
-    gallery embeds each enrollment photo with its mirror (match.enroll_flip). Weight and impostor
-    table come from the scores the gate will compute: door faces against enrolled faces."""
+    gallery embeds each enrollment photo with its mirror (match.enroll_flip); `enroll_twins`:
+    enrollment runs each member's fp32 twin where one is beside it (models.enroll_encoder). Weight
+    and impostor table come from the scores the gate will compute: door faces against enrolled."""
     if len(member_cards) != 2:
         raise FacegateError(None, f"fuse takes two encoder cards, got {len(member_cards)}")
     folder = member_cards[0].resolve().parent
@@ -45,12 +47,15 @@ def build_fusion(member_cards: list[Path], detector_card: Path, faces: Path, nam
     det = load_detector(detector_card, 2)
     keys = identity_keys(faces)
     tabs = [embed_folder(faces, keys, det, e, QualityConfig(), cache_dir=cache_dir, progress=progress) for e in encs]
+    twins = [enrollment_card(c) if enroll_twins else c for c in member_cards]
+    gal = [t if w == c else embed_folder(faces, keys, det, load_encoder(w, 2), QualityConfig(), cache_dir=cache_dir,
+                                         progress=progress) for t, w, c in zip(tabs, twins, member_cards)]
     ids = np.asarray([k.split("/")[0] for k in keys])
     ok = tabs[0].ok & tabs[1].ok
     _, dev_ids = split_identities(ids[ok].tolist())
     dev = ok & np.isin(ids, list(dev_ids))
     door = [combine(t.vec, t.vec_flip, f) for t, f in zip(tabs, flips)]
-    enrolled = [combine(t.vec, t.vec_flip, True) for t in tabs] if enroll_flip else door
+    enrolled = [combine(t.vec, t.vec_flip, enroll_flip or f) for t, f in zip(gal, flips)]
     w, tar, stats = best_fusion_weight(door[0][dev], door[1][dev], ids[dev], enrolled[0][dev], enrolled[1][dev])
     weights = (w, 1.0 - w)
     # s_i^2 = w_i / sd_i makes the fused cosine an affine function of the z-score fusion
@@ -67,7 +72,8 @@ def build_fusion(member_cards: list[Path], detector_card: Path, faces: Path, nam
                                    for c, e, s, f in zip(member_cards, encs, scales, flips)],
                           notes=f"z-score fusion weights {weights[0]:.2f} / {weights[1]:.2f} chosen on {faces.parent.name}/{faces.name}"
                                 f"{'; mirrored at the door: ' + ', '.join(mirrored) if mirrored else ''}"
-                                f"{'; enrollment photos embedded with their mirror' if enroll_flip else ''}")
+                                f"{'; enrollment photos embedded with their mirror' if enroll_flip else ''}"
+                                f"{'; enrolled by ' + ', '.join(w.name for w in twins) if twins != member_cards else ''}")
     path = folder / f"{name}.fusion.json"
     atomic_write_bytes(path, (json.dumps(recipe.model_dump(), indent=1) + "\n").encode())
     first = encs[0].card
@@ -86,7 +92,7 @@ def main(args) -> int:
     members = [Path(c) for c in args.members.split(",")]
     flips = tuple(i + 1 in args.mirror for i in range(len(members)))
     card = build_fusion(members, Path(args.detector), Path(args.faces), args.name, Path(args.cache_dir), flips=flips,
-                        enroll_flip=args.enroll_flip)
+                        enroll_flip=args.enroll_flip, enroll_twins=args.enroll_twins)
     # The committed copy, which `export build --dlib` installs beside the members on other machines.
     recipe = card.with_name(card.name.replace(".card.json", ".json"))
     for f in (recipe, card):

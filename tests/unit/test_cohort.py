@@ -109,7 +109,7 @@ def _clusters(seed: int, people: int = 12, each: int = 4, noise: float = 0.35) -
     return v / np.linalg.norm(v, axis=1, keepdims=True), np.repeat([f"p{i}" for i in range(people)], each)
 
 
-def test_fusion_weight_ties_go_to_equal_weighting_and_a_useless_encoder_gets_less():
+def test_fusion_weight_within_one_standard_error_goes_to_equal_weighting():
     v, ids = _clusters(0)
     w, tar, _ = C.best_fusion_weight(v, v.copy(), ids)  # two copies of one encoder: every weight ties
     assert w == 0.5 and tar > 0

@@ -54,6 +54,7 @@ class QualityConfig(_Section):
     max_roll_deg: float = Field(25.0, ge=0, le=90)
     min_brightness: float = Field(40.0, ge=0, le=255, description="mean grey level of the aligned face")
     max_brightness: float = Field(220.0, ge=0, le=255)
+    patience_frames: int = Field(8, ge=0, le=1000, description="a track whose last N faces were all refused on quality has its next ones matched anyway, the reason audited (someone who cannot face the camera squarely, or a soft-focus camera, is not locked out; a poor face fails safe: its lower scores deny it as unknown); 0 = never")
 
 
 class MatchConfig(_Section):
@@ -104,7 +105,7 @@ class Config(_Section):
     camera: CameraConfig = CameraConfig()
     models: ModelsConfig = ModelsConfig()
     quality: QualityConfig = QualityConfig()
-    enroll_quality: QualityConfig = QualityConfig(max_yaw=0.45)
+    enroll_quality: QualityConfig = QualityConfig(max_yaw=0.45, patience_frames=0)
     match: MatchConfig = MatchConfig()
     decision: DecisionConfig = DecisionConfig()
     liveness: LivenessConfig = LivenessConfig()

@@ -31,6 +31,7 @@ class Track:
     last_seen: float
     history: deque = field(default_factory=deque)
     embeddings: deque = field(default_factory=lambda: deque(maxlen=10))  # for multi-frame fusion (match.track_frames)
+    quality_refused: int = 0  # consecutive faces refused on quality (quality.patience_frames)
 
 
 def choose_faces(dets: list[Detection], frame_shape, policy: str, max_faces: int) -> tuple[list[Detection], str | None]:

@@ -157,8 +157,11 @@ class Gate:
         self.timings["align"] = t2 - t1
         q = assess_face(frame.image, det, aligned.image, enc.card.alignment.template, enc.card.alignment.size,
                         self.cfg.quality)
-        if not q.ok:
+        patience = self.cfg.quality.patience_frames
+        if not q.ok and (patience == 0 or track.quality_refused < patience):
+            track.quality_refused += 1
             return self.policy.update(track, Observation("quality:" + q.reason), frame.t_mono, frame.t_wall)
+        track.quality_refused = 0 if q.ok else track.quality_refused
         live = self.liveness.assess(frame.image, det, track.track_id, frame.t_mono)
         t3 = t()
         self.timings["liveness"] = t3 - t2
@@ -178,6 +181,8 @@ class Gate:
         obs = Observation(outcome, m.identity if m.accepted else None, _finite(m.score), _finite(m.runner_up_score),
                           m.threshold, live.score)
         d = self.policy.update(track, obs, frame.t_mono, frame.t_wall)
+        if not q.ok:  # matched after quality.patience_frames refusals: say on what
+            d.details["quality_relaxed"] = q.reason
         if live.reason != "off":  # why liveness passed or failed goes in the audit record
             d.details["liveness"] = {"reason": live.reason, **{k: v for k, v in live.cues.items()
                                                                 if isinstance(v, (bool, int, float, str))}}

@@ -97,6 +97,26 @@ def test_blurred_face_is_denied_for_quality(gate, samples):
     assert "quality:blurry" in reasons(gate)
 
 
+def test_after_patience_a_poor_face_is_matched_and_the_reason_audited(gate, samples):
+    gate.cfg.quality.patience_frames = 3
+    decisions = run(gate, frames_of(load_image(samples / "obama2.jpg"), 7, blur=10))
+    # k-of-n: the first n (3) refusals give pending, pending, then one decisive quality denial
+    assert [d.reason for d in decisions[:3]] == ["pending", "pending", "quality:blurry"]
+    assert all(d.score is None for d in decisions[:3])  # refused before matching
+    later = decisions[3:]
+    assert all(d.score is not None and d.details.get("quality_relaxed") == "blurry" for d in later)
+    # a sharp face resets the count: the next blurred one waits again
+    assert run(gate, frames_of(load_image(samples / "obama2.jpg"), 1))[0].score is not None
+    assert run(gate, frames_of(load_image(samples / "obama2.jpg"), 1, blur=10))[0].score is None
+
+
+def test_patience_zero_never_matches_a_poor_face(gate, samples):
+    gate.cfg.quality.patience_frames = 0
+    decisions = run(gate, frames_of(load_image(samples / "obama2.jpg"), 12, blur=10))
+    assert all(d.score is None and not d.grant for d in decisions)
+    assert set(reasons(gate)) == {"quality:blurry"}  # pending is not audited
+
+
 def test_stage_exception_denies_and_is_audited(gate, samples):
     class Broken:
         card = gate.stack.detector.card

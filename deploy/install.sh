@@ -160,11 +160,17 @@ if [ -z "$models" ]; then
     models=$build/models
 fi
 say "installing models from $models"
-# The default encoder is the SFace + dlib fusion: its recipe, card and both member models.
+# The default encoder is the SFace + dlib fusion: its recipe, card and both member models; its fp32
+# twin (recipe and fp32 members) is what enrollment embeds with (models.enroll_encoder).
 for m in yunet sface dlib; do
     run install -m 0644 "$models/${m}_int8.onnx" "$models/${m}_int8.card.json" "$PREFIX/models/"
 done
-run install -m 0644 "$models/sface_dlib_int8.fusion.json" "$models/sface_dlib_int8.fusion.card.json" "$PREFIX/models/"
+for m in sface dlib; do
+    run install -m 0644 "$models/${m}_fp32.onnx" "$models/${m}_fp32.card.json" "$PREFIX/models/"
+done
+for p in int8 fp32; do
+    run install -m 0644 "$models/sface_dlib_$p.fusion.json" "$models/sface_dlib_$p.fusion.card.json" "$PREFIX/models/"
+done
 
 # ------------------------------------------------------------------ config, keys, data
 run install -d -m 0750 -o root -g "$USER_NAME" "$ETC"

@@ -148,6 +148,8 @@ def test_install_dry_run_on_a_jetson_with_prebuilt_models(tmp_path):
     assert "install -m 0644 /srv/models/sface_int8.onnx /srv/models/sface_int8.card.json /opt/facegate/models/" in out
     assert "install -m 0644 /srv/models/dlib_int8.onnx /srv/models/dlib_int8.card.json /opt/facegate/models/" in out
     assert "/srv/models/sface_dlib_int8.fusion.json /srv/models/sface_dlib_int8.fusion.card.json /opt/facegate/models/" in out
+    assert "/srv/models/sface_dlib_fp32.fusion.json /srv/models/sface_dlib_fp32.fusion.card.json /opt/facegate/models/" in out
+    assert "install -m 0644 /srv/models/dlib_fp32.onnx /srv/models/dlib_fp32.card.json /opt/facegate/models/" in out
     assert "encoder: /opt/facegate/models/sface_dlib_int8.fusion.card.json" in out
     assert "source: opencv" in out
 

@@ -26,16 +26,19 @@ def median_ms(fn, runs: int, warmup: int = 10, clock=time.perf_counter) -> float
     return 1000.0 * float(np.median(ts))
 
 
-def face_crop(card, detector, image: np.ndarray | None) -> np.ndarray:
-    """A real aligned face where a sample image with a face is at hand, else a fixed pattern
-    (the latency of these models does not depend on pixel values)."""
-    w, h = card.alignment.size
+def face_for(enc, detector, image: np.ndarray | None):
+    """The encoder's aligned face (each member's view for a fusion) from a real face where a sample
+    image with one is at hand, else a fixed pattern (the latency of these models does not depend
+    on pixel values)."""
+    from edge.records import AlignedFace
+
     dets = detector.detect(image) if image is not None else []
     if dets:
-        from edge.align import align
-
-        return align(image, dets[0], card.alignment.template, (w, h)).image
-    return (np.arange(h * w * 3) % 251).astype(np.uint8).reshape(h, w, 3)
+        return enc.align(image, dets[0])
+    cards = [m.card for m in enc.members] if hasattr(enc, "members") else [enc.card]
+    views = tuple((np.arange(c.alignment.size[0] * c.alignment.size[1] * 3) % 251).astype(np.uint8)
+                  .reshape(c.alignment.size[1], c.alignment.size[0], 3) for c in cards)
+    return AlignedFace(image=views[0], detection=None, views=views if len(views) > 1 else ())
 
 
 def bench(models_dir: Path, detector_card: Path, runs: int = 100, threads=(1, 2), sample: Path | None = None) -> list[dict]:
@@ -49,11 +52,13 @@ def bench(models_dir: Path, detector_card: Path, runs: int = 100, threads=(1, 2)
         r = {"artifact": card_path.name.replace(".card.json", "")}
         for t in threads:
             enc = load_encoder(card_path, t)
-            crop = face_crop(enc.card, detector, image)
-            r["precision"], r["size_bytes"] = enc.card.precision, enc.card.size_bytes
-            r[f"ms_{t}t"] = median_ms(lambda: enc.embed_images([crop]), runs)
+            face = face_for(enc, detector, image)
+            # A fusion's files are its members' models (the recipe is a few hundred bytes).
+            size = sum(m.card.size_bytes for m in enc.members) if hasattr(enc, "members") else enc.card.size_bytes
+            r["precision"], r["size_bytes"] = enc.card.precision, size
+            r[f"ms_{t}t"] = median_ms(lambda: enc.embed(face), runs)
             if t == 1:  # one inference thread runs on the caller's: its CPU time is the idle-core cost
-                r["cpu_ms_1t"] = median_ms(lambda: enc.embed_images([crop]), runs, clock=time.thread_time)
+                r["cpu_ms_1t"] = median_ms(lambda: enc.embed(face), runs, clock=time.thread_time)
         rows.append(r)
     by = {r["artifact"]: r for r in rows}
     for r in rows:

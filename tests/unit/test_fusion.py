@@ -216,3 +216,21 @@ def test_export_fuse_on_a_small_celeba_subset_writes_a_loadable_calibrated_fusio
     with pytest.raises(Exception, match="LFW"):
         build_fusion([fused_dir / "sface_int8.card.json", fused_dir / "sface_fp32.card.json"],
                      MODELS / "yunet_fp32.card.json", tmp_path / "lfw" / "images", "x", say=lambda *a: None)
+
+
+def test_enrollment_twin_is_found_beside_the_door_encoder_and_must_be_its_network(tmp_path):
+    from edge.embed import check_twin, enrollment_card
+
+    door_card, twin_card, other_card = (MODELS / f"{n}.card.json" for n in ("sface_int8", "sface_fp32", "dlib_int8"))
+    if not all(c.is_file() for c in (door_card, twin_card, other_card)):
+        pytest.skip("run `python -m export setup`")
+    assert enrollment_card(door_card) == twin_card
+    assert enrollment_card(twin_card) == twin_card  # an fp32 encoder enrolls itself
+    assert enrollment_card(door_card, other_card) == other_card  # configured wins
+    door = load_encoder(door_card)
+    check_twin(door, load_encoder(twin_card), twin_card)
+    check_twin(door, door, door_card)
+    with pytest.raises(ModelError, match="not the door encoder"):
+        check_twin(door, load_encoder(other_card), other_card)
+    lone = tmp_path / "x_int8.card.json"  # no twin beside it: the door encoder enrolls
+    assert enrollment_card(lone) == lone

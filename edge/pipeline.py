@@ -25,6 +25,7 @@ from .liveness import LivenessCheck, NoLiveness, make_liveness
 from .match import cosine_scores, identify, threshold_for_gallery, track_embedding, verify
 from .quality import assess_face
 from .records import Decision, Frame, Match
+from .search import GalleryIndex
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +93,14 @@ class Matcher:
         self.threshold_1n = gallery_threshold(cfg, stack, max(len(g), 1))
         self.threshold_1to1 = gallery_threshold(cfg, stack, 1, verification=True)
         self._enrollees = stack.cohort.stats(g.matrix) if stack.cohort is not None and len(g) else None
+        # AS-norm needs every raw score (the enrollees' cohort statistics shift the ranking), so
+        # only the plain cosine search uses the index's exact-top-two shortcut.
+        self.index = GalleryIndex(g.matrix, cfg.models.threads) if self._enrollees is None and len(g) else None
 
     def match(self, probe: np.ndarray, claim: str | None = None) -> Match:
         """1:N (claim None) or 1:1 against the claimed identity."""
+        if claim is None and self.index is not None:
+            return identify(self.index.scores(probe), self.gallery.names, self.threshold_1n, self.cfg.match.min_margin)
         raw = cosine_scores(self.gallery.matrix, probe)
         norm = None
         if self._enrollees is not None:

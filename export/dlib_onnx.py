@@ -329,7 +329,7 @@ def _check(model: onnx.ModelProto, onnx_path: Path) -> bytes:
 
 def build_onnx(dat_path: str | Path, onnx_path: str | Path) -> Path:
     """dlib .dat -> fp32 ONNX (opset 18, one file, dynamic batch) ending in an L2 normalisation,
-    the same graph as export.dlib_net.export_onnx writes, without torch."""
+    node for node the graph torch's exporter wrote from export.dlib_net's module, without torch."""
     from edge.atomic import atomic_write_bytes
 
     dat_path, onnx_path = Path(dat_path), Path(onnx_path)

@@ -126,6 +126,13 @@ def enrollment_card(door_card: str | Path, configured: str | Path | None = None)
     return twin if twin != door and twin.is_file() else door
 
 
+def enrollment_twin(door_card: str | Path, configured: str | Path | None = None) -> Path | None:
+    """enrollment_card() when it is another card than the door's, else None (the door encoder
+    enrolls)."""
+    card = enrollment_card(door_card, configured)
+    return None if card.resolve() == Path(door_card).resolve() else card
+
+
 def _network(enc) -> list[tuple]:
     """What makes two encoders' embeddings comparable: per member, the source network, how it
     is fed and aligned, its embedding size, scale and door flip (precision may differ)."""

@@ -604,7 +604,7 @@ def main_1n(args) -> int:
     from .cohort import cohort_path_for, load_cohort
     from .config import load_config
     from .detect import load_detector
-    from .embed import enrollment_card, load_encoder
+    from .embed import enrollment_twin, load_encoder
     from .lfw import lfw_pairs, one_to_n_split
     from .modelcard import load_card
 
@@ -652,10 +652,11 @@ def main_1n(args) -> int:
     strict = not args.no_quality and cfg.quality.patience_frames == 0
     # The gallery side as the gate's enrollment makes it: each encoder's fp32 twin where one is
     # installed (models.enroll_encoder), else the encoder itself.
+    # Not embedded at all when nothing scores with them (--no-enroll-twin without --levers).
     twins = {}
-    for card in [enc_card] + ([other[0]] if other else []):
-        tw = enrollment_card(card, (args.enroll_encoder or cfg.models.enroll_encoder) if card == enc_card else None)
-        if Path(tw).resolve() != Path(card).resolve():
+    for card in [enc_card] + ([other[0]] if other else []) if args.levers or not args.no_enroll_twin else []:
+        tw = enrollment_twin(card, (args.enroll_encoder or cfg.models.enroll_encoder) if card == enc_card else None)
+        if tw is not None:
             twins[card] = (tw, table(tw, args.scale, frames - 1) if card == enc_card else table(tw))
     twin = not args.no_enroll_twin and bool(twins)
 
@@ -717,8 +718,8 @@ def main_1n(args) -> int:
         shipped = cfg.models.encoder
         if Path(shipped).resolve() != Path(enc_card).resolve():
             # The configured encoder as the gate runs it, in the same run as the levers it is made of.
-            tw = enrollment_card(shipped, cfg.models.enroll_encoder)
-            ref = table(tw) if Path(tw).resolve() != Path(shipped).resolve() else None
+            shipped_twin = enrollment_twin(shipped, cfg.models.enroll_encoder)
+            ref = table(shipped_twin) if shipped_twin is not None else None
             sc = Scoring(flip=cfg.match.flip, gallery_flip=cfg.match.enroll_flip, enroll_twin=ref is not None,
                          margin=cfg.match.min_margin, gate_quality=strict)
             configs.insert(0, (f"shipped default: {Path(shipped).name.split('.card')[0]}",

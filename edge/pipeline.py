@@ -19,7 +19,7 @@ from .cohort import Cohort, as_norm_matrix, load_cohort
 from .config import Config
 from .decide import DecisionPolicy, Observation, choose_faces
 from .detect import Detector, load_detector
-from .embed import Encoder, FusedEncoder, check_twin, enrollment_card, load_encoder
+from .embed import Encoder, FusedEncoder, check_twin, enrollment_twin, load_encoder
 from .errors import GalleryError
 from .liveness import LivenessCheck, NoLiveness, make_liveness
 from .match import cosine_scores, identify, threshold_for_gallery, track_embedding, verify
@@ -49,10 +49,9 @@ class Stack:
     def from_config(cls, cfg: Config) -> "Stack":
         encoder = load_encoder(cfg.models.encoder, cfg.models.threads, flip=cfg.match.flip)
         cohort = load_cohort(cfg.match.cohort, encoder.sha256, cfg.match.flip) if cfg.match.cohort else None
-        card = enrollment_card(cfg.models.encoder, cfg.models.enroll_encoder)
-        same = card.resolve() == Path(cfg.models.encoder).resolve()
+        twin = enrollment_twin(cfg.models.encoder, cfg.models.enroll_encoder)
         return cls(load_detector(cfg.models.detector, cfg.models.threads), encoder, cohort, cfg.match.enroll_flip,
-                   None if same else str(card), cfg.models.threads)
+                   None if twin is None else str(twin), cfg.models.threads)
 
     def enroller(self) -> Encoder | FusedEncoder:
         """The encoder enrollment photos go through, loaded on first use: the gate itself, which
@@ -167,7 +166,8 @@ class Gate:
         if not q.ok and (patience == 0 or track.quality_refused < patience):
             track.quality_refused += 1
             return self.policy.update(track, Observation("quality:" + q.reason), frame.t_mono, frame.t_wall)
-        track.quality_refused = 0 if q.ok else track.quality_refused
+        if q.ok:
+            track.quality_refused = 0
         live = self.liveness.assess(frame.image, det, track.track_id, frame.t_mono)
         t3 = t()
         self.timings["liveness"] = t3 - t2

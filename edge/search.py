@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .match import cosine_scores
+
 MIN_ROWS = 4096  # below this the float product is already fast and the INT8 pass has nothing to save
 _ZERO = 128  # the query's uint8 zero point: onnxruntime's fast integer kernels take uint8 x int8
 
@@ -88,11 +90,10 @@ class GalleryIndex:
     def scores(self, probe: np.ndarray) -> np.ndarray:
         """K scores: exact float32 cosines where a row may rank in the top two, -inf where it
         provably does not (for a small gallery, every score exact)."""
-        probe = probe.astype(np.float32)
         if self.session is None:
-            return self.matrix @ probe
+            return cosine_scores(self.matrix, probe)
         approx, bound = self.approximate(probe)
         rows = np.flatnonzero(top2_candidates(approx, bound))
         out = np.full(len(self.matrix), -np.inf, np.float32)
-        out[rows] = self.matrix[rows] @ probe
+        out[rows] = cosine_scores(self.matrix[rows], probe)
         return out

@@ -78,9 +78,10 @@ class DetectorSpec(_Strict):
 
 
 class LivenessSpec(_Strict):
-    crop_scale: float = Field(ge=1.0, le=6.0)
+    crop_scale: float | None = Field(None, ge=1.0, le=6.0, description="crop side / face box side; None only for a fusion, whose members crop")
     live_class: int = Field(ge=0)
     threshold: float = Field(0.5, ge=0.0, le=1.0)
+    threshold_rule: str = ""  # how the threshold was set, and on what data
 
 
 class SourceSpec(_Strict):
@@ -118,6 +119,8 @@ class Card(_Strict):
         missing = [f for f in need if getattr(self, f) is None]
         if missing:
             raise ValueError(f"task {self.task} needs {', '.join(missing)}")
+        if self.liveness is not None and self.runtime != "fusion" and self.liveness.crop_scale is None:
+            raise ValueError("a liveness model needs liveness.crop_scale")
         return self
 
     def preprocess(self, images_bgr: list[np.ndarray]) -> np.ndarray:

@@ -11,6 +11,7 @@ combination are pure functions, unit-tested by hand; the classes only add models
 """
 from __future__ import annotations
 
+import json
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .config import MODELS
 from .errors import ConfigError, ModelError
@@ -26,7 +28,9 @@ from .records import Detection, LivenessResult
 from .runtime import open_model
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-SHIPPED_PAD = ASSETS / "pad_int8.card.json"
+# Committed with the code (models/ is built by setup and git-ignored), so the installer, which
+# copies edge/, puts it on every gate: MiniFASNetV2 + MiniFASNetV1SE, see assets/pad/PROVENANCE.md.
+SHIPPED_PAD = ASSETS / "pad" / "minifasnet.card.json"
 FACE_MESH = MODELS / "raw" / "face_landmark.tflite"
 # The face mesh comes from the pinned mediapipe 0.10.21 wheel (export/models.lock.json, checked by
 # `python -m export fetch`); its card is built here because edge/ must not import export/.
@@ -217,8 +221,61 @@ class PadModel:
         return float(self.scores([self.crop(image, box)])[0])
 
 
-def load_pad(card_path: str | Path, threads: int = 1) -> PadModel:
+class PadMember(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    card: str = Field(pattern=r"^[^/\\]+\.card\.json$")  # a card in the recipe's own folder
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")  # the member model's, as its card says
+    weight: float = Field(gt=0, le=1)
+
+
+class PadRecipe(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    members: list[PadMember] = Field(min_length=2, max_length=4)
+    notes: str = ""
+
+    @model_validator(mode="after")
+    def _weights(self):
+        if abs(sum(m.weight for m in self.members) - 1.0) > 1e-6:
+            raise ValueError("member weights must sum to 1")
+        return self
+
+
+class PadFusion:
+    """Several PAD models as one: each crops the face at its own scale, and the live
+    probabilities are averaged with the recipe's weights (as Silent-Face fuses its two models).
+    The card's threshold applies to the averaged score."""
+
+    def __init__(self, card: Card, recipe_path: Path, threads: int = 1):
+        if card.task != "liveness":
+            raise ModelError(recipe_path, f"card is for {card.task}, not liveness")
+        try:
+            recipe = PadRecipe.model_validate(json.loads(recipe_path.read_text(encoding="utf-8")))
+        except (UnicodeDecodeError, json.JSONDecodeError, ValidationError) as e:
+            raise ModelError(recipe_path, f"invalid PAD fusion recipe: {e}") from None
+        self.card, self.spec = card, card.liveness
+        self.members = []
+        for m in recipe.members:
+            mcard, mpath = load_card(recipe_path.parent / m.card)
+            if mcard.runtime == "fusion":  # a fusion of fusions (or of itself) would never end loading
+                raise ModelError(recipe_path, f"member {m.card} is itself a fusion; members must be plain models")
+            if mcard.sha256 != m.sha256:
+                raise ModelError(recipe_path, f"member {m.card} is not the model the recipe was made with "
+                                              f"(sha256 {mcard.sha256[:12]}... vs {m.sha256[:12]}...)")
+            self.members.append(PadModel(mcard, mpath, threads))
+        self.weights = np.array([m.weight for m in recipe.members])
+
+    def member_scores(self, image: np.ndarray, box) -> np.ndarray:
+        return np.array([m.score(image, box) for m in self.members])
+
+    def score(self, image: np.ndarray, box) -> float:
+        return float(self.weights @ self.member_scores(image, box))
+
+
+def load_pad(card_path: str | Path, threads: int = 1) -> PadModel | PadFusion:
+    """The PAD model a card describes, routed by what the card says it is (InsightFace-style)."""
     card, path = load_card(card_path)
+    if card.runtime == "fusion":
+        return PadFusion(card, path, threads)
     return PadModel(card, path, threads)
 
 
@@ -294,7 +351,7 @@ class PadPolicy:
     """`LivenessCheck`: the passive score averaged over the track's last `frames` frames; with
     `require_cue` (mode "passive+blink") also a blink or non-planar head motion seen on the track."""
 
-    def __init__(self, pad: PadModel, threshold: float, frames: int, mesh: FaceMesh | None = None,
+    def __init__(self, pad: PadModel | PadFusion, threshold: float, frames: int, mesh: FaceMesh | None = None,
                  require_cue: bool = False, min_parallax: float = MIN_PARALLAX):
         if require_cue and mesh is None:
             raise ValueError("a cue is required but no face mesh was given")

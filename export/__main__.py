@@ -1,4 +1,4 @@
-"""python -m export COMMAND --help: fetch, build, calibrate, verify, bench, cohort, fuse, detectors, tflite, import-onnx."""
+"""python -m export COMMAND --help: fetch, build, calibrate, verify, bench, cohort, fuse, detectors, tflite, pad, import-onnx."""
 from __future__ import annotations
 
 import argparse
@@ -120,6 +120,11 @@ def main(argv=None) -> int:
 
     tflite_arguments(s, models, SHARED)
     s.set_defaults(fn=_lazy("tflite"))
+    s = sub.add_parser("pad", help="cards of the shipped PAD models in edge/assets/pad (threshold from the NUAA train split)")
+    s.add_argument("--nuaa", default=str(SHARED / "data" / "nuaa"))
+    s.add_argument("--detector", default=str(models / "yunet_fp32.card.json"))
+    s.add_argument("--frames", type=int, default=3, help="the liveness window the threshold is set for (liveness.frames)")
+    s.set_defaults(fn=_lazy("pad"))
     s = sub.add_parser("import-onnx", help="a user's ONNX face encoder -> clean fp32 + INT8 ONNX with cards")
     from .import_user import add_arguments
 

@@ -137,16 +137,6 @@ def main(argv=None) -> int:
     p.add_argument("--state", help="export this Ensemble state_dict (e.g. liveness_gpu's final.pt) instead of fitting")
     p.add_argument("--threshold", type=float, help="threshold for --state (default: the --config file's)")
 
-    p = sub.add_parser("liveness-eval", parents=[common], help="APCER / BPCER / ACER on the NUAA test split",
-                       description="Per-frame and per-sequence APCER (print), BPCER and ACER at the operating point, "
-                                   "for a PAD card, the ../shared/models baselines and the full gate policy; DET PNG.")
-    p.add_argument("--nuaa", default="../shared/data/nuaa")
-    p.add_argument("--detector", default=DEFAULT_DETECTOR, help="detector model card (default: %(default)s)")
-    p.add_argument("--pad", default=None, help="PAD model card (default: the shipped edge/assets one)")
-    p.add_argument("--baselines", default="../shared/models", help="folder with MiniFASNetV2.onnx / MiniFASNetV1SE.onnx")
-    p.add_argument("--frames", type=int, default=3, help="policy window (liveness.frames)")
-    p.add_argument("--threshold", type=float, default=None, help="operating threshold (default: the card's)")
-    p.add_argument("--out", default="out/liveness", help="folder for det.png and eval.json")
 
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -229,11 +219,6 @@ def _run(args, progress: bool) -> int:
         r = run(args.nuaa, args.detector, args.out, cfg, args.bpcer, args.frames, args.device, progress,
                 args.state, threshold, spec.get("loso"))
         print(json.dumps({k: r[k] for k in ("threshold", "accuracy", "params", "train_s", "cards")}, indent=1))
-    elif args.cmd == "liveness-eval":
-        from .liveness_eval import evaluate, summary
-
-        r = evaluate(args.nuaa, args.detector, args.pad, args.baselines, args.frames, args.threshold, args.out)
-        print(summary(r))
     return 0
 
 

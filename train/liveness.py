@@ -24,91 +24,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from evaluation.nuaa import ATTACK, LIVE, NuaaItem, detect_all, nuaa_items, sequences, threshold_at_bpcer, window_means
+
 log = logging.getLogger("facegate.train")
 
 CANVAS = 1.25  # training crops are cut at CANVAS x the card's scale, so zoom/shift/rotation have real pixels
-LIVE, ATTACK = 1, 0  # class index = label; the card's live_class
 MEAN, STD = (127.5, 127.5, 127.5), (128.0, 128.0, 128.0)
-LISTS = {("train", LIVE): "client_train_raw.txt", ("train", ATTACK): "imposter_train_raw.txt",
-         ("test", LIVE): "client_test_raw.txt", ("test", ATTACK): "imposter_test_raw.txt"}
-
-
-# ---------------------------------------------------------------- NUAA
-
-@dataclass(frozen=True)
-class NuaaItem:
-    path: str  # relative to the NUAA folder
-    split: str
-    label: int
-
-    @property
-    def parts(self) -> tuple[str, str, str, str, int]:
-        """subject, glasses, position, session, frame number (from <subject>_<glasses>_<pos>_<session>_<frame>.jpg)."""
-        s, g, p, sess, f = Path(self.path).stem.split("_")
-        return s, g, p, sess, int(f)
-
-    @property
-    def subject(self) -> str:
-        return self.parts[0]
-
-    @property
-    def session(self) -> str:
-        return self.parts[3]
-
-    @property
-    def sequence(self) -> str:
-        """One subject, glasses, position and session of one class (live or attack), per ../shared/README.md."""
-        s, g, p, sess, _ = self.parts
-        return f"{'live' if self.label == LIVE else 'print'}/{s}_{g}_{p}_{sess}"
-
-
-def nuaa_items(root: str | Path) -> list[NuaaItem]:
-    from edge.errors import FacegateError
-
-    root = Path(root)
-    items = []
-    for (split, label), name in LISTS.items():
-        f = root / name
-        if not f.is_file():
-            raise FacegateError(f, "NUAA split list not found (expected ../shared/data/nuaa)")
-        items += [NuaaItem(line.strip(), split, label) for line in f.read_text().splitlines() if line.strip()]
-    return items
-
-
-def sequences(items: list[NuaaItem]) -> dict[str, list[int]]:
-    """Sequence name -> indices into `items`, in frame order."""
-    out: dict[str, list[int]] = {}
-    for i, it in enumerate(items):
-        out.setdefault(it.sequence, []).append(i)
-    return {k: sorted(v, key=lambda i: items[i].parts[4]) for k, v in sorted(out.items())}
-
-
-def detect_all(root: Path, items: list[NuaaItem], detector_card: str, cache: Path, threads: int = 2) -> dict:
-    """The gate's detector on every frame: path -> {"box", "kps"} of the largest face, or None.
-    Cached as JSON (keyed by the detector's sha256) so training and evaluation see the same boxes."""
-    from edge.atomic import atomic_write_bytes
-    from edge.detect import load_detector
-
-    from .data import read_image
-
-    det = load_detector(detector_card, threads)
-    sha = det.card.sha256
-    if cache.is_file():
-        data = json.loads(cache.read_text())
-        if data.get("detector_sha256") == sha and all(it.path in data["faces"] for it in items):
-            return data["faces"]
-    faces = {}
-    for it in items:
-        img = read_image(root / it.path)
-        dets = det.detect(img) if img is not None else []
-        if dets:
-            d = max(dets, key=lambda d: d.size)
-            faces[it.path] = {"box": [round(v, 2) for v in d.box], "kps": np.round(d.keypoints, 2).tolist(),
-                              "score": round(d.score, 4)}
-        else:
-            faces[it.path] = None
-    atomic_write_bytes(cache, json.dumps({"detector_sha256": sha, "faces": faces}).encode())
-    return faces
 
 
 def crops_for(root: Path, items: list[NuaaItem], faces: dict, scale: float, size: int
@@ -419,22 +340,6 @@ def live_scores(model: nn.Module, crops: np.ndarray, device: str = "cpu", batch:
     out = [torch.softmax(model(to_tensor(crops[i:i + batch]).to(device)), 1)[:, LIVE].cpu().numpy()
            for i in range(0, len(crops), batch)]
     return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
-
-
-def threshold_at_bpcer(live: np.ndarray, bpcer: float) -> float:
-    """The highest threshold that rejects at most `bpcer` of the live scores (live if score >= t)."""
-    s = np.sort(np.asarray(live, np.float64))
-    if s.size == 0:
-        raise ValueError("no live scores")
-    return float(s[min(int(np.floor(bpcer * s.size + 1e-9)), s.size - 1)])
-
-
-def window_means(scores: np.ndarray, frames: int) -> np.ndarray:
-    """Each frame's mean with the previous ones of its sequence, up to `frames` (the gate's policy)."""
-    c = np.cumsum(np.concatenate([[0.0], scores]))
-    i = np.arange(1, len(scores) + 1)
-    lo = np.maximum(0, i - frames)
-    return (c[i] - c[lo]) / (i - lo)
 
 
 def session_oof(crops: np.ndarray, canvas: np.ndarray, labels: np.ndarray, sessions: np.ndarray, cfg: FitConfig,

@@ -9,7 +9,7 @@ import pytest
 from edge.config import Config
 from edge.errors import ModelError
 from edge.pad import (FACE_MESH, FACE_MESH_SHA256, FACE_MESH_SIZE, LEFT_EYE, MESH_NOSE, MESH_PLANE, MIN_PARALLAX,
-                      RIGHT_EYE, SHIPPED_PAD, Cues, PadPolicy, apply_affine, combine, count_blinks, crop_box,
+                      RIGHT_EYE, SHIPPED_PAD, Cues, PadFusion, PadPolicy, apply_affine, combine, count_blinks, crop_box,
                       eye_aspect_ratio, load_pad, make_pad_policy, mesh_transform, pad_crop, parallax)
 from edge.records import Detection
 
@@ -283,14 +283,64 @@ def test_a_missing_pad_card_names_the_file(tmp_path):
         make_pad_policy(cfg)
 
 
-@pytest.mark.skipif(not SHIPPED_PAD.is_file(), reason="no PAD model shipped in edge/assets yet (see train/README-liveness.md)")
-def test_shipped_pad_model_scores_crops():
+def test_shipped_pad_is_the_minifasnet_fusion_with_its_licences():
     pad = load_pad(SHIPPED_PAD)
-    assert pad.card.task == "liveness" and pad.card.precision == "int8"
-    assert SHIPPED_PAD.parent.joinpath(pad.card.file).stat().st_size < 2_000_000
+    assert isinstance(pad, PadFusion) and pad.card.task == "liveness" and pad.card.runtime == "fusion"
+    assert [m.card.name for m in pad.members] == ["MiniFASNetV2", "MiniFASNetV1SE"]
+    assert [m.spec.crop_scale for m in pad.members] == [2.7, 4.0]
+    assert np.allclose(pad.weights, [0.5, 0.5])
+    assert "NUAA train split" in pad.spec.threshold_rule and 0.0 < pad.spec.threshold < 1.0
+    folder = SHIPPED_PAD.parent
+    for name in ("LICENSE.Silent-Face-Anti-Spoofing.txt", "LICENSE.yakhyo-face-anti-spoofing.txt", "PROVENANCE.md"):
+        assert (folder / name).stat().st_size > 1000, name
+    for m in pad.members:  # the pinned upstream files, unchanged
+        assert m.card.sha256 in (folder / "PROVENANCE.md").read_text()
+
+
+def test_pad_fusion_score_is_the_weighted_mean_of_its_members():
+    pad = load_pad(SHIPPED_PAD)
     rng = np.random.default_rng(0)
-    s = pad.scores([rng.integers(0, 255, (80, 80, 3), dtype=np.uint8) for _ in range(3)])
-    assert s.shape == (3,) and np.all((s >= 0) & (s <= 1))
+    frame = rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)
+    box = (250.0, 150.0, 120.0, 150.0)
+    members = pad.member_scores(frame, box)
+    assert members.shape == (2,) and np.all((members >= 0) & (members <= 1))
+    assert pad.score(frame, box) == pytest.approx(float(members.mean()))
+    assert members[0] == pytest.approx(pad.members[0].score(frame, box))
+
+
+def _copy_shipped(tmp_path):
+    import shutil
+
+    dst = tmp_path / "pad"
+    shutil.copytree(SHIPPED_PAD.parent, dst)
+    return dst / SHIPPED_PAD.name
+
+
+def test_a_swapped_pad_member_is_refused_naming_the_file(tmp_path):
+    card = _copy_shipped(tmp_path)
+    member = card.parent / "MiniFASNetV1SE.onnx"
+    member.chmod(0o644)
+    data = bytearray(member.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in the weights
+    member.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="MiniFASNetV1SE.onnx.*sha256"):
+        load_pad(card)
+
+
+def test_a_pad_recipe_whose_weights_do_not_sum_to_one_is_refused(tmp_path):
+    card = _copy_shipped(tmp_path)
+    recipe = card.parent / "minifasnet.pad.json"
+    raw = json.loads(recipe.read_text())
+    raw["members"][0]["weight"] = 0.9
+    recipe.chmod(0o644)
+    recipe.write_text(json.dumps(raw))
+    c = json.loads(card.read_text())  # re-pin the card to the edited recipe: the recipe itself must be refused
+    from edge.modelcard import sha256_file
+    c["sha256"], c["size_bytes"] = sha256_file(recipe), recipe.stat().st_size
+    card.chmod(0o644)
+    card.write_text(json.dumps(c))
+    with pytest.raises(ModelError, match="sum to 1"):
+        load_pad(card)
 
 
 @pytest.mark.skipif(not FACE_MESH.is_file(), reason="face mesh not fetched (python -m export fetch)")

@@ -161,11 +161,13 @@ if [ -z "$models" ]; then
 fi
 say "installing models from $models"
 # The default encoder is the SFace + dlib fusion: its recipe, card and both member models; its fp32
-# twin (recipe and fp32 members) is what enrollment embeds with (models.enroll_encoder).
+# twin (recipe and fp32 members) is what enrollment embeds with (models.enroll_encoder). The
+# default detector is YuNet fp32 (faster than its INT8 build); the INT8 one stays for configs
+# written by older installers. The PAD (liveness) models travel inside the app, in edge/assets/pad.
 for m in yunet sface dlib; do
     run install -m 0644 "$models/${m}_int8.onnx" "$models/${m}_int8.card.json" "$PREFIX/models/"
 done
-for m in sface dlib; do
+for m in yunet sface dlib; do
     run install -m 0644 "$models/${m}_fp32.onnx" "$models/${m}_fp32.card.json" "$PREFIX/models/"
 done
 for p in int8 fp32; do
@@ -182,8 +184,10 @@ camera:
   source: $camera_source
   path: "0"          # opencv: device index or a GStreamer pipeline
 models:
-  detector: $PREFIX/models/yunet_int8.card.json
+  detector: $PREFIX/models/yunet_fp32.card.json
   encoder: $PREFIX/models/sface_dlib_int8.fusion.card.json
+liveness:
+  mode: passive      # the shipped PAD model; "off" only where a second factor guards the door
 relay:
   pin: GPIO17
   pin_factory: default

@@ -68,8 +68,10 @@ def cmd_run(args) -> int:
 
     cfg = _cfg(args)
     if args.demo:
+        from .demo import describe
         from .pipeline import Stack
 
+        print(describe())
         _ensure_demo_gallery(cfg, Stack.from_config(cfg))
     return run_service(cfg, max_frames=args.max_frames, verbose=not args.quiet)
 

@@ -1,5 +1,6 @@
 """`python -m edge bench`: per-stage and end-to-end latency per 640x480 frame (one face), for the
-configured (INT8) models and, as the baseline in the same process, their fp32 counterparts;
+configured (INT8) models and, as baselines in the same process, the same pipeline with liveness
+off and with the fp32 counterparts of the models;
 gallery search at 100,000 embeddings; peak RSS. Medians after warm-up, 1 and 2 threads."""
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config, MODELS
+from .config import Config
 from .gallery import Gallery, Person
+from .liveness import make_liveness
 from .match import identify
 from .modelcard import load_card
+from .pad import SHIPPED_PAD
 from .search import MIN_ROWS, GalleryIndex
 from .pipeline import Gate, Stack
 from .records import Frame
@@ -23,7 +26,7 @@ def _frames() -> list[np.ndarray]:
     from .imageio import load_image
 
     src = load_image(SAMPLES / "obama2.jpg")
-    return [fit(src, zoom=1.0 + 0.01 * (i % 10), dx=2 * (i % 10)) for i in range(10)]
+    return [fit(src, zoom=1.4 + 0.01 * (i % 10), dx=2 * (i % 10)) for i in range(10)]
 
 
 def bench_stack(cfg: Config, threads: int, n: int, warmup: int = 20, clock=time.perf_counter) -> dict:
@@ -41,7 +44,8 @@ def bench_stack(cfg: Config, threads: int, n: int, warmup: int = 20, clock=time.
     g.add(Person("bench", stack.encoder.embed(stack.encoder.align(frames[0], det)).vector))
     cfg.match.threshold = 0.5
     cfg.decision.cooldown_s = 0.0
-    gate = Gate(cfg, stack, g, clock=clock)
+    cfg.decision.backoff_after = 100  # a denied frame must still run every stage, not sit in back-off
+    gate = Gate(cfg, stack, g, liveness=make_liveness(cfg, threads), clock=clock)
     stages: dict[str, list[float]] = {}
     for i in range(warmup + n):
         img = frames[i % len(frames)]
@@ -84,9 +88,12 @@ def main(args) -> int:
         fp32 = p.with_name(p.name.replace("_int8", "_fp32"))
         if fp32 != p and fp32.exists():
             setattr(base.models, kind, str(fp32))
+    no_liveness = cfg.model_copy(deep=True)
+    no_liveness.liveness.mode = "off"
     threads = [int(t) for t in str(args.threads).split(",")]
     rows = []
-    for label, c in (("default", cfg), ("fp32 baseline", base)):
+    # The same pipeline with liveness off, in the same run: the difference is what liveness costs.
+    for label, c in (("default", cfg), ("liveness off", no_liveness), ("fp32 baseline", base)):
         for t in threads:
             rows.append((label, t, "wall", bench_stack(c, t, args.frames)))
             if t == 1:  # one inference thread runs on the caller's thread: its CPU time is the cost
@@ -100,11 +107,17 @@ def main(args) -> int:
     for t in threads:
         for kind in ("wall", "cpu"):
             d = next((r for lb, tt, k, r in rows if lb == "default" and tt == t and k == kind), None)
-            b = next((r for lb, tt, k, r in rows if lb != "default" and tt == t and k == kind), None)
+            off = next((r for lb, tt, k, r in rows if lb == "liveness off" and tt == t and k == kind), None)
+            b = next((r for lb, tt, k, r in rows if lb == "fp32 baseline" and tt == t and k == kind), None)
+            if d and off and cfg.liveness.mode != "off":
+                print(f"liveness ({cfg.liveness.mode}), {t} thread(s), {kind}: stage {d['liveness']:.2f} ms; end to end "
+                      f"{d['end_to_end']:.2f} vs {off['end_to_end']:.2f} ms with liveness off: "
+                      f"+{d['end_to_end'] - off['end_to_end']:.2f} ms per frame")
             if d and b:
                 print(f"speed-up of default over fp32, {t} thread(s), {kind}: detect {b['detect'] / d['detect']:.2f}x, "
                       f"embed {b['embed'] / d['embed']:.2f}x, end to end {b['end_to_end'] / d['end_to_end']:.2f}x")
-    print(f"models: {Path(cfg.models.detector).name}, {Path(cfg.models.encoder).name}")
+    print(f"models: {Path(cfg.models.detector).name}, {Path(cfg.models.encoder).name}, liveness {cfg.liveness.mode}"
+          f"{' (' + Path(cfg.models.liveness or SHIPPED_PAD).name + ')' if cfg.liveness.mode != 'off' else ''}")
     dim = load_card(cfg.models.encoder, verify_file=False)[0].embedding.dim
     wall, cpu = bench_search(args.gallery_size, dim), bench_search(args.gallery_size, dim, clock=time.thread_time)
     print(f"gallery search (1:N, best + runner-up), {args.gallery_size} enrolled x {dim}-d: {wall:.2f} ms wall, "

@@ -38,7 +38,7 @@ class ModelsConfig(_Section):
     encoder: str = Field(str(MODELS / "sface_dlib_int8.fusion.card.json"),
                          description="face encoder model card (default: SFace + dlib INT8 score fusion, dlib also mirrored)")
     enroll_encoder: str | None = Field(None, description="encoder for enrollment photos: the same network at full precision, so the gallery side carries no quantization noise; None = the door encoder's fp32 twin beside it (its name with _fp32 for _int8) when there is one, else the door encoder")
-    liveness: str | None = Field(None, description="passive liveness (PAD) model card; None = no passive model")
+    liveness: str | None = Field(None, description="passive liveness (PAD) model card; None = the shipped one (edge/assets/pad/minifasnet.card.json)")
     threads: int = Field(1, ge=1, le=16, description="inference threads per model")
 
 
@@ -81,7 +81,11 @@ class DecisionConfig(_Section):
 
 
 class LivenessConfig(_Section):
-    mode: Literal["off", "passive", "passive+blink"] = Field("off")
+    # On by default: a face gate that a printed photo opens is no door. "passive" was chosen on
+    # the NUAA train split (passive+blink rejected 12 of 16 live train sequences: the cues need
+    # a blink or a head turn that a short walk-up often lacks). "off" must be written explicitly,
+    # for doors where a second factor (badge + face) does this job.
+    mode: Literal["off", "passive", "passive+blink"] = Field("passive", description="off | passive (PAD model) | passive+blink (also a blink or head motion on the track)")
     threshold: float | None = Field(None, ge=0, le=1, description="None = the model card's")
     frames: int = Field(3, ge=1, le=60, description="passive score averaged over this many frames of the track")
 

@@ -1,9 +1,13 @@
 """The embedded default demo: replayed 640x480 frames of real faces (registry-fetched sample
-photos), an enrolled person, a stranger, a blurred face and empty frames, with mock GPIO pins.
+photos), an enrolled person, a simulated printed-photo attack, a stranger, a blurred face and
+empty frames, with mock GPIO pins.
 
 Enrolled: obama.jpg (as "obama") and astronaut.png (as "astronaut"). The visitor frames use other
 photos: obama2.jpg (the enrolled person, a different photo), biden.jpg (a stranger), obama2.jpg
-blurred (low quality), and an empty corner of astronaut.png (no face)."""
+blurred (low quality), and an empty corner of astronaut.png (no face). The attack is obama.jpg
+printed and held to the camera, a SIMULATION (edge/spoof.py). The "live" visitors are themselves
+rendered from still photos: what the demo shows is the passive PAD model telling a clean capture
+from a print-like one. Blinks and head motion cannot be shown with stills."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,8 +23,11 @@ SAMPLES = REPO / "models" / "raw" / "images"
 DEMO_DIR = REPO / "var" / "demo"
 ENROLL = {"obama": "obama.jpg", "astronaut": "astronaut.png"}
 
-# (label, source photo, frames, treatment): the replay, in order
+# (label, source photo, frames, treatment): the replay, in order. The attack comes first, so
+# the denials it earns are cleared by the enrolled person's grant and never add up to a back-off.
 SCRIPT = [
+    ("empty", "astronaut.png", 4, "empty"),
+    ("print-attack-SIMULATED", "obama.jpg", 10, "print"),
     ("empty", "astronaut.png", 4, "empty"),
     ("obama", "obama2.jpg", 6, "walk"),
     ("empty", "astronaut.png", 4, "empty"),
@@ -47,7 +54,16 @@ def fit(image: np.ndarray, w: int = FRAME_W, h: int = FRAME_H, zoom: float = 1.0
 def render(treatment: str, src: np.ndarray, i: int) -> np.ndarray:
     if treatment == "empty":  # the flag and suit below the astronaut's face: a scene with no face
         return cv2.resize(src[300:512, 0:180], (FRAME_W, FRAME_H), interpolation=cv2.INTER_LINEAR)
-    frame = fit(src, zoom=1.0 + 0.03 * i, dx=4 * i)  # walking up: a little closer each frame
+    if treatment == "print":  # held still for 4 frames, then moved rigidly, in front of the same room
+        from .detect import load_detector
+        from .spoof import backdrop, held_still_then_moved, hold, print_sheet
+
+        face = max(load_detector(Config().models.detector).detect(src), key=lambda d: d.size)
+        sheet, centre, face_h = print_sheet(src, face)
+        room = backdrop(load_image(SAMPLES / "astronaut.png")[300:512, 0:180])
+        return hold(sheet, centre, face_h, room, held_still_then_moved(4, 6)[i], seed=i)
+    # walking up: a little closer each frame, from the distance where the face is 150-170 px tall
+    frame = fit(src, zoom=1.4 + 0.03 * i, dx=4 * i)
     if treatment == "blur":
         frame = cv2.GaussianBlur(frame, (0, 0), 6)
     return frame
@@ -55,6 +71,9 @@ def render(treatment: str, src: np.ndarray, i: int) -> np.ndarray:
 
 def demo_frames_dir(out: Path = DEMO_DIR / "frames") -> Path:
     """Write the replay frames (idempotent) and return their folder."""
+    if out.is_dir() and sorted(p.name for p in out.glob("*.png")) != frame_names():
+        for p in out.glob("*.png"):  # frames of another script: replayed together they would mislead
+            p.unlink()
     out.mkdir(parents=True, exist_ok=True)
     k = 0
     for label, photo, n, treatment in SCRIPT:
@@ -66,6 +85,21 @@ def demo_frames_dir(out: Path = DEMO_DIR / "frames") -> Path:
                 atomic_write_bytes(path, buf.tobytes())
             k += 1
     return out
+
+
+def frame_names() -> list[str]:
+    names, k = [], 0
+    for label, _, n, _ in SCRIPT:
+        names += [f"{k + i:03d}_{label}.png" for i in range(n)]
+        k += n
+    return names
+
+
+def describe() -> str:
+    return ("demo: replayed frames, mock relay. Scenes: empty room; a printed photo of the enrolled person held "
+            "still, then moved (a SIMULATION of a print attack: edge/spoof.py); the enrolled person walking up "
+            "(rendered from a still photo); a stranger; a blurred face. Liveness here is the passive PAD model "
+            "telling a clean capture from a print-like one; blinks and head motion cannot be shown with stills.")
 
 
 def demo_config() -> Config:

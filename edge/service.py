@@ -93,9 +93,15 @@ def run_service(cfg: Config, max_frames: int | None = None, verbose: bool = True
         except FacegateError as e:
             audit.record_event("gallery", "refused", details={"error": str(e)})
             raise
-        gate = Gate(cfg, stack, gallery, relay=relay, audit=audit, liveness=make_liveness(cfg, cfg.models.threads))
+        try:
+            liveness = make_liveness(cfg, cfg.models.threads)
+        except FacegateError as e:  # a missing or altered PAD model: no gate without its liveness check
+            audit.record_event("liveness", "refused", details={"error": str(e)})
+            raise
+        gate = Gate(cfg, stack, gallery, relay=relay, audit=audit, liveness=liveness)
         camera = CameraMonitor(camera_factory or (lambda: make_camera(cfg.camera)), cfg.camera)
-        audit.record_event("service", "started", details={"people": len(gallery), "threshold": round(gate.matcher.threshold_1n, 4)})
+        audit.record_event("service", "started", details={"people": len(gallery), "threshold": round(gate.matcher.threshold_1n, 4),
+                                                            "liveness": cfg.liveness.mode})
         notifier.ready(f"{len(gallery)} enrolled")
         frames = 0
         while not stop["flag"]:
@@ -147,4 +153,7 @@ def run_service(cfg: Config, max_frames: int | None = None, verbose: bool = True
 def _print_decision(frame, d) -> None:
     who = d.identity or d.details.get("nearest") or ""
     score = f" score {d.score:.3f} (threshold {d.threshold:.3f})" if d.score is not None and d.threshold is not None else ""
-    print(f"frame {frame.index:4d} {frame.source[-24:]:>24}  {'GRANT' if d.grant else 'deny '} {d.reason:<16} {who}{score}", flush=True)
+    live = d.details.get("liveness", {})
+    if d.liveness is not None and "threshold" in live:
+        score += f", liveness {d.liveness:.3f} (threshold {live['threshold']:.3f})"
+    print(f"frame {frame.index:4d} {frame.source[-30:]:>30}  {'GRANT' if d.grant else 'deny '} {d.reason:<16} {who}{score}", flush=True)

@@ -131,6 +131,8 @@ def test_install_dry_run_on_a_pi(tmp_path):
     assert "usermod -a -G gpio,video facegate" in out
     assert "-m export setup" in out  # no --models: built in a temporary venv
     assert re.search(r"install -m 0644 \S+/yunet_int8.onnx \S+/yunet_int8.card.json /opt/facegate/models/", out)
+    assert re.search(r"install -m 0644 \S+/yunet_fp32.onnx \S+/yunet_fp32.card.json /opt/facegate/models/", out)
+    assert "detector: /opt/facegate/models/yunet_fp32.card.json" in out and "mode: passive" in out
     assert "source: picamera2" in out and "gallery: /var/lib/facegate/gallery.fgg" in out
     assert "audit: /var/lib/facegate/audit.sqlite3" in out and "pin_factory: default" in out
     assert "edge keygen --gallery '/etc/facegate/gallery.key'" in out and "chmod 0600 /etc/facegate/gallery.key" in out
@@ -184,3 +186,36 @@ def test_enroll_usb_refuses_odd_device_names(dev):
 def test_enroll_usb_refuses_a_non_block_device():
     r = subprocess.run(["bash", str(ENROLL), "/dev/nullx9"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 3 and "is not a block device" in r.stderr
+
+
+# What the installer wrote before liveness was on by default: no liveness section, YuNet INT8.
+OLD_INSTALLED_CONFIG = """\
+camera:
+  source: opencv
+  path: "0"
+models:
+  detector: /opt/facegate/models/yunet_int8.card.json
+  encoder: /opt/facegate/models/sface_dlib_int8.fusion.card.json
+relay:
+  pin: GPIO17
+  pin_factory: default
+storage:
+  gallery: /var/lib/facegate/gallery.fgg
+  audit: /var/lib/facegate/audit.sqlite3
+  key_file: null
+  retention_days: 1095
+"""
+
+
+def test_an_upgraded_gate_with_its_old_config_gets_the_shipped_liveness(tmp_path):
+    from edge.config import load_config
+    from edge.liveness import make_liveness
+    from edge.pad import SHIPPED_PAD, PadPolicy
+
+    (tmp_path / "config.yaml").write_text(OLD_INSTALLED_CONFIG)
+    cfg = load_config(tmp_path / "config.yaml")
+    assert cfg.liveness.mode == "passive" and cfg.models.liveness is None
+    policy = make_liveness(cfg)
+    assert isinstance(policy, PadPolicy) and policy.pad.card.name == "minifasnet_fusion"
+    # the installer copies edge/ (PAD models included) to /opt/facegate/app: the card lives inside it
+    assert SHIPPED_PAD.is_relative_to(REPO / "edge")

@@ -17,7 +17,7 @@ from edge import gallery as G
 from edge.audit import AuditLog
 from edge.demo import render
 from edge.enroll import apply, embed_photo
-from edge.errors import GalleryError
+from edge.errors import GalleryError, ModelError
 from edge.imageio import load_image
 from edge.records import Frame
 from edge.service import Notifier, run_service
@@ -301,6 +301,44 @@ def test_refused_gallery_keeps_the_door_locked_and_says_why(tmp_path, systemd, f
     rows = audit_rows(cfg)
     assert [(r["kind"], r["reason"]) for r in rows] == [("gallery", "refused"), ("service", "stopped")]
     assert "wrong key" in rows[0]["details"]["error"] and unlocks == []
+
+
+@pytest.mark.parametrize("fault", ["missing", "altered"])
+def test_a_missing_or_altered_pad_model_keeps_the_door_locked_and_says_why(tmp_path, systemd, faces, monkeypatch, fault):
+    import shutil
+
+    from edge.pad import SHIPPED_PAD
+
+    cfg, _ = enrolled_config(tmp_path, faces, {"obama": "obama.jpg"})
+    pad = tmp_path / "pad"
+    shutil.copytree(SHIPPED_PAD.parent, pad)
+    weights = pad / "MiniFASNetV2.onnx"
+    weights.chmod(0o644)
+    if fault == "missing":
+        weights.unlink()
+    else:
+        data = bytearray(weights.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        weights.write_bytes(bytes(data))
+    cfg.models.liveness = str(pad / SHIPPED_PAD.name)
+    unlocks = []
+    monkeypatch.setattr("edge.relay.DoorRelay.unlock", lambda self, *a, **k: unlocks.append(a))
+    with pytest.raises(ModelError, match="MiniFASNetV2.onnx"):
+        run_service(cfg, verbose=False, notifier=Notifier(systemd.path))
+    assert systemd.close() == ["STOPPING=1"]  # never READY: systemd sees a failed start
+    rows = audit_rows(cfg)
+    assert [(r["kind"], r["reason"]) for r in rows] == [("liveness", "refused"), ("service", "stopped")]
+    assert "MiniFASNetV2.onnx" in rows[0]["details"]["error"] and unlocks == []
+
+
+def test_liveness_off_written_explicitly_runs_without_a_pad_model(tmp_path, systemd, faces):
+    cfg, _ = enrolled_config(tmp_path, faces, {"obama": "obama.jpg"})
+    cfg.models.liveness = str(tmp_path / "no-such-pad.card.json")
+    cfg.liveness.mode = "off"
+    assert run_service(cfg, verbose=False, notifier=Notifier(systemd.path)) == 0
+    rows = audit_rows(cfg)
+    assert any(r["grant"] for r in rows)
+    assert next(r for r in rows if r["kind"] == "service" and r["reason"] == "started")["details"]["liveness"] == "off"
 
 
 def test_signal_handlers_restored(tmp_path, systemd, faces):

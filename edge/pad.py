@@ -12,7 +12,6 @@ combination are pure functions, unit-tested by hand; the classes only add models
 from __future__ import annotations
 
 import json
-import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -410,30 +409,3 @@ def make_pad_policy(cfg, threads: int = 1) -> PadPolicy:
     require_cue = cfg.liveness.mode == "passive+blink"
     mesh = FaceMesh(FACE_MESH, threads) if require_cue else None
     return PadPolicy(pad, threshold, cfg.liveness.frames, mesh, require_cue)
-
-
-def bench(cfg, image: np.ndarray, det: Detection, runs: int = 200, threads: int = 1) -> dict:
-    """Liveness cost per frame in ms (median and p90 of `runs`): the PAD model alone (crop included),
-    the face mesh alone, and a whole `assess` in the configured mode, on one frame and its face."""
-    pad = load_pad(pad_card_path(cfg), threads)
-    mesh = FaceMesh(FACE_MESH, threads)
-    policy = make_pad_policy(cfg, threads)
-
-    def timed(fn) -> dict:
-        fn()  # warm-up: first-run allocations are not steady-state cost
-        wall, cpu = [], []
-        for _ in range(runs):
-            t0, c0 = time.perf_counter(), time.process_time()
-            fn()
-            wall.append((time.perf_counter() - t0) * 1000.0)
-            cpu.append((time.process_time() - c0) * 1000.0)
-        # CPU time as well as wall time: on a shared, loaded machine the wall clock measures the
-        # neighbours; with one thread the process CPU time is the cost on an idle core.
-        return {"median_ms": round(float(np.median(wall)), 3), "p90_ms": round(float(np.percentile(wall, 90)), 3),
-                "cpu_median_ms": round(float(np.median(cpu)), 3)}
-
-    clock = iter(range(10 ** 9))
-    return {"threads": threads, "runs": runs, "mode": cfg.liveness.mode,
-            "pad": timed(lambda: pad.score(image, det.box)),
-            "face_mesh": timed(lambda: mesh.landmarks(image, det)),
-            "assess": timed(lambda: policy.assess(image, det, 1, next(clock) * 0.05))}

@@ -5,7 +5,7 @@ CPU alike), an ensemble of seeds, export to ONNX -> INT8 with its model card.
 `python -m train liveness` runs it end to end. NUAA's train lists (sessions 1-2 of subjects
 0001-0009) train; the operating threshold comes from leave-one-session-out scores on the train
 split (train on session 1, score session 2 and back: the test split is another session, so a
-session is the shift that matters). The test lists are for `liveness-eval` only. The recipe's
+session is the shift that matters). The test lists are for `python -m evaluation liveness` only. The recipe's
 hyperparameters were chosen by `train/liveness_gpu.py` on the same leave-one-session-out scores.
 
 This module imports edge/ (and pydantic through it) only where it needs it (detection, crops,

@@ -190,35 +190,19 @@ def place(image: np.ndarray, det, angle: float = 0.0, zoom: float = 1.0, shift=(
     return cv2.warpAffine(image, m, FRAME, flags=cv2.INTER_AREA, borderMode=cv2.BORDER_CONSTANT, borderValue=(96, 96, 96))
 
 
-def print_like(frame: np.ndarray) -> np.ndarray:
-    """An honest stand-in for 'a camera looking at a print': reduced gamut (paper black is grey,
-    ink whites are dull, colours desaturate), a rotated halftone screen that beats with the sensor
-    grid into moire, optical blur and JPEG."""
-    x = frame.astype(np.float32)
-    grey = x.mean(axis=2, keepdims=True)
-    x = grey + 0.7 * (x - grey)
-    x = 35.0 + x * (190.0 / 255.0)
-    yy, xx = np.mgrid[:frame.shape[0], :frame.shape[1]].astype(np.float32)
-    a = np.deg2rad(15)
-    screen = np.cos(2 * np.pi * (xx * np.cos(a) + yy * np.sin(a)) / 2.7) * np.cos(2 * np.pi * (-xx * np.sin(a) + yy * np.cos(a)) / 2.7)
-    x = x * (1.0 + 0.10 * screen[..., None])
-    x = cv2.GaussianBlur(np.clip(x, 0, 255).astype(np.uint8), (0, 0), 1.1)
-    ok, buf = cv2.imencode(".jpg", x, [cv2.IMWRITE_JPEG_QUALITY, 60])
-    return cv2.imdecode(buf, cv2.IMREAD_COLOR)
-
-
 def test_simulated_photo_of_a_photo_is_denied_by_the_motion_and_blink_policy(samples):
     """SIMULATION, not an attack database. Limits, stated plainly:
-    - the "attack" is obama2.jpg passed through `print_like` and held in front of the camera for
-      12 frames, moved only rigidly (hand tremor: a few pixels, a degree, 2% zoom); it is no
-      real print, so it tests the temporal cues, not the passive model;
+    - the "attack" is obama2.jpg printed by edge/spoof.py and held in front of the camera for 12
+      frames, moved only rigidly (hand tremor: a few pixels, a degree, 2% size); it is no real
+      print, so it tests the temporal cues, not the passive model;
     - the "live" person is three different photographs of the same man (obama, obama2, obama3)
       placed at the same spot in turn: their pose and expression differ as a moving head's would,
       but it is not video, and nothing here models a real blink's timing;
-    - the passive model was trained on NUAA webcam frames and says nothing useful about press
-      photos, so its threshold is set to 0 here: only the blink/motion cue decides (mode
-      "passive+blink"). Its accuracy is measured on NUAA by `python -m train liveness-eval`.
+    - the passive threshold is set to 0 here, so only the blink/motion cue decides (mode
+      "passive+blink"); the passive model is measured by `python -m evaluation liveness`.
     A real video replay would show motion and blinks and pass this cue: see train/README-liveness.md."""
+    from edge.spoof import Pose, backdrop, hold, print_sheet
+
     if not FACE_MESH.is_file():
         pytest.skip(f"{FACE_MESH} missing: run `python -m export fetch`")
     det = load_detector(model_cards()[0])
@@ -227,8 +211,10 @@ def test_simulated_photo_of_a_photo_is_denied_by_the_motion_and_blink_policy(sam
     gate, relay = make_gate("passive+blink", {"obama": photos["a"]}, threshold=0.0)
     try:
         rng = np.random.default_rng(0)
-        held = [print_like(place(photos["b"], faces["b"], rng.uniform(-1, 1), rng.uniform(0.99, 1.01),
-                                 rng.uniform(-3, 3, 2))) for _ in range(12)]
+        sheet, centre, face_h = print_sheet(photos["b"], faces["b"])
+        room = backdrop(photos["a"])
+        held = [hold(sheet, centre, face_h, room, Pose(rng.uniform(200, 204), rng.uniform(-1, 1), 0.0,
+                                                      tuple(rng.uniform(-3, 3, 2))), seed=i) for i in range(12)]
         attack = play(gate, held)
         assert relay.stats.openings == 0, [d.reason for d in attack]
         why = [d.reason for d in attack]

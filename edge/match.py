@@ -38,18 +38,23 @@ def per_comparison_fmr(target_fpir: float, k: int) -> float:
     return 1.0 - (1.0 - target_fpir) ** (1.0 / max(int(k), 1))
 
 
-def threshold_for_fmr(fmr_table: list[float], thr_table: list[float], fmr: float) -> float:
-    """Threshold at which the impostor FMR equals `fmr`, by log-linear interpolation in the table.
-
-    Outside the table the nearest end is used, and a target below the table's smallest FMR gets
-    its threshold (the table cannot vouch for rarer events: the calibration set is what it is)."""
+def _log_table(fmr_table: list[float], thr_table: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """(log FMR, threshold), by ascending threshold."""
     f = np.asarray(fmr_table, np.float64)
     t = np.asarray(thr_table, np.float64)
     order = np.argsort(t)
     f, t = f[order], t[order]
     if np.any(np.diff(f) > 1e-12):
         raise ValueError("FMR table must not increase with the threshold")
-    lf = np.log(np.clip(f, 1e-12, 1.0))
+    return np.log(np.clip(f, 1e-12, 1.0)), t
+
+
+def threshold_for_fmr(fmr_table: list[float], thr_table: list[float], fmr: float) -> float:
+    """Threshold at which the impostor FMR equals `fmr`, by log-linear interpolation in the table.
+
+    Outside the table the nearest end is used, and a target below the table's smallest FMR gets
+    its threshold (the table cannot vouch for rarer events: the calibration set is what it is)."""
+    lf, t = _log_table(fmr_table, thr_table)
     x = np.log(max(fmr, 1e-12))
     # np.interp needs increasing x: FMR falls as threshold rises, so interpolate on -log(FMR).
     return float(np.interp(-x, -lf, t))
@@ -57,6 +62,30 @@ def threshold_for_fmr(fmr_table: list[float], thr_table: list[float], fmr: float
 
 def threshold_for_gallery(fmr_table, thr_table, target_fpir: float, k: int) -> float:
     return threshold_for_fmr(fmr_table, thr_table, per_comparison_fmr(target_fpir, k))
+
+
+def fmr_at_threshold(fmr_table: list[float], thr_table: list[float], threshold: float) -> float:
+    """Impostor FMR at `threshold`, by the same log-linear interpolation (the inverse of
+    threshold_for_fmr). Beyond the table it answers only what the table vouches for: below its
+    lowest threshold 1.0 (nothing was measured there, so every stranger may pass), above its
+    highest the table's smallest FMR (rarer events are beyond the calibration set)."""
+    lf, t = _log_table(fmr_table, thr_table)
+    if threshold < t[0]:
+        return 1.0
+    return float(np.exp(np.interp(threshold, t, lf)))
+
+
+def expected_fpir(fmr: float, k: int) -> float:
+    """FPIR of k independent comparisons at per-comparison FMR: 1 - (1 - FMR)^k (log1p/expm1:
+    exact for the tiny FMRs of a strict threshold, where 1 - FMR rounds)."""
+    if fmr >= 1.0:
+        return 1.0
+    return float(-np.expm1(max(int(k), 1) * np.log1p(-fmr)))
+
+
+def fpir_at_threshold(fmr_table, thr_table, threshold: float, k: int) -> float:
+    """Expected FPIR of a fixed threshold against a gallery of k people."""
+    return expected_fpir(fmr_at_threshold(fmr_table, thr_table, threshold), k)
 
 
 def as_norm(score: float, probe_cohort: np.ndarray, enrollee_stats: tuple[float, float], top_k: int) -> float:

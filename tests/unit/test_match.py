@@ -4,8 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from edge.match import (as_norm, cohort_stats, cosine_scores, identify, per_comparison_fmr, threshold_for_fmr,
-                        threshold_for_gallery, verify)
+from edge.match import (as_norm, cohort_stats, cosine_scores, expected_fpir, fmr_at_threshold, fpir_at_threshold,
+                        identify, per_comparison_fmr, threshold_for_fmr, threshold_for_gallery, verify)
 
 FMR = [1e-1, 1e-2, 1e-3]
 THR = [0.2, 0.3, 0.4]
@@ -62,6 +62,41 @@ def test_threshold_for_gallery_tightens_as_the_gallery_grows():
         assert t == pytest.approx(0.2 + 0.1 * (-math.log10(1 - 0.99 ** (1 / k)) - 1), abs=1e-12)
     assert got[1] == pytest.approx(0.3)
     assert got[1] < got[10] < got[100] < got[1000]
+
+
+@pytest.mark.parametrize("threshold,expected", [
+    (0.2, 1e-1), (0.3, 1e-2), (0.4, 1e-3),  # on the table
+    (0.35, 10 ** -2.5), (0.225, 10 ** -1.25),  # log-linear between rows
+    (0.9, 1e-3),  # above the table: its smallest FMR, nothing rarer is vouched for
+    (0.19, 1.0), (0.0, 1.0), (-1.0, 1.0),  # below the table: unmeasured, every stranger may pass
+])
+def test_fmr_at_threshold_by_hand(threshold, expected):
+    assert fmr_at_threshold(FMR, THR, threshold) == pytest.approx(expected, rel=1e-12)
+
+
+def test_fmr_at_threshold_inverts_threshold_for_fmr():
+    for fmr in (0.05, 3e-3, 1.5e-3):
+        assert fmr_at_threshold(FMR[::-1], THR[::-1], threshold_for_fmr(FMR, THR, fmr)) == pytest.approx(fmr, rel=1e-9)
+
+
+@pytest.mark.parametrize("fmr,k,expected", [
+    (0.01, 1, 0.01),
+    (0.01, 5, 0.0490099501),  # 1 - 0.99^5
+    (0.01, 6, 0.058519850599),  # 1 - 0.99^6
+    (0.5, 2, 0.75),
+    (1e-6, 100_000, 0.0951626272),  # 1 - exp(100000 * ln(1 - 1e-6)) = 1 - e^-0.10000005
+    (0.0, 1000, 0.0), (1.0, 3, 1.0),
+    (0.01, 0, 0.01),  # an empty gallery counts as one comparison
+])
+def test_expected_fpir_by_hand(fmr, k, expected):
+    assert expected_fpir(fmr, k) == pytest.approx(expected, rel=1e-9, abs=1e-15)
+
+
+def test_fpir_at_threshold_by_hand():
+    assert fpir_at_threshold(FMR, THR, 0.3, 2) == pytest.approx(1 - 0.99 ** 2, rel=1e-12)  # 0.0199
+    assert fpir_at_threshold(FMR, THR, 0.1, 1) == 1.0  # below the table: no stranger is kept out
+    # the gallery-size rule gives back its target at its K
+    assert fpir_at_threshold(FMR, THR, threshold_for_gallery(FMR, THR, 0.02, 10), 10) == pytest.approx(0.02, rel=1e-9)
 
 
 # ---------------------------------------------------------------- identify / verify

@@ -42,7 +42,6 @@ def bench_stack(cfg: Config, threads: int, n: int, warmup: int = 20, clock=time.
     # (a gate denying the same stranger would soon be in back-off and skip the stages).
     det = stack.detector.detect(frames[0])[0]
     g.add(Person("bench", stack.encoder.embed(stack.encoder.align(frames[0], det)).vector))
-    cfg.match.threshold = 0.5
     cfg.decision.cooldown_s = 0.0
     cfg.decision.backoff_after = 100  # a denied frame must still run every stage, not sit in back-off
     gate = Gate(cfg, stack, g, liveness=make_liveness(cfg, threads), clock=clock)

@@ -9,10 +9,16 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import ConfigError
+from .errors import ConfigError, FacegateError
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "models"
+
+# The most strangers per transaction any config may let in. A bound, not the operating point (the
+# default target is 0.003): one stranger in twenty is already no door lock, so a typo or a hostile
+# config (target_fpir 0.999, a threshold of 0 or -1) is refused, here and again by the gate at
+# each gallery load, where the gallery size K it applies to is known.
+MAX_TARGET_FPIR = 0.05
 
 
 class _Section(BaseModel):
@@ -58,8 +64,8 @@ class QualityConfig(_Section):
 
 
 class MatchConfig(_Section):
-    target_fpir: float = Field(0.003, gt=0, lt=1, description="false positive identification rate per transaction")
-    threshold: float | None = Field(None, ge=-1, le=1, description="fixed cosine threshold; None = from target_fpir and gallery size")
+    target_fpir: float = Field(0.003, gt=0, le=MAX_TARGET_FPIR, description="false positive identification rate per transaction")
+    threshold: float | None = Field(None, ge=-1, le=1, description="fixed cosine threshold, inside the calibrated range of the encoder card's calibration.threshold table (the cohort's with match.cohort); the gate refuses a gallery where it gives an expected FPIR above MAX_TARGET_FPIR; None = from target_fpir and gallery size")
     min_margin: float = Field(0.0, ge=0, le=2, description="best score must beat the runner-up by this much")
     flip: bool = Field(False, description="average the embedding of the face and its mirror image")
     enroll_flip: bool = Field(True, description="enrollment photos: average the embedding of the face and its mirror image (costs nothing at the door)")
@@ -141,7 +147,40 @@ def load_config(path: str | Path | None) -> Config:
         raise ConfigError(path, "decision.k must not exceed decision.n")
     if cfg.relay.pulse_s > cfg.relay.max_hold_s:
         raise ConfigError(path, "relay.pulse_s must not exceed relay.max_hold_s")
+    _check_fixed_threshold(cfg, path)
     return cfg
+
+
+def _check_fixed_threshold(cfg: Config, path: Path) -> None:
+    """A fixed match.threshold must lie inside the calibrated range of the scores it is compared
+    with: below the impostor table no false match rate was measured (a threshold of 0 lets
+    everyone in), above it nothing vouches for the rate either."""
+    t = cfg.match.threshold
+    if t is None:
+        return
+    field, source = ("match.cohort", cfg.match.cohort) if cfg.match.cohort else ("models.encoder", cfg.models.encoder)
+    try:
+        if cfg.match.cohort:  # AS-norm scores: the cohort file holds their table
+            from .cohort import load_cohort
+
+            table = load_cohort(source, flip=cfg.match.flip).threshold
+        else:
+            from .modelcard import load_card
+
+            cal = load_card(source, verify_file=False)[0].calibration
+            table = None if cal is None else cal.threshold
+    except FacegateError as e:
+        raise ConfigError(path, f"match.threshold is fixed, so its calibrated range is read from {field}: {e}") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(path, f"match.threshold is fixed, so its calibrated range is read from {field} {source}, "
+                                f"which cannot be read: {e}") from None
+    if not table:
+        raise ConfigError(path, f"match.threshold is fixed but {field} {source} has no calibration.threshold table: "
+                                f"no false match rate is known for any threshold")
+    lo, hi = min(table), max(table)
+    if not lo <= t <= hi:
+        raise ConfigError(path, f"match.threshold {t} is outside the calibrated range {lo:.4f}..{hi:.4f} of {field} "
+                                f"{source} (calibration.threshold): no false match rate was measured there")
 
 
 def describe() -> str:

@@ -16,13 +16,13 @@ import numpy as np
 
 from . import gallery as gallery_io
 from .cohort import Cohort, as_norm_matrix, load_cohort
-from .config import Config
+from .config import MAX_TARGET_FPIR, Config
 from .decide import DecisionPolicy, Observation, choose_faces
 from .detect import Detector, load_detector
 from .embed import Encoder, FusedEncoder, check_twin, enrollment_twin, load_encoder
 from .errors import GalleryError
 from .liveness import LivenessCheck, NoLiveness, make_liveness
-from .match import cosine_scores, identify, threshold_for_gallery, track_embedding, verify
+from .match import cosine_scores, fpir_at_threshold, identify, threshold_for_gallery, track_embedding, verify
 from .quality import assess_face
 from .records import Decision, Frame, Match
 from .search import GalleryIndex
@@ -65,20 +65,44 @@ class Stack:
         return self._enroller
 
 
+def impostor_table(stack: Stack) -> tuple[list[float], list[float]]:
+    """(FMR, threshold) table of the scores compared: the cohort's (AS-norm scores) when one is
+    configured, else the encoder card's (raw cosine)."""
+    if stack.cohort is not None:
+        return stack.cohort.fmr, stack.cohort.threshold
+    cal = stack.encoder.card.calibration
+    if cal is None:
+        raise GalleryError(None, f"encoder {stack.encoder.card.name} has no calibration in its card: no threshold's "
+                                 f"false match rate is known, so the gate cannot run it")
+    return cal.fmr, cal.threshold
+
+
 def gallery_threshold(cfg: Config, stack: Stack, k: int, verification: bool = False) -> float:
     """Operating threshold: fixed in config, or for the gallery size (1:1 verification is one
-    comparison, so K = 1) from the impostor table of the scores compared: the cohort's (AS-norm
-    scores) when one is configured, else the encoder card's (raw cosine)."""
+    comparison, so K = 1) from the impostor table of the scores compared."""
     if cfg.match.threshold is not None:
         return cfg.match.threshold
-    if stack.cohort is not None:
-        fmr, thr = stack.cohort.fmr, stack.cohort.threshold
-    else:
-        cal = stack.encoder.card.calibration
-        if cal is None:
-            raise GalleryError(None, f"encoder {stack.encoder.card.name} has no calibration in its card; set match.threshold")
-        fmr, thr = cal.fmr, cal.threshold
+    fmr, thr = impostor_table(stack)
     return threshold_for_gallery(fmr, thr, cfg.match.target_fpir, 1 if verification else k)
+
+
+def check_operating_point(cfg: Config, stack: Stack, k: int, verification: bool = False) -> float:
+    """Expected FPIR of the gate's threshold against k enrolled people (1:1: one comparison), read
+    off the impostor table; above MAX_TARGET_FPIR the gallery is refused (GalleryError). A fixed
+    threshold lets in more strangers as the gallery grows, and one from target_fpir stops
+    tightening where the table ends, so only the gallery's actual size can tell."""
+    k = 1 if verification else max(int(k), 1)
+    t = gallery_threshold(cfg, stack, k, verification)
+    fmr, thr = impostor_table(stack)
+    fpir = fpir_at_threshold(fmr, thr, t, k)
+    if fpir > MAX_TARGET_FPIR * (1 + 1e-9):  # a target of exactly the bound must not fail on rounding
+        how = ("match.threshold is fixed: raise it, or leave it unset to follow the gallery size"
+               if cfg.match.threshold is not None else
+               f"the impostor table ends at FMR {min(fmr):.1e}, so none of its thresholds holds a gallery this large")
+        raise GalleryError(None, f"threshold {t:.4f} against {k} enrolled gives an expected false positive "
+                                 f"identification rate of {fpir:.3g}, above the bound {MAX_TARGET_FPIR}: the gate "
+                                 f"refuses this gallery ({how})")
+    return fpir
 
 
 class Matcher:
@@ -129,6 +153,9 @@ class Gate:
         self.set_gallery(self.gallery)
 
     def set_gallery(self, g: gallery_io.Gallery) -> None:
+        """Use gallery g, or refuse it (GalleryError, the gallery in use unchanged) when the
+        operating point lets in more strangers at its size than MAX_TARGET_FPIR."""
+        check_operating_point(self.cfg, self.stack, len(g), verification=self.claim is not None)
         self.matcher = Matcher(self.cfg, self.stack, g)
         self.gallery = g
 

@@ -98,7 +98,11 @@ def run_service(cfg: Config, max_frames: int | None = None, verbose: bool = True
         except FacegateError as e:  # a missing or altered PAD model: no gate without its liveness check
             audit.record_event("liveness", "refused", details={"error": str(e)})
             raise
-        gate = Gate(cfg, stack, gallery, relay=relay, audit=audit, liveness=liveness)
+        try:
+            gate = Gate(cfg, stack, gallery, relay=relay, audit=audit, liveness=liveness)
+        except FacegateError as e:  # an operating point too loose for this gallery's size
+            audit.record_event("gallery", "refused", details={"error": str(e)})
+            raise
         camera = CameraMonitor(camera_factory or (lambda: make_camera(cfg.camera)), cfg.camera)
         audit.record_event("service", "started", details={"people": len(gallery), "threshold": round(gate.matcher.threshold_1n, 4),
                                                             "liveness": cfg.liveness.mode})

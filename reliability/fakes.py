@@ -60,7 +60,9 @@ class FakeEncoder:
 
     def __init__(self):
         # Its crop counts as the quality gate's own (ArcFace 112), so the gate judges it as it is.
-        self.card = SimpleNamespace(calibration=None, embedding=SimpleNamespace(dim=DIM), name="fake-encoder",
+        # One-hot embeddings score 1 or 0; the table puts the fixed threshold 0.5 at FMR 1e-4.
+        calibration = SimpleNamespace(fmr=[1e-2, 1e-6], threshold=[0.1, 0.9])
+        self.card = SimpleNamespace(calibration=calibration, embedding=SimpleNamespace(dim=DIM), name="fake-encoder",
                                     sha256=ENCODER_SHA, alignment=SimpleNamespace(template=ARCFACE_112, size=(112, 112)))
 
     def align(self, image: np.ndarray, det: Detection) -> AlignedFace:
@@ -79,7 +81,7 @@ def fake_stack(stall=None) -> Stack:
 
 
 def fake_config(folder: str | Path) -> Config:
-    """Mock pins, fixed threshold (the fake encoder has no calibration), every frame decisive
+    """Mock pins, fixed threshold (inside the fake encoder's table), every frame decisive
     (k = n = 1, no cooldown), storage in `folder`."""
     folder = Path(folder)
     cfg = Config()

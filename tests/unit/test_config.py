@@ -1,8 +1,12 @@
 """edge.config.load_config: defaults, every refusal names the file, YAML is loaded safely."""
+import json
+from pathlib import Path
+
 import pytest
 
-from edge.config import Config, describe, load_config
+from edge.config import MAX_TARGET_FPIR, MODELS, Config, describe, load_config
 from edge.errors import ConfigError, FacegateError
+from edge.modelcard import load_card
 
 
 def write(tmp_path, text, name="gate.yaml"):
@@ -108,3 +112,55 @@ def test_describe_lists_every_field():
     for line, start in zip(lines, expected):
         assert line.startswith(start), (line, start)
     assert "  k: default 2 (Ge(ge=1), Le(le=30)) - frames that must agree on one identity" in lines
+
+
+# ---------------------------------------------------------------- operating point: no config opens the door for anyone
+
+@pytest.mark.parametrize("fpir", ["0.999", "0.5", "0.0501"])
+def test_a_target_fpir_above_the_bound_is_refused_naming_field_and_bound(tmp_path, fpir):
+    refused(write(tmp_path, f"match:\n  target_fpir: {fpir}\n"), "match.target_fpir", str(MAX_TARGET_FPIR))
+
+
+def test_the_bound_itself_is_accepted(tmp_path):
+    assert load_config(write(tmp_path, f"match:\n  target_fpir: {MAX_TARGET_FPIR}\n")).match.target_fpir == MAX_TARGET_FPIR
+
+
+def encoder_range(card: Path) -> tuple[float, float]:
+    if not card.exists():
+        pytest.skip(f"{card} missing: run `python -m export setup`")
+    table = load_card(card, verify_file=False)[0].calibration.threshold
+    return min(table), max(table)
+
+
+@pytest.mark.parametrize("threshold", ["0", "-1", "0.5", "1"])  # the default fusion card is calibrated 0.60..0.85
+def test_a_fixed_threshold_outside_the_cards_calibrated_range_is_refused(tmp_path, threshold):
+    lo, hi = encoder_range(Path(Config().models.encoder))
+    msg = refused(write(tmp_path, f"match:\n  threshold: {threshold}\n"), "match.threshold", "calibrated range",
+                  f"{lo:.4f}..{hi:.4f}", Config().models.encoder)
+    assert "calibration.threshold" in msg
+
+
+def test_a_fixed_threshold_is_checked_against_the_encoder_the_config_names(tmp_path):
+    sface = MODELS / "sface_int8.card.json"
+    lo, hi = encoder_range(sface)
+    assert lo < 0.363 < hi  # SFace's published threshold lies inside its table
+    cfg = load_config(write(tmp_path, f"models:\n  encoder: {sface}\nmatch:\n  threshold: 0.363\n"))
+    assert cfg.match.threshold == 0.363
+    refused(write(tmp_path, f"models:\n  encoder: {sface}\nmatch:\n  threshold: {hi + 0.01:.4f}\n"), "match.threshold")
+    refused(write(tmp_path, f"models:\n  encoder: {sface}\nmatch:\n  threshold: {lo - 0.01:.4f}\n"), "match.threshold")
+
+
+def test_a_fixed_threshold_with_a_missing_card_is_refused_naming_the_card(tmp_path):
+    card = tmp_path / "gone.card.json"
+    refused(write(tmp_path, f"models:\n  encoder: {card}\nmatch:\n  threshold: 0.4\n"), "models.encoder", str(card), "not found")
+    refused(write(tmp_path, f"models:\n  encoder: {tmp_path}\nmatch:\n  threshold: 0.4\n"), "models.encoder", str(tmp_path))
+
+
+def test_a_fixed_threshold_with_an_uncalibrated_card_is_refused(tmp_path):
+    card = MODELS / "sface_int8.card.json"
+    encoder_range(card)
+    raw = json.loads(card.read_text())
+    del raw["calibration"]
+    (tmp_path / "nocal.card.json").write_text(json.dumps({**raw, "file": "nocal.onnx"}))
+    refused(write(tmp_path, f"models:\n  encoder: {tmp_path / 'nocal.card.json'}\nmatch:\n  threshold: 0.4\n"),
+            "match.threshold", "no calibration.threshold table")

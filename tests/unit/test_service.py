@@ -303,6 +303,64 @@ def test_refused_gallery_keeps_the_door_locked_and_says_why(tmp_path, systemd, f
     assert "wrong key" in rows[0]["details"]["error"] and unlocks == []
 
 
+def threshold_at_fmr(stack, fmr):
+    from edge.match import threshold_for_fmr
+
+    cal = stack.encoder.card.calibration
+    return threshold_for_fmr(cal.fmr, cal.threshold, fmr)
+
+
+def test_a_fixed_threshold_too_loose_for_the_gallery_size_keeps_the_door_locked_and_says_why(tmp_path, systemd, faces,
+                                                                                              monkeypatch):
+    """A threshold at FMR 0.03 is within the bound for one person (FPIR 0.03) but not for two
+    (1 - 0.97^2 = 0.0591 > 0.05): with two enrolled the gate does not start, and says why."""
+    cfg, stack = enrolled_config(tmp_path, faces, {"obama": "obama.jpg", "astronaut": "astronaut.png"})
+    cfg.match.threshold = threshold_at_fmr(stack, 0.03)
+    unlocks = []
+    monkeypatch.setattr("edge.relay.DoorRelay.unlock", lambda self, *a, **k: unlocks.append(a))
+    with pytest.raises(GalleryError, match="above the bound 0.05"):
+        run_service(cfg, verbose=False, notifier=Notifier(systemd.path))
+    assert systemd.close() == ["STOPPING=1"]  # never READY: systemd sees a failed start
+    rows = audit_rows(cfg)
+    assert [(r["kind"], r["reason"]) for r in rows] == [("gallery", "refused"), ("service", "stopped")]
+    assert "against 2 enrolled" in rows[0]["details"]["error"] and "0.0591" in rows[0]["details"]["error"]
+    assert unlocks == []
+
+
+def test_a_reload_that_grows_the_gallery_past_the_thresholds_bound_is_refused(tmp_path, systemd, faces):
+    """The same threshold with one person enrolled runs; a reload that adds a second is refused
+    and audited, and the gate goes on with the gallery it had (obama, added, is never granted)."""
+    cfg, stack = enrolled_config(tmp_path, faces, {"astronaut": "astronaut.png"})
+    cfg.match.threshold = threshold_at_fmr(stack, 0.03)
+    cfg.camera.loop = True
+
+    def enrol_obama_and_hup():
+        try:
+            assert systemd.wait_for(lambda m: m.count("WATCHDOG=1") >= 2)
+            key = G.load_key(cfg.storage.key_file)
+            g = G.load(cfg.storage.gallery, key, stack.encoder.sha256)
+            apply(g, [embed_photo(stack, cfg.quality, load_image(sample("obama.jpg")), "obama", "obama.jpg")],
+                  cfg.storage.retention_days)
+            G.save(g, cfg.storage.gallery, key)
+            os.kill(os.getpid(), signal.SIGHUP)
+            assert systemd.wait_for(lambda m: "RELOADING=1" in m and m[m.index("RELOADING=1"):].count("WATCHDOG=1") >= 8)
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    t = threading.Thread(target=enrol_obama_and_hup)
+    t.start()
+    try:
+        run_service(cfg, max_frames=2000, verbose=False, notifier=Notifier(systemd.path))
+    finally:
+        t.join()
+    rows = audit_rows(cfg)
+    refused = [r for r in rows if (r["kind"], r["reason"]) == ("gallery", "reload_refused")]
+    assert len(refused) == 1 and "above the bound 0.05" in refused[0]["details"]["error"]
+    assert "against 2 enrolled" in refused[0]["details"]["error"]
+    assert not any(r["kind"] == "gallery" and r["reason"] == "reloaded" for r in rows)
+    assert not any(r["grant"] for r in rows)
+
+
 @pytest.mark.parametrize("fault", ["missing", "altered"])
 def test_a_missing_or_altered_pad_model_keeps_the_door_locked_and_says_why(tmp_path, systemd, faces, monkeypatch, fault):
     import shutil

@@ -4,6 +4,7 @@ cooldown after a grant, back-off after repeated denials. Every timer runs on the
 from __future__ import annotations
 
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,8 +52,11 @@ def choose_faces(dets: list[Detection], frame_shape, policy: str, max_faces: int
 
 
 class DecisionPolicy:
-    def __init__(self, cfg):
+    def __init__(self, cfg, valid: Callable[[str, float], bool]):
+        """`valid(identity, t_wall)`: whether that enrolment still holds at that wall time; a grant
+        for one that does not becomes a denial, reason "expired"."""
         self.cfg = cfg
+        self.valid = valid
         self.tracks: dict[int, Track] = {}
         self._next_id = 1
         self.last_grant: dict[str, float] = {}
@@ -93,6 +97,10 @@ class DecisionPolicy:
             # A track whose frames name two different people is not sure of anyone: no grant.
             if votes >= self.cfg.k and len(matches) == 1:
                 track.history.clear()
+                # Judged where the door would open, on this frame's wall time: votes cast before
+                # an expiry carry no grant after it.
+                if not self.valid(ident, t_wall):
+                    return self._deny("expired", now, {**base, "identity": ident})
                 last = self.last_grant.get(ident)
                 if last is not None and now - last < self.cfg.cooldown_s:
                     return Decision(False, "cooldown", **{**base, "identity": ident})

@@ -35,6 +35,9 @@ class Person:
     enrolled_at: float = 0.0
     expires_at: float | None = None
 
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and self.expires_at <= now
+
 
 @dataclass
 class Gallery:
@@ -76,7 +79,7 @@ class Gallery:
 
     def expire(self, now: float | None = None) -> list[str]:
         now = time.time() if now is None else now
-        gone = [p.name for p in self.people if p.expires_at is not None and p.expires_at <= now]
+        gone = [p.name for p in self.people if p.expired(now)]
         for n in gone:
             self.remove(n)
         return gone

@@ -115,10 +115,16 @@ class Matcher:
         self.cfg, self.stack, self.gallery = cfg, stack, g
         self.threshold_1n = gallery_threshold(cfg, stack, max(len(g), 1))
         self.threshold_1to1 = gallery_threshold(cfg, stack, 1, verification=True)
+        self._people = {p.name: p for p in g.people}  # names are unique in a gallery
         self._enrollees = stack.cohort.stats(g.matrix) if stack.cohort is not None and len(g) else None
         # AS-norm needs every raw score (the enrollees' cohort statistics shift the ranking), so
         # only the plain cosine search uses the index's exact-top-two shortcut.
         self.index = GalleryIndex(g.matrix, cfg.models.threads) if self._enrollees is None and len(g) else None
+
+    def valid(self, name: str, t_wall: float) -> bool:
+        """Whether `name` is enrolled and its enrolment has not expired at wall time t_wall."""
+        p = self._people.get(name)
+        return p is not None and not p.expired(t_wall)
 
     def match(self, probe: np.ndarray, claim: str | None = None) -> Match:
         """1:N (claim None) or 1:1 against the claimed identity."""
@@ -148,7 +154,9 @@ class Gate:
     clock: object = time.perf_counter
 
     def __post_init__(self):
-        self.policy = DecisionPolicy(self.cfg.decision)
+        # Validity is judged at each grant on the frame's wall time: an enrolment that expires
+        # while the gate runs ends then, not at the next start or reload.
+        self.policy = DecisionPolicy(self.cfg.decision, valid=lambda who, t_wall: self.matcher.valid(who, t_wall))
         self._last_quiet: str | None = None
         self.set_gallery(self.gallery)
 

@@ -145,3 +145,25 @@ def test_multi_frame_fusion_matches_the_tracks_mean_embedding(gate, samples):
     scored = [d for d in decisions if d.score is not None]
     assert scored and abs(scored[-1].score - want) < 1e-5
     assert any(d.grant for d in decisions)
+
+
+def test_an_enrolment_that_expires_while_the_gate_runs_is_denied_expired_and_never_pulses_again(gate, samples):
+    """obama's enrolment ends at `until` (wall time) while the gate keeps running: before it he is
+    granted once; after it every decision is a denial `expired`, audited, and the relay stays
+    locked (no cooldown here, so only the expiry can keep a second pulse away)."""
+    gate.cfg.decision.cooldown_s = 0.0
+    person = next(p for p in gate.gallery.people if p.name == "obama")
+    until = time.time() + 3600.0
+    person.expires_at = until
+    images = frames_of(load_image(samples / "obama2.jpg"), 6)
+    before = [gate.process(Frame(img, time.monotonic(), until - 10.0 + 0.1 * i, i, "test")) for i, img in enumerate(images)]
+    assert sum(d.grant for d in before) == 3 and {d.identity for d in before if d.grant} == {"obama"}
+    time.sleep(PULSE + 0.3)  # the last pulse ends: any later line change is a new pulse
+    pulses = [s.state for s in gate.relay.pin.states].count(True)
+    after = [gate.process(Frame(img, time.monotonic(), until + 0.1 * i, 6 + i, "test")) for i, img in enumerate(images)]
+    assert not any(d.grant for d in after)
+    assert [d.reason for d in after] == ["pending", "expired"] * 3
+    assert all(d.identity == "obama" for d in after if d.reason == "expired")
+    time.sleep(0.1)
+    assert [s.state for s in gate.relay.pin.states].count(True) == pulses and gate.relay.pin.state is False
+    assert reasons(gate).count("expired") == 3

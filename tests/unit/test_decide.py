@@ -15,10 +15,10 @@ def det(box=BOX):
     return Detection(box=box, keypoints=np.zeros((5, 2), np.float32), score=0.9)
 
 
-def policy(**kw):
+def policy(valid=lambda who, t_wall: True, **kw):
     base = dict(k=2, n=3, cooldown_s=5.0, backoff_after=5, backoff_s=30.0, backoff_max_s=100.0,
                 track_iou=0.3, track_timeout_s=1.5)
-    return DecisionPolicy(DecisionConfig(**{**base, **kw}))
+    return DecisionPolicy(DecisionConfig(**{**base, **kw}), valid)
 
 
 def match(name="alice"):
@@ -50,6 +50,23 @@ def test_two_matches_grant_on_the_second_frame():
     assert d[1].grant and d[1].identity == "alice"
     assert d[1].details == {"votes": 2, "n": 3}
     assert not d[0].grant
+
+
+def test_a_grant_for_an_enrolment_no_longer_valid_is_denied_expired():
+    """Validity is asked at the grant, with that frame's wall time (feed: 1000 + now); a vote
+    cast before the expiry (frame 3, 1000.2) does not carry a grant after it (frame 4, 1000.3)."""
+    asked = []
+
+    def valid(who, t_wall):
+        asked.append((who, t_wall))
+        return t_wall < 1000.25
+
+    p = policy(valid, cooldown_s=0.0, backoff_after=2)
+    d = feed(p, [match(), match(), match(), match(), match(), match()])
+    assert reasons(d) == ["pending", "granted", "pending", "expired", "pending", "expired"]
+    assert asked == [("alice", 1000.1), ("alice", 1000.3), ("alice", 1000.5)]
+    assert not any(x.grant for x in d[2:]) and d[3].identity == "alice"
+    assert p.in_backoff(0.6)  # expired denials count towards back-off like any other
 
 
 def test_match_unknown_match_grants_on_the_third_frame():

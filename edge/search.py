@@ -6,6 +6,9 @@ A 1:N search is one matrix-vector product, bound by memory: 100,000 fused 256-d 
 approximate scores come with a bound on their quantization error, so every row that could be the
 best or the runner-up is known and scored again in float32; the rest are provably below the
 runner-up. The best two, which are all the matcher uses, are exact.
+
+The one-node ONNX graph is written here as protobuf bytes: the onnx package that would build it is
+an export-time dependency, not installed on the device.
 """
 from __future__ import annotations
 
@@ -15,6 +18,51 @@ from .match import cosine_scores
 
 MIN_ROWS = 4096  # below this the float product is already fast and the INT8 pass has nothing to save
 _ZERO = 128  # the query's uint8 zero point: onnxruntime's fast integer kernels take uint8 x int8
+_UINT8, _INT8, _INT32 = 2, 3, 6  # onnx TensorProto.DataType
+
+
+def varint(n: int) -> bytes:
+    """Protobuf base-128 varint of a non-negative int, low 7-bit group first."""
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def field(number: int, value: int | bytes) -> bytes:
+    """One protobuf field: an int as a varint (wire type 0), bytes length-delimited (wire type 2)."""
+    if isinstance(value, int):
+        return varint(number << 3) + varint(value)
+    return varint(number << 3 | 2) + varint(len(value)) + value
+
+
+def _tensor(name: str, dtype: int, dims: tuple[int, ...], raw: bytes) -> bytes:
+    """TensorProto: dims = 1, data_type = 2, name = 8, raw_data = 9."""
+    return b"".join([*(field(1, d) for d in dims), field(2, dtype), field(8, name.encode()), field(9, raw)])
+
+
+def _value_info(name: str, dtype: int, dims: tuple[int, ...]) -> bytes:
+    """ValueInfoProto {name = 1, type = 2: TypeProto {tensor_type = 1: {elem_type = 1, shape = 2:
+    TensorShapeProto {dim = 1: {dim_value = 1}}}}}."""
+    shape = b"".join(field(1, field(1, d)) for d in dims)
+    return field(1, name.encode()) + field(2, field(1, field(1, dtype) + field(2, shape)))
+
+
+def gemm_model(codes: np.ndarray) -> bytes:
+    """Serialized ONNX ModelProto (IR 8, opset 13): dots = MatMulInteger(q, gallery, q_zero) with q
+    a 1 x d uint8 query and the K x d int8 `codes`, transposed, as the constant `gallery`."""
+    k, d = codes.shape
+    node = b"".join([field(1, b"q"), field(1, b"gallery"), field(1, b"q_zero"), field(2, b"dots"),
+                     field(4, b"MatMulInteger")])  # NodeProto: input = 1, output = 2, op_type = 4
+    graph = b"".join([  # GraphProto: node = 1, name = 2, initializer = 5, input = 11, output = 12
+        field(1, node), field(2, b"gallery_search"),
+        field(5, _tensor("gallery", _INT8, (d, k), np.ascontiguousarray(codes.T, np.int8).tobytes())),
+        field(5, _tensor("q_zero", _UINT8, (), bytes([_ZERO]))),
+        field(11, _value_info("q", _UINT8, (1, d))), field(12, _value_info("dots", _INT32, (1, k)))])
+    # ModelProto: ir_version = 1, graph = 7, opset_import = 8 (OperatorSetIdProto: domain = 1, version = 2)
+    return b"".join([field(1, 8), field(7, graph), field(8, field(1, b"") + field(2, 13))])
 
 
 def _int8_rows(matrix: np.ndarray, chunk: int = 8192) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -55,23 +103,13 @@ class GalleryIndex:
 
     def _build(self, threads: int) -> None:
         import onnxruntime as ort
-        from onnx import TensorProto, helper, numpy_helper
 
         codes, self.scale, self.err = _int8_rows(self.matrix)
         self.norms = np.linalg.norm(self.matrix, axis=1).astype(np.float64)
-        k, d = codes.shape
-        graph = helper.make_graph(
-            [helper.make_node("MatMulInteger", ["q", "gallery", "q_zero"], ["dots"])], "gallery_search",
-            [helper.make_tensor_value_info("q", TensorProto.UINT8, [1, d])],
-            [helper.make_tensor_value_info("dots", TensorProto.INT32, [1, k])],
-            [numpy_helper.from_array(np.ascontiguousarray(codes.T), "gallery"),
-             numpy_helper.from_array(np.array(_ZERO, np.uint8), "q_zero")])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-        model.ir_version = 8
         so = ort.SessionOptions()
         so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
         # The gallery is a constant of the graph, so onnxruntime packs it once, here, not per query.
-        self.session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(gemm_model(codes), so, providers=["CPUExecutionProvider"])
 
     def approximate(self, probe: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """INT8 scores of every row and the bound on each one's error (float64)."""

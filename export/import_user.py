@@ -112,7 +112,8 @@ def import_user(src: Path, name: str, size: int, color: str, mean, std, template
             cal_spec = CalibrationSpec(dataset=f"{faces.name} ({len(crops)} faces)", **impostor_table(vec, ids))
             write_card(user_card(f"{name}_{prec}", model, prec, size, color, mean, std, template, dim, src, cal_spec), model)
     else:
-        say("import-onnx: one identity only: no impostor table; set match.threshold in the config")
+        say("import-onnx: one identity only: no impostor table, and the gate runs no encoder without one "
+            "(no threshold's false match rate is known); --calibrate with two or more identities")
     return result
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError, FacegateError
 
@@ -55,12 +55,25 @@ class QualityConfig(_Section):
     photo, which sets every later comparison, gets the stricter `enroll_quality`."""
 
     min_face_px: float = Field(60.0, ge=16, le=2000, description="shorter side of the face box, in frame pixels")
-    min_sharpness: float = Field(15.0, ge=0, le=10000, description="variance of the Laplacian of the aligned face")
+    min_detail: float = Field(0.008, ge=0, le=1, description="fine detail: variance of the Laplacian over the variance of the grey levels of the aligned face (below: blurry); a darker face or a dimmer light leaves it unchanged")
     max_yaw: float = Field(1.0, ge=0, le=1, description="nose offset from the eye midline, as a share of eye distance")
     max_roll_deg: float = Field(25.0, ge=0, le=90)
-    min_brightness: float = Field(40.0, ge=0, le=255, description="mean grey level of the aligned face")
-    max_brightness: float = Field(220.0, ge=0, le=255)
+    min_highlight: float = Field(60.0, ge=0, le=255, description="the picture's highlights: 99th percentile grey of the face and its surroundings (the face box doubled); below: underexposed. Eye whites, teeth, shine and background set it, not skin tone")
+    min_contrast: float = Field(60.0, ge=0, le=255, description="the face's dynamic range: its 99.5th minus 0.5th percentile grey (eye whites and teeth against pupils and nostrils, which every face has); below: washed out, fogged or far too dark")
+    min_backlight: float = Field(0.35, ge=0, le=1, description="the face's highlights (99.5th percentile) over its surroundings' (99th); below: back-lit, exposed for a bright background")
+    max_clipped: float = Field(0.3, ge=0, le=1, description="share of the aligned face at grey 250 or above (detail lost to white)")
+    max_crushed: float = Field(0.5, ge=0, le=1, description="share of the aligned face at grey 5 or below (detail lost to black)")
     patience_frames: int = Field(8, ge=0, le=1000, description="a track whose last N faces were all refused on quality has its next ones matched anyway, the reason audited (someone who cannot face the camera squarely, or a soft-focus camera, is not locked out; a poor face fails safe: its lower scores deny it as unknown); 0 = never")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed(cls, data):
+        gone = {"min_brightness": "exposure is judged by min_highlight and min_contrast on the picture, not by the face's mean grey (which measures skin tone)",
+                "max_brightness": "exposure is judged by min_highlight and min_contrast on the picture, not by the face's mean grey (which measures skin tone)",
+                "min_sharpness": "blur is judged by min_detail (the Laplacian's share of the face's contrast, about 0.008), which a darker face leaves unchanged"}
+        for key in gone.keys() & set(data if isinstance(data, dict) else ()):
+            raise ValueError(f"{key} was removed: {gone[key]}")
+        return data
 
 
 class MatchConfig(_Section):

@@ -446,9 +446,14 @@ class OneToN:
     margin: np.ndarray
 
 
+def key_of(path: Path) -> str:
+    """An LFW image's key: person/file, relative to images/."""
+    return f"{path.parent.name}/{path.name}"
+
+
 def one_to_n(members: list[Member], s: Scoring, split, gallery_names: list[str] | None = None) -> OneToN:
     """Search every probe of the split against the gallery (or the `gallery_names` subset)."""
-    key = lambda p: f"{p.parent.name}/{p.name}"  # noqa: E731
+    key = key_of
     tab = members[0].table
     acq = acquired_mask(members, s)
     names = [n for n in (gallery_names if gallery_names is not None else split.gallery)
@@ -753,6 +758,12 @@ def main_1n(args) -> int:
         row = {"name": name, "scoring": s.__dict__ | {"template_scale": scale}, "failures_to_acquire": fta,
                "cost": cost, **{k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in fig.items()}}
         curves[name] = (res.curve_fpir, res.curve_fnir)
+        if i == 0 and args.probes_json:
+            # Per probe, for evaluations that slice the protocol (evaluation/fairness.py).
+            atomic_write_bytes(args.probes_json, json.dumps({
+                "row": name, "gallery": r.gallery, "gallery_keys": [key_of(split.gallery[n]) for n in r.gallery],
+                "probes": [{"key": k, "true": t, "best": b, "score": None if not np.isfinite(sc) else float(sc)}
+                           for k, t, b, sc in zip(r.probe_keys, r.true_ids, r.best, r.score)]}).encode())
         if i == 0 or name.startswith("all: "):
             row["false_matches_at_fpir_0.003"] = false_matches(r, res.thresholds[0.003])
             tbl = _k_table(ms, s, cohort_for, cfg.models.encoder if name.startswith("shipped default") else enc_card)
@@ -860,5 +871,6 @@ def add_arguments(s) -> None:
     s.add_argument("--pairs-per-fold", type=int, default=0, help="SUBSET: the first N pairs of each kind per fold")
     s.add_argument("--cache-dir", default=str(repo / "out" / "eval_cache"))
     s.add_argument("--json", help="write the figures as JSON")
+    s.add_argument("--probes-json", help="write the first row's per-probe results (identity, best match, score) as JSON")
     s.add_argument("--det-png", help="write the 1:N DET curves as PNG (needs matplotlib)")
     s.add_argument("--quiet", action="store_true")

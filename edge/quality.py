@@ -1,10 +1,29 @@
-"""Quality gate before embedding: size, blur, pose and exposure, each with a reason code. Pure."""
+"""Quality gate before embedding: size, pose, exposure and blur, each with a reason code. Pure.
+
+Exposure is judged on the picture, not on the skin. The mean grey level of a face measures the
+person's skin tone as much as the light (a dark-skinned face, correctly exposed, reads as dark as
+a light-skinned face two stops under), so no check here uses it. Instead:
+- the picture's highlights: the 99th percentile grey of the face with its surroundings (the face
+  box doubled: eye whites, teeth, skin shine, hair, collar, background), which do not depend on
+  pigment. Too low: underexposed;
+- the face's dynamic range: its brightest few pixels (eye whites, teeth, shine) minus its darkest
+  few (pupils, nostrils, the mouth's corners), features every face has whatever its skin. Too
+  small: washed out, fogged or far too dark;
+- back-light: the face's own highlights (its brightest few pixels: eye whites, teeth, shine)
+  against its surroundings'. A face much darker than a bright background behind it has been
+  exposed for the background;
+- information lost: the share of the face clipped to white or crushed to black;
+- blur: the Laplacian's share of the face's contrast (variance of the Laplacian over the variance
+  of the grey levels), which a darker face or a dimmer light leaves unchanged, where the plain
+  Laplacian variance falls with the square of the contrast."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
-from .align import ARCFACE_112, align
+from .align import ARCFACE_112, align, similarity_transform
 from .records import Detection, Quality
 
 # The limits (sharpness above all) are set on this crop, the ArcFace 112 px template the default
@@ -15,8 +34,64 @@ QUALITY_TEMPLATE, QUALITY_SIZE = ARCFACE_112, (112, 112)
 
 
 def sharpness(gray: np.ndarray) -> float:
-    """Variance of the Laplacian: low on blurred or defocused faces."""
+    """Variance of the Laplacian: low on blurred or defocused faces, and on low-contrast ones."""
     return float(cv2.Laplacian(gray, cv2.CV_64F).var())
+
+
+def detail(gray: np.ndarray) -> float:
+    """Variance of the Laplacian over the variance of the grey levels: the share of the face's
+    contrast in fine detail. A gain (exposure, skin tone) scales both alike, so it cancels; blur
+    removes the fine detail only. 0 for a flat image."""
+    var = float(np.asarray(gray, np.float64).var())
+    return sharpness(gray) / var if var > 1e-9 else 0.0
+
+
+@dataclass(frozen=True)
+class Exposure:
+    highlight: float  # 99th percentile grey of the face and its surroundings
+    contrast: float  # the face's 99.5th minus its 0.5th percentile grey
+    backlight: float  # face's 99.5th percentile / its surroundings' 99th (1 where nothing surrounds it)
+    clipped: float  # share of the face at 250 or above
+    crushed: float  # share of the face at 5 or below
+
+
+def face_regions(gray_frame: np.ndarray, box) -> tuple[np.ndarray, np.ndarray]:
+    """(the face box doubled about its centre, clipped to the frame; its pixels outside the face
+    box itself), both as flat arrays of grey levels."""
+    h, w = gray_frame.shape[:2]
+    x, y, bw, bh = (float(v) for v in box)
+    cx, cy = x + bw / 2, y + bh / 2
+    x0, y0 = int(max(0, np.floor(cx - bw))), int(max(0, np.floor(cy - bh)))
+    x1, y1 = int(min(w, np.ceil(cx + bw))), int(min(h, np.ceil(cy + bh)))
+    region = gray_frame[y0:y1, x0:x1]
+    inside = np.zeros(region.shape, bool)
+    inside[int(max(0, y - y0)):int(max(0, y + bh - y0)), int(max(0, x - x0)):int(max(0, x + bw - x0))] = True
+    return region.ravel(), region[~inside]
+
+
+def in_frame(det: Detection, frame_shape, size: tuple[int, int] = QUALITY_SIZE) -> np.ndarray:
+    """Which pixels of the aligned crop come from inside the frame (the warp fills the rest with
+    black, which is no shadow of the face)."""
+    m = similarity_transform(det.keypoints, np.asarray(QUALITY_TEMPLATE, np.float64))
+    inv = cv2.invertAffineTransform(m)
+    yy, xx = np.mgrid[:size[1], :size[0]].astype(np.float64)
+    fx = inv[0, 0] * xx + inv[0, 1] * yy + inv[0, 2]
+    fy = inv[1, 0] * xx + inv[1, 1] * yy + inv[1, 2]
+    h, w = frame_shape[:2]
+    return (fx >= 0) & (fx <= w - 1) & (fy >= 0) & (fy <= h - 1)
+
+
+def exposure(gray_frame: np.ndarray, box, face: np.ndarray) -> Exposure:
+    """The exposure measures of one face: `gray_frame` the whole frame, `box` the face box in it,
+    `face` the aligned face's grey levels (without the warp's border)."""
+    region, surround = face_regions(gray_frame, box)
+    if region.size == 0:
+        region = face.ravel()
+    hi = float(np.percentile(region, 99))
+    face_lo, face_hi = (float(v) for v in np.percentile(face, [0.5, 99.5]))
+    around = float(np.percentile(surround, 99)) if surround.size >= 16 else 0.0
+    return Exposure(hi, face_hi - face_lo, face_hi / around if around > 0 else 1.0,
+                    float((face >= 250).mean()), float((face <= 5).mean()))
 
 
 def pose(kps: np.ndarray) -> tuple[float, float]:
@@ -34,23 +109,32 @@ def pose(kps: np.ndarray) -> tuple[float, float]:
     return yaw, roll
 
 
-def assess(det: Detection, aligned_bgr: np.ndarray, cfg) -> Quality:
+def assess(image: np.ndarray, det: Detection, aligned_bgr: np.ndarray, cfg) -> Quality:
+    """Judge one face: `image` the whole frame (BGR), `det` the face in it, `aligned_bgr` the face
+    on the quality template (QUALITY_SIZE)."""
     gray = cv2.cvtColor(aligned_bgr, cv2.COLOR_BGR2GRAY)
     h, w = gray.shape
     centre = gray[h // 8: h - h // 8, w // 8: w - w // 8]  # the face, not the warp's black border
-    sharp = sharpness(centre)
-    bright = float(centre.mean())
+    frame_gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if image.ndim == 3 else image
+    seen = in_frame(det, image.shape, (w, h))[h // 8: h - h // 8, w // 8: w - w // 8]
+    # A face cut by the frame's edge is judged on the part the camera saw.
+    ex = exposure(frame_gray, det.box, centre[seen] if seen.sum() >= 64 else centre.ravel())
+    sharp = detail(centre)
     yaw, roll = pose(det.keypoints)
     checks = [
         (det.size >= cfg.min_face_px, "too_small"),
         (abs(yaw) <= cfg.max_yaw, "pose"),
         (abs(roll) <= cfg.max_roll_deg, "pose"),
-        (bright >= cfg.min_brightness, "dark"),
-        (bright <= cfg.max_brightness, "bright"),
-        (sharp >= cfg.min_sharpness, "blurry"),
+        # Blur before exposure: smearing also flattens the face's range, which would read as washed out.
+        (sharp >= cfg.min_detail, "blurry"),
+        (ex.highlight >= cfg.min_highlight, "underexposed"),
+        (ex.clipped <= cfg.max_clipped, "clipped"),
+        (ex.crushed <= cfg.max_crushed, "crushed"),
+        (ex.contrast >= cfg.min_contrast, "low_contrast"),
+        (ex.backlight >= cfg.min_backlight, "backlit"),
     ]
     reason = next((code for ok, code in checks if not ok), "ok")
-    return Quality(reason == "ok", reason, det.size, sharp, yaw, roll, bright)
+    return Quality(reason == "ok", reason, det.size, sharp, yaw, roll, ex)
 
 
 def assess_face(image: np.ndarray, det: Detection, crop: np.ndarray, crop_template, crop_size, cfg) -> Quality:
@@ -58,4 +142,4 @@ def assess_face(image: np.ndarray, det: Detection, crop: np.ndarray, crop_templa
     template and size, else a fresh alignment of `image`."""
     if tuple(crop_size) != QUALITY_SIZE or not np.allclose(np.asarray(crop_template, np.float64), QUALITY_TEMPLATE):
         crop = align(image, det, QUALITY_TEMPLATE, QUALITY_SIZE).image
-    return assess(det, crop, cfg)
+    return assess(image, det, crop, cfg)

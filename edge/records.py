@@ -35,12 +35,12 @@ class Detection:
 @dataclass(frozen=True)
 class Quality:
     ok: bool
-    reason: str  # "ok" or a reason code such as "too_small", "blurry", "pose", "dark", "bright"
+    reason: str  # "ok" or a reason code: "too_small", "pose", "underexposed", "overexposed", "backlit", "clipped", "crushed", "blurry"
     face_px: float
-    sharpness: float
+    detail: float  # Laplacian variance / grey variance of the face (edge.quality.detail)
     yaw: float
     roll: float
-    brightness: float
+    exposure: object  # edge.quality.Exposure
 
 
 @dataclass(frozen=True)

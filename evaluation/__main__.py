@@ -1,4 +1,4 @@
-"""python -m evaluation COMMAND --help: liveness."""
+"""python -m evaluation COMMAND --help: liveness, fairness."""
 from __future__ import annotations
 
 import argparse
@@ -37,6 +37,15 @@ def main(argv=None) -> int:
     s.add_argument("--samples", default=str(MODELS / "raw" / "images"), help="registry photos for the simulated attacks")
     s.add_argument("--out", default="out/liveness", help="folder for det.png and eval.json")
     s.set_defaults(fn=_lazy("liveness"))
+    s = sub.add_parser("fairness", help="quality refusals per skin-tone (ITA) band on CelebA and LFW, a graded "
+                                       "synthetic exposure set, LFW 1:N FNIR / FPIR per band")
+    s.add_argument("--celeba", default=str(SHARED / "data" / "celeba" / "images"))
+    s.add_argument("--lfw", default=str(SHARED / "data" / "lfw"))
+    s.add_argument("--detector", default=str(MODELS / "yunet_fp32.card.json"))
+    s.add_argument("--per-band", type=int, default=40, help="CelebA faces per band in the graded exposure set")
+    s.add_argument("--probes", help="per-probe 1:N results of the default (python -m edge evaluate-1n --probes-json FILE)")
+    s.add_argument("--out", default="out/fairness")
+    s.set_defaults(fn=_lazy("fairness"))
     args = p.parse_args(argv)
     return run_cli(args.fn, args)
 

@@ -1,0 +1,355 @@
+"""`python -m evaluation fairness`: does the quality gate judge the picture or the skin?
+
+Skin tone is estimated per face by the individual typology angle (ITA, Chardon et al. 1991):
+ITA = atan((L* - 50) / b*) in degrees, from the median CIELAB L* and b* of three skin patches of
+the aligned face (both cheeks and the forehead above the nose bridge), binned into the six usual
+bands. ITA of web photos reflects the light as much as the skin: the bands are a proxy, reported
+with their counts and 95% intervals, and a band of fewer than MIN_BAND faces is called too small
+to judge.
+
+Reported:
+- a graded synthetic exposure set: well-exposed faces of every band darkened, brightened,
+  back-lit and blown out step by step (in linear light), and the first step at which the quality
+  gate refuses each face, with the reason. The face box and keypoints are the ones found on the
+  untouched photo, so the table is about the quality checks, not the detector;
+- per band on CelebA and LFW: the share of faces refused at enrollment (`enroll_quality`) and at
+  the door (`quality`, before patience);
+- per band on LFW's 1:N protocol: FNIR of the mated probes and FPIR of the non-mated probes in the
+  band, at the gate's own threshold for the protocol's gallery (evaluation only: nothing is tuned
+  on LFW)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+BANDS = (("very light", 55.0, 90.0), ("light", 41.0, 55.0), ("intermediate", 28.0, 41.0),
+         ("tan", 10.0, 28.0), ("brown", -30.0, 10.0), ("dark", -90.0, -30.0))
+MIN_BAND = 100  # fewer faces than this: too small to judge
+# Skin patches on the 112x112 ArcFace crop (x0, y0, x1, y1): the cheeks below the eyes and the
+# forehead above the nose bridge; clear of eyes, brows, nostrils, lips and, mostly, hair.
+SKIN_PATCHES = ((22, 58, 42, 76), (70, 58, 90, 76), (44, 20, 68, 34))
+
+
+def ita(aligned_bgr: np.ndarray) -> float:
+    """Individual typology angle of the face's skin patches, degrees (higher = lighter)."""
+    lab = cv2.cvtColor(aligned_bgr, cv2.COLOR_BGR2LAB).astype(np.float64)
+    l_star = lab[..., 0] * (100.0 / 255.0)  # OpenCV's 8-bit L* is scaled to 0..255
+    b_star = lab[..., 2] - 128.0
+    ls = np.concatenate([l_star[y0:y1, x0:x1].ravel() for x0, y0, x1, y1 in SKIN_PATCHES])
+    bs = np.concatenate([b_star[y0:y1, x0:x1].ravel() for x0, y0, x1, y1 in SKIN_PATCHES])
+    return float(np.degrees(np.arctan2(np.median(ls) - 50.0, np.median(bs))))
+
+
+def band_of(angle: float) -> str:
+    for name, lo, hi in BANDS:
+        if lo <= angle < hi:
+            return name
+    return BANDS[0][0] if angle >= BANDS[0][2] else BANDS[-1][0]
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial share k / n."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+# ---------------------------------------------------------------- graded exposure (linear light)
+
+def to_linear(bgr: np.ndarray) -> np.ndarray:
+    x = bgr.astype(np.float64) / 255.0
+    return np.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4)
+
+
+def to_srgb(lin: np.ndarray) -> np.ndarray:
+    x = np.clip(lin, 0.0, 1.0)
+    y = np.where(x <= 0.0031308, 12.92 * x, 1.055 * x ** (1 / 2.4) - 0.055)
+    return np.round(y * 255.0).astype(np.uint8)
+
+
+def head_mask(shape, box, feather: float = 0.2) -> np.ndarray:
+    """A soft ellipse over the head (a little larger than the face box): 1 inside, 0 outside,
+    feathered over `feather` of its radius."""
+    h, w = shape[:2]
+    x, y, bw, bh = box
+    yy, xx = np.mgrid[:h, :w].astype(np.float64)
+    r = np.sqrt(((xx - (x + bw / 2)) / (bw * 0.8)) ** 2 + ((yy - (y + bh / 2)) / (bh * 0.8)) ** 2)
+    return np.clip((1.0 + feather - r) / feather, 0.0, 1.0)
+
+
+def in_scene(image: np.ndarray, det):
+    """The photo with a mirrored margin of one face box on every side, as a door camera sees a
+    face inside a larger scene (web crops are often cut close to the head), and the detection
+    moved with it."""
+    from edge.records import Detection
+
+    x, y, bw, bh = det.box
+    mx, my = int(bw), int(bh)
+    out = cv2.copyMakeBorder(image, my, my, mx, mx, cv2.BORDER_REFLECT_101)
+    moved = Detection((x + mx, y + my, bw, bh), det.keypoints + np.float32([mx, my]), det.score)
+    return out, moved
+
+
+@dataclass(frozen=True)
+class Treatment:
+    name: str
+    steps: tuple[float, ...]
+    unit: str
+
+
+TREATMENTS = (
+    Treatment("darkened", (0, 1, 2, 3, 4, 5, 6, 7, 8), "stops less light on the whole picture"),
+    Treatment("brightened", (0, 0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4), "stops more light on the whole picture"),
+    Treatment("back-lit", (0, 1, 2, 3, 4, 5, 6), "stops: the surroundings brightened and the face darkened by this much each"),
+    Treatment("blown out", (0, 0.5, 1, 2, 4, 8), "peak gain of a light spot on the upper face (linear light, clipped)"),
+)
+
+
+def treat(image: np.ndarray, box, kind: str, step: float) -> np.ndarray:
+    lin = to_linear(image)
+    if kind == "darkened":
+        lin = lin * 2.0 ** -step
+    elif kind == "brightened":
+        lin = lin * 2.0 ** step
+    elif kind == "back-lit":
+        m = head_mask(image.shape, box)[..., None]
+        lin = lin * (m * 2.0 ** -step + (1 - m) * 2.0 ** step)
+    elif kind == "blown out":
+        x, y, bw, bh = box
+        yy, xx = np.mgrid[:image.shape[0], :image.shape[1]].astype(np.float64)
+        spot = np.exp(-(((xx - (x + bw / 2)) / (0.35 * bw)) ** 2 + ((yy - (y + 0.35 * bh)) / (0.3 * bh)) ** 2))
+        lin = lin * (1.0 + step * spot[..., None])
+    else:
+        raise ValueError(kind)
+    return to_srgb(lin)
+
+
+def first_refusal(image: np.ndarray, det, cfg, kind: str, steps) -> tuple[float | None, str]:
+    """The first step of `kind` at which the quality gate refuses the face, and why (None: never)."""
+    from edge.align import align
+    from edge.quality import QUALITY_SIZE, QUALITY_TEMPLATE, assess
+
+    for s in steps:
+        img = treat(image, det.box, kind, s)
+        q = assess(img, det, align(img, det, QUALITY_TEMPLATE, QUALITY_SIZE).image, cfg)
+        if not q.ok:
+            return s, q.reason
+    return None, "never"
+
+
+def graded(images: list[tuple[np.ndarray, object, str]], cfg) -> dict:
+    """First refusing step and reason per treatment and band. `images`: (photo in its scene, its
+    detection, its band), each passing the gate untouched."""
+    out: dict = {}
+    for t in TREATMENTS:
+        per_band: dict = {}
+        for name, _, _ in BANDS:
+            res = [first_refusal(img, det, cfg, t.name, t.steps) for img, det, b in images if b == name]
+            if not res:
+                continue
+            steps = np.array([np.inf if s is None else s for s, _ in res])
+            reasons: dict[str, int] = {}
+            for _, r in res:
+                reasons[r] = reasons.get(r, 0) + 1
+            per_band[name] = {"faces": len(res), "median_step": float(np.median(steps)),
+                              "p10_step": float(np.percentile(steps, 10)), "p90_step": float(np.percentile(steps, 90)),
+                              "reasons": reasons}
+        out[t.name] = {"unit": t.unit, "steps": list(t.steps), "bands": per_band}
+    return out
+
+
+def survey(root: Path, keys: list[str], detector, cfg) -> list[dict]:
+    """Each photo's band and its verdicts at enrollment and at the door (nearest-centre face)."""
+    from edge.align import align
+    from edge.quality import QUALITY_SIZE, QUALITY_TEMPLATE, assess
+
+    rows = []
+    for k in keys:
+        img = cv2.imread(str(root / k))
+        dets = detector.detect(img) if img is not None else []
+        if not dets:
+            rows.append({"key": k, "band": None})
+            continue
+        h, w = img.shape[:2]
+        det = min(dets, key=lambda d: np.hypot(d.centre[0] - w / 2, d.centre[1] - h / 2))
+        crop = align(img, det, QUALITY_TEMPLATE, QUALITY_SIZE).image
+        enroll, door = assess(img, det, crop, cfg.enroll_quality), assess(img, det, crop, cfg.quality)
+        rows.append({"key": k, "ita": round(ita(crop), 2), "band": band_of(ita(crop)),
+                     "enroll": enroll.reason, "door": door.reason})
+    return rows
+
+
+def refusal_table(rows: list[dict]) -> dict:
+    """Per band: faces, refusals at enrollment and at the door, with 95% Wilson intervals."""
+    out = {}
+    for name, _, _ in BANDS:
+        r = [x for x in rows if x["band"] == name]
+        entry = {"faces": len(r), "judged": len(r) >= MIN_BAND}
+        for side in ("enroll", "door"):
+            k = sum(x[side] != "ok" for x in r)
+            reasons: dict[str, int] = {}
+            for x in r:
+                if x[side] != "ok":
+                    reasons[x[side]] = reasons.get(x[side], 0) + 1
+            lo, hi = wilson(k, len(r))
+            entry[side] = {"refused": k, "rate": k / len(r) if r else None, "ci95": [lo, hi], "reasons": reasons}
+        out[name] = entry
+    judged = [n for n, _, _ in BANDS if out[n]["judged"]]
+    if len(judged) >= 2:
+        light, dark = judged[0], judged[-1]
+        out["lightest_vs_darkest_judged"] = {
+            "bands": [light, dark],
+            **{f"{side}_difference_pp": round(100 * (out[dark][side]["rate"] - out[light][side]["rate"]), 2)
+               for side in ("enroll", "door")}}
+    return out
+
+
+def one_to_n_by_band(probes: dict, bands: dict[str, str], threshold: float) -> dict:
+    """FNIR of the mated probes and FPIR of the non-mated probes in each band, at `threshold`.
+    A probe without a score (not acquired) is a miss / a non-match."""
+    out = {}
+    for name, _, _ in BANDS:
+        mated = [p for p in probes if p["true"] is not None and bands.get(p["key"]) == name]
+        nonmated = [p for p in probes if p["true"] is None and bands.get(p["key"]) == name]
+        miss = sum(not (p["score"] is not None and p["best"] == p["true"] and p["score"] >= threshold) for p in mated)
+        fp = sum(p["score"] is not None and p["score"] >= threshold for p in nonmated)
+        out[name] = {"mated": len(mated), "fnir": miss / len(mated) if mated else None, "fnir_ci95": list(wilson(miss, len(mated))),
+                     "nonmated": len(nonmated), "fpir": fp / len(nonmated) if nonmated else None,
+                     "fpir_ci95": list(wilson(fp, len(nonmated))), "false_positives": fp,
+                     "judged": len(mated) >= MIN_BAND and len(nonmated) >= MIN_BAND}
+    return out
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n, _, _ in BANDS]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    x = np.arange(len(names))
+    for ax, (ds, tbl) in zip(axes[:2], report["refusals"].items()):
+        for j, side in enumerate(("enroll", "door")):
+            rates = np.array([100 * (tbl[n][side]["rate"] or 0) for n in names])
+            lo = np.array([100 * tbl[n][side]["ci95"][0] for n in names])
+            hi = np.array([100 * tbl[n][side]["ci95"][1] for n in names])
+            ax.errorbar(x + (j - 0.5) * 0.2, rates, yerr=[rates - lo, hi - rates], fmt="o", capsize=3,
+                        label=f"{'enrollment' if side == 'enroll' else 'door'}")
+        ax.set_xticks(x, [f"{n}\n(n={tbl[n]['faces']})" for n in names], fontsize=8)
+        ax.set_ylabel("refused (%) with 95% interval")
+        ax.set_title(f"{ds}: quality refusals per ITA band")
+        ax.legend()
+    ax = axes[2]
+    for t, r in report["graded"].items():
+        med = [r["bands"].get(n, {}).get("median_step", np.nan) for n in names]
+        ax.plot(x, [np.nan if not np.isfinite(m) else m for m in med], "o-", label=t)
+    ax.set_xticks(x, names, fontsize=8)
+    ax.set_ylabel("first refusing step (median)")
+    ax.set_title("graded synthetic exposure (CelebA)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def evaluate(celeba: Path, lfw: Path, detector_card: str, out: Path, per_band: int, probes_json: Path | None,
+             target_fpirs=(0.003, 0.01)) -> dict:
+    from edge.config import Config
+    from edge.detect import load_detector
+    from edge.match import threshold_for_gallery
+    from edge.modelcard import load_card
+
+    cfg = Config()
+    det = load_detector(detector_card, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict = {"limits": cfg.quality.model_dump(), "enroll_limits": cfg.enroll_quality.model_dump(), "refusals": {}}
+    sets = {"CelebA": (celeba, sorted(str(p.relative_to(celeba)) for p in celeba.glob("*/*.jpg"))),
+            "LFW": (lfw / "images", sorted(str(p.relative_to(lfw / "images")) for p in (lfw / "images").glob("*/*.jpg")))}
+    surveys = {}
+    for name, (root, keys) in sets.items():
+        surveys[name] = survey(root, keys, det, cfg)
+        report["refusals"][name] = refusal_table(surveys[name])
+    # The graded set: CelebA faces (never LFW) that pass untouched, up to `per_band` per band,
+    # drawn in a fixed random order.
+    rng = np.random.default_rng(0)
+    picked: list = []
+    counts: dict[str, int] = {}
+    root = sets["CelebA"][0]
+    for row in [surveys["CelebA"][i] for i in rng.permutation(len(surveys["CelebA"]))]:
+        b = row["band"]
+        if b is None or row["door"] != "ok" or counts.get(b, 0) >= per_band:
+            continue
+        img = cv2.imread(str(root / row["key"]))
+        dets = det.detect(img)
+        h, w = img.shape[:2]
+        d = min(dets, key=lambda d: np.hypot(d.centre[0] - w / 2, d.centre[1] - h / 2))
+        scene, moved = in_scene(img, d)
+        picked.append((scene, moved, b))
+        counts[b] = counts.get(b, 0) + 1
+    report["graded"] = graded(picked, cfg.quality)
+    if probes_json is not None and probes_json.is_file():
+        probes = json.loads(probes_json.read_text())
+        bands = {r["key"]: r["band"] for r in surveys["LFW"]}
+        cal = load_card(cfg.models.encoder, verify_file=False)[0].calibration
+        k = len(probes["gallery"])
+        report["one_to_n"] = {"row": probes["row"], "gallery": k, "by_target": {}}
+        for t in target_fpirs:
+            thr = threshold_for_gallery(cal.fmr, cal.threshold, t, k)
+            report["one_to_n"]["by_target"][str(t)] = {"threshold": round(thr, 4),
+                                                      "bands": one_to_n_by_band(probes["probes"], bands, thr)}
+    plot(report, out / "fairness.png")
+    report["png"] = str(out / "fairness.png")
+    (out / "fairness.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+def summary(r: dict) -> str:
+    lines = []
+    for ds, tbl in r["refusals"].items():
+        lines.append(f"{ds}: quality refusals per ITA band (enrollment / door, 95% interval)")
+        for n, _, _ in BANDS:
+            e = tbl[n]
+            if not e["faces"]:
+                lines.append(f"  {n:<13} no faces")
+                continue
+            f = lambda s: f"{100 * e[s]['rate']:.2f}% [{100 * e[s]['ci95'][0]:.2f}, {100 * e[s]['ci95'][1]:.2f}]"  # noqa: E731
+            lines.append(f"  {n:<13} n={e['faces']:5d}  enrollment {f('enroll'):<24} door {f('door'):<24}"
+                         f"{'' if e['judged'] else ' (too small to judge)'}")
+        if "lightest_vs_darkest_judged" in tbl:
+            c = tbl["lightest_vs_darkest_judged"]
+            lines.append(f"  {c['bands'][1]} minus {c['bands'][0]}: enrollment {c['enroll_difference_pp']:+.2f} pp, "
+                         f"door {c['door_difference_pp']:+.2f} pp")
+    lines.append("graded synthetic exposure, CelebA (median first refusing step per band; reasons):")
+    for t, g in r["graded"].items():
+        lines.append(f"  {t} ({g['unit']}):")
+        for n, b in g["bands"].items():
+            lines.append(f"    {n:<13} n={b['faces']:3d} median {b['median_step']:g} (10-90%: {b['p10_step']:g}-{b['p90_step']:g}) {b['reasons']}")
+    if "one_to_n" in r:
+        o = r["one_to_n"]
+        lines.append(f"LFW 1:N per band at the gate's own threshold (K = {o['gallery']}, {o['row']}):")
+        for t, v in o["by_target"].items():
+            lines.append(f"  target FPIR {t}: threshold {v['threshold']}")
+            for n, b in v["bands"].items():
+                if not b["mated"] and not b["nonmated"]:
+                    continue
+                fn = f"{100 * b['fnir']:.1f}% [{100 * b['fnir_ci95'][0]:.1f}, {100 * b['fnir_ci95'][1]:.1f}]" if b["mated"] else "-"
+                fp = f"{b['fpir']:.4f} [{b['fpir_ci95'][0]:.4f}, {b['fpir_ci95'][1]:.4f}]" if b["nonmated"] else "-"
+                lines.append(f"    {n:<13} mated {b['mated']:5d} FNIR {fn:<22} non-mated {b['nonmated']:5d} FPIR {fp}"
+                             f"{'' if b['judged'] else ' (too small to judge)'}")
+    lines.append(f"plot: {r['png']}")
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    r = evaluate(Path(args.celeba), Path(args.lfw), args.detector, Path(args.out), args.per_band,
+                 Path(args.probes) if args.probes else None)
+    print(summary(r))
+    return 0

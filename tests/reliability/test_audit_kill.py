@@ -1,4 +1,4 @@
-"""Audit crash safety (item 1): the gate is SIGKILLed at random moments; after every kill the audit
+"""Audit crash safety: the gate is SIGKILLed at random moments; after every kill the audit
 database passes its integrity check and holds every row the gate reported as committed.
 
 CI counts: 50 kills of the light child (real Gate, AuditLog and relay, fake models: kills land in

@@ -1,4 +1,4 @@
-"""Camera faults through the whole service (item 4): each fault is reported offline in time, the
+"""Camera faults through the whole service: each fault is reported offline in time, the
 door stays locked, the watchdog is not pinged while no frame is processed, the camera is reopened
 with growing back-off (for faults a reopen can cure), and the gate recovers on its own.
 

@@ -1,4 +1,4 @@
-"""Clock faults (item 5): the wall clock jumps days ahead, then further, then back to 1970, while
+"""Clock faults: the wall clock jumps days ahead, then further, then back to 1970, while
 the service runs. Pulse length, the cooldown and the back-off run on the monotonic clock and do not
 move; every audit row keeps both clocks, and rows after a jump flag the wall clock as unsynced."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Crowds and tailgating (item 7), with real models and real sample faces composed into 640x480
+"""Crowds and tailgating, with real models and real sample faces composed into 640x480
 frames: crowd_policy "deny" refuses any frame with more faces than max_faces (audited as "crowd");
 "largest" judges only the largest face, so an enrolled person in front is granted and a stranger in
 front is not, whoever stands behind. Per-frame times: `python -m reliability.crowd_bench`."""

@@ -1,4 +1,4 @@
-"""Fuzz targets (item 6): the parsers that read what a user or attacker can hand the gate raise
+"""Fuzz targets: the parsers that read what a user or attacker can hand the gate raise
 their FacegateError subclass, or return a valid object; never any other exception.
 
 Bounded for CI (FACEGATE_FUZZ_EXAMPLES, default 200 per target, no deadline); longer runs:

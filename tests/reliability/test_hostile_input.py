@@ -1,4 +1,4 @@
-"""Hostile input (item 6): each file is refused with an error naming it and the problem, and
+"""Hostile input: each file is refused with an error naming it and the problem, and
 nothing else changes (gallery bytes, audit rows, the door)."""
 from __future__ import annotations
 

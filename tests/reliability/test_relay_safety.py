@@ -1,4 +1,4 @@
-"""Relay safety (item 3): the door returns to locked on an exception out of the service loop, on
+"""Relay safety: the door returns to locked on an exception out of the service loop, on
 SIGTERM mid-pulse and at interpreter exit; with overlapping grants and a frame loop that stalls,
 no unlock lasts longer than relay.max_hold_s, read from the pin's own history.
 

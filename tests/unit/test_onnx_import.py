@@ -1,4 +1,4 @@
-"""ONNX import vs the model as shipped, on real face crops (issue 2: cosine >= 0.999)."""
+"""ONNX import vs the model as shipped, on real face crops (cosine >= 0.999)."""
 import numpy as np
 import onnxruntime as ort
 import pytest

@@ -14,7 +14,9 @@ duplicate keys, bad names refused), replay (sequence must exceed the gallery's),
 each photo read once through O_NOFOLLOW (no symlinks, no path separators, no '..') and its sha256
 compared with the signed one. Any of these failing rejects the whole bundle and nothing changes.
 Photos that are intact but fail the quality gate (one face, size, blur, pose) refuse that person
-only. The gallery is then saved atomically, with bundle_sequence set, and the photos, held in
+only. Ids are the stable key: two people under one id refuse the bundle, a person whose id
+changes under the same name is refused (the old id goes in the bundle's removals), a removal that
+matches more than one enrolled person refuses the bundle. The gallery is then saved atomically, with bundle_sequence set, and the photos, held in
 memory only, are dropped: nothing from the stick is written to the gate or executed.
 """
 from __future__ import annotations
@@ -152,7 +154,8 @@ class Manifest(_Strict):
         """Cross-field rules: unique names and photos, no one both added and removed, totals bounded."""
         names = [p.name for p in self.people]
         photos = [p.photo for p in self.people]
-        for what, items in (("name", names), ("photo", photos)):
+        ids = [p.id for p in self.people if p.id]  # the stable key: two people under one id would be one
+        for what, items in (("name", names), ("photo", photos), ("id", ids)):
             dup = sorted(x for x, n in Counter(items).items() if n > 1)
             if dup:
                 raise ValueError(f"duplicate {what}(s): {', '.join(dup)}")
@@ -389,6 +392,21 @@ def apply_bundle(bundle_dir: str | Path, public_key: Ed25519PublicKey, gallery, 
             audit.close()
 
 
+def _removal_victims(gallery, removals: list[str], manifest: Path) -> list[str]:
+    """The names the removals take out of the gallery. A removal that matches more than one
+    person (one's name and another's id, or an id two entries share) is refused with the whole
+    bundle: which of them was meant cannot be known, and removing both revokes someone by mistake."""
+    victims = []
+    for r in removals:
+        hits = [x for x in gallery.people if r in (x.name, x.person_id)]
+        if len(hits) > 1:
+            who = ", ".join(f"{x.name} (id {x.person_id or 'none'})" for x in hits)
+            raise BundleError(manifest, f"removal {r!r} is ambiguous: it matches {who}; remove by an id only one "
+                                        f"of them holds; bundle refused")
+        victims += [x.name for x in hits if x.name not in victims]
+    return victims
+
+
 def _apply(bundle_dir, public_key, gallery, stack, cfg, audit, key, now) -> BundleReport:
     from . import gallery as G
     from .enroll import embed_photo
@@ -400,8 +418,18 @@ def _apply(bundle_dir, public_key, gallery, stack, cfg, audit, key, now) -> Bund
     now = time.time() if now is None else now
     m = vb.manifest
     report = BundleReport(m.sequence)
+    victims = _removal_victims(gallery, m.removals, vb.path / MANIFEST)
+    staying = [x for x in gallery.people if x.name not in victims]
     people = []
     for p in m.people:
+        holder = next((x for x in staying if x.name == p.name and x.person_id != p.id), None)
+        if holder is not None:
+            # Ids are the stable key: the same name under another id is another person (or an
+            # entry made without an id), and replacing them silently would hand over their access.
+            report.refused[p.name] = (f"the name is enrolled under id {holder.person_id or '(none)'}, this bundle "
+                                      f"gives id {p.id or '(none)'}: give a second person another name, or list "
+                                      f"the old id (or name) under removals in this bundle")
+            continue
         valid_from = to_epoch(p.valid_from, "") if p.valid_from else None
         until = min(now + cfg.storage.retention_days * 86400.0,
                     to_epoch(p.valid_until, "") if p.valid_until else float("inf"))
@@ -422,10 +450,9 @@ def _apply(bundle_dir, public_key, gallery, stack, cfg, audit, key, now) -> Bund
             continue
         people.append(Person(p.name, r.embedding, p.id, now, until))
     vb.photos.clear()  # the photos live in memory only and go now
-    for r in m.removals:
-        for victim in [x.name for x in gallery.people if r in (x.name, x.person_id)]:
-            gallery.remove(victim)
-            report.removed.append(victim)
+    for victim in victims:
+        gallery.remove(victim)
+        report.removed.append(victim)
     for person in people:
         # The id is the stable key: a renamed person replaces their old entry instead of doubling it.
         for old in [x.name for x in gallery.people if person.person_id and x.person_id == person.person_id]:

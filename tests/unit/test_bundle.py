@@ -403,3 +403,66 @@ def test_cli_forget_removes_and_audits(tmp_path, capsys):
     assert G.load(tmp_path / "g.fgg", G.load_key(tmp_path / "k")).names == ["b"]
     with AuditLog(tmp_path / "a.sqlite3", readonly=True) as a:
         assert [(r["kind"], r["reason"], r["identity"]) for r in a.tail(5)] == [("forget", "removed", "a")]
+
+
+# ------------------------------------------------------------------ ids are the stable key
+def test_two_people_under_one_id_are_refused_when_made_and_when_applied(tmp_path, keys):
+    priv, pub, _ = keys
+    people = [{"name": "alice", "id": "E1", "photo": "alice.jpg"}, {"name": "bob", "id": "E1", "photo": "bob.jpg"}]
+    with pytest.raises(BundleError, match="duplicate id"):
+        make_bundle(tmp_path, priv, people=people)
+    out = make_bundle(tmp_path, priv, people=[people[0], {**people[1], "id": "E2"}], name="ok")
+    m = json.loads((out / B.MANIFEST).read_bytes())
+    m["people"][1]["id"] = "E1"  # signed by a tool without the check
+    resign(out, priv, m)
+    with pytest.raises(BundleError, match="duplicate id"):
+        B.verify_bundle(out, pub)
+
+
+def enrolled_gallery(stack, cfg, people):
+    """A saved gallery of (name, id) entries with arbitrary embeddings."""
+    g = G.Gallery(stack.encoder.sha256, stack.encoder.card.embedding.dim)
+    rng = np.random.default_rng(0)
+    for name, pid in people:
+        g.add(G.Person(name, rng.standard_normal(g.dim).astype(np.float32), pid, 1.7e9, None))
+    G.new_key_file(cfg.storage.key_file)
+    G.save(g, cfg.storage.gallery, G.load_key(cfg.storage.key_file))
+    return g
+
+
+def test_a_name_enrolled_under_another_id_is_not_replaced(tmp_path, keys, stack):
+    priv, pub, _ = keys
+    cfg = gate_config(tmp_path)
+    g = enrolled_gallery(stack, cfg, [("obama", "E1"), ("biden", "")])
+    before = {p.name: p.embedding.copy() for p in g.people}
+    b = photo_bundle(tmp_path, priv, [("obama", "E9", "obama2.jpg"), ("biden", "E7", "biden.jpg")], sequence=2)
+    with AuditLog(cfg.storage.audit) as audit:
+        r = B.apply_bundle(b, pub, g, stack, cfg, audit=audit)
+        rows = [(x["reason"], x["identity"]) for x in audit.tail(5)]
+    assert r.enrolled == [] and sorted(r.refused) == ["biden", "obama"]
+    assert "enrolled under id E1" in r.refused["obama"] and "id (none)" in r.refused["biden"]
+    on_disk = G.load(cfg.storage.gallery, G.load_key(cfg.storage.key_file))
+    assert [(p.name, p.person_id) for p in on_disk.people] == [("obama", "E1"), ("biden", "")]
+    assert all(np.array_equal(p.embedding, before[p.name]) for p in on_disk.people)
+    assert ("refused", "obama") in rows and ("refused", "biden") in rows
+    # removing the old id in the same bundle is how a name moves to a new id
+    b2 = photo_bundle(tmp_path, priv, [("obama", "E9", "obama2.jpg")], removals=["E1"], sequence=3, name="b2")
+    r2 = B.apply_bundle(b2, pub, on_disk, stack, cfg)
+    assert r2.removed == ["obama"] and r2.enrolled == ["obama"]
+    assert [(p.name, p.person_id) for p in G.load(cfg.storage.gallery, G.load_key(cfg.storage.key_file)).people] == \
+        [("biden", ""), ("obama", "E9")]
+
+
+def test_a_removal_matching_two_people_refuses_the_bundle(tmp_path, keys, stack):
+    priv, pub, _ = keys
+    cfg = gate_config(tmp_path)
+    g = enrolled_gallery(stack, cfg, [("alice", "E1"), ("E1x", "E2"), ("carol", "alice")])
+    before = (tmp_path / "gallery.fgg").read_bytes()
+    b = photo_bundle(tmp_path, priv, [], removals=["alice"], sequence=2)
+    with AuditLog(cfg.storage.audit) as audit:
+        with pytest.raises(BundleError, match="removal 'alice' is ambiguous: it matches alice .id E1., carol .id alice."):
+            B.apply_bundle(b, pub, g, stack, cfg, audit=audit)
+        assert [(x["reason"], x["identity"]) for x in audit.tail(5)] == [("bundle_refused", None)]
+    assert (tmp_path / "gallery.fgg").read_bytes() == before
+    b2 = photo_bundle(tmp_path, priv, [], removals=["E1"], sequence=3, name="b2")
+    assert B.apply_bundle(b2, pub, g, stack, cfg).removed == ["alice"]

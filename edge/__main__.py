@@ -247,18 +247,6 @@ def cmd_verify(args) -> int:
     return 0 if m.accepted else 1
 
 
-def cmd_bench(args) -> int:
-    from .bench import main as bench_main
-
-    return bench_main(args)
-
-
-def cmd_evaluate_1n(args) -> int:
-    from .evaluate import main_1n
-
-    return main_1n(args)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m edge", description="facegate: face-recognition door gate")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -307,14 +295,6 @@ def main(argv=None) -> int:
     s = add("check-config", cmd_check_config, "validate a config file and print it")
     s.add_argument("file", nargs="?")
     s.add_argument("--describe", action="store_true", help="list every field with bounds and meaning")
-    s = add("bench", cmd_bench, "per-stage and end-to-end latency per 640x480 frame, gallery search, peak RSS")
-    s.add_argument("--frames", type=int, default=200)
-    s.add_argument("--threads", default="1,2")
-    s.add_argument("--gallery-size", type=int, default=100000)
-    s = add("evaluate-1n", cmd_evaluate_1n, "LFW 10-fold + one-shot open-set 1:N through the gate's pipeline (needs ../shared)")
-    from .evaluate import add_arguments
-
-    add_arguments(s)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.cmd == "check-config" and not args.file and not args.describe:

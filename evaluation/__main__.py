@@ -1,4 +1,4 @@
-"""python -m evaluation COMMAND --help: liveness, fairness."""
+"""python -m evaluation COMMAND --help: one-to-n, verify, bench, encoders, detectors, liveness, fairness."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +11,7 @@ from edge.errors import run_cli
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 MODELS = REPO / "models"
+CACHE = REPO / "out" / "eval_cache"
 
 
 def _lazy(module: str):
@@ -24,6 +25,68 @@ def _lazy(module: str):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m evaluation", description="facegate evaluations and benchmarks")
     sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("one-to-n", help="LFW 10-fold + one-shot open-set 1:N through the gate's pipeline (needs ../shared)")
+    s.add_argument("--config", "-c", help="gate config YAML (default: built-in defaults)")
+    s.add_argument("--lfw", default=str(SHARED / "data" / "lfw"))
+    s.add_argument("--encoder", help="encoder model card (default: the config's)")
+    s.add_argument("--detector", help="detector model card (default: the config's)")
+    s.add_argument("--flip", action="store_true", help="test-time flip (default: the config's match.flip)")
+    s.add_argument("--enroll-flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="enrolled photos embedded with their mirror image (default: the config's match.enroll_flip)")
+    s.add_argument("--norm", choices=["asnorm"], help="AS-norm against the cohort file beside the encoder")
+    s.add_argument("--enroll-encoder", help="enrollment encoder card (default: the config's models.enroll_encoder, else the fp32 twin)")
+    s.add_argument("--no-enroll-twin", action="store_true", help="enroll with the door encoder itself")
+    s.add_argument("--margin", type=float, default=None, help="best minus runner-up cosine must reach this (default: the config's match.min_margin)")
+    s.add_argument("--fusion", metavar="CARD2:W", help="score fusion with a second encoder; W = its weight")
+    s.add_argument("--fusion-flip", action="store_true", help="mirror the --fusion encoder at the door (as a recipe member with flip)")
+    s.add_argument("--scale", type=float, default=1.0, help="alignment template scale about the crop centre")
+    s.add_argument("--frames", type=int, default=1, help="multi-frame EMULATION: jittered alignments averaged")
+    s.add_argument("--levers", action="store_true", help="every lever alone and combined")
+    s.add_argument("--scales", type=lambda t: [float(x) for x in t.split(",") if x], default=[],
+                   help="with --levers: also these template scales (each embeds LFW again)")
+    s.add_argument("--no-quality", action="store_true", help="report the quality gate's rejections but keep the faces")
+    s.add_argument("--every", type=int, default=1, help="SUBSET for a quick look: every Nth person in 1:N")
+    s.add_argument("--pairs-per-fold", type=int, default=0, help="SUBSET: the first N pairs of each kind per fold")
+    s.add_argument("--cache-dir", default=str(CACHE))
+    s.add_argument("--json", help="write the figures as JSON")
+    s.add_argument("--probes-json", help="write the first row's per-probe results (identity, best match, score) as JSON")
+    s.add_argument("--det-png", help="write the 1:N DET curves as PNG (needs matplotlib)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=_lazy("one_to_n"))
+    s = sub.add_parser("verify", help="LFW 10-fold verification of every encoder artifact (needs ../shared)")
+    s.add_argument("--lfw", default=str(SHARED / "data" / "lfw"))
+    s.add_argument("--models", default=str(MODELS))
+    s.add_argument("--detector", default=str(MODELS / "yunet_fp32.card.json"))
+    s.add_argument("--cache-dir", default=str(CACHE))
+    s.add_argument("--flip", action="store_true")
+    s.add_argument("--pairs-per-fold", type=int, default=0, help="SUBSET: first N pairs of each kind per fold")
+    s.add_argument("--json")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=_lazy("verify"))
+    s = sub.add_parser("bench", help="per-stage and end-to-end latency per 640x480 frame, gallery search, peak RSS")
+    s.add_argument("--config", "-c", help="gate config YAML (default: built-in defaults)")
+    s.add_argument("--frames", type=int, default=200)
+    s.add_argument("--threads", default="1,2")
+    s.add_argument("--gallery-size", type=int, default=100000)
+    s.set_defaults(fn=_lazy("bench"))
+    s = sub.add_parser("encoders", help="per-face latency (1 and 2 threads) and file size of every encoder artifact")
+    s.add_argument("--models", default=str(MODELS))
+    s.add_argument("--detector", default=str(MODELS / "yunet_fp32.card.json"))
+    s.add_argument("--sample", default=str(MODELS / "raw" / "images" / "obama.jpg"))
+    s.add_argument("--runs", type=int, default=100)
+    s.add_argument("--threads", default="1,2")
+    s.add_argument("--json")
+    s.set_defaults(fn=_lazy("encoders"))
+    s = sub.add_parser("detectors", help="detector speed per 640x480 frame and faces found on LFW, to pick the default")
+    s.add_argument("--models", default=str(MODELS))
+    s.add_argument("--detectors", help="card names in --models, comma-separated (default: the YuNet and BlazeFace cards built)")
+    s.add_argument("--lfw", default=str(SHARED / "data" / "lfw"))
+    s.add_argument("--sample", default=str(MODELS / "raw" / "images" / "obama.jpg"), help="the face put in the 640x480 frame")
+    s.add_argument("--runs", type=int, default=200)
+    s.add_argument("--threads", default="1")
+    s.add_argument("--limit", type=int, default=0, help="SUBSET: first N LFW images (0 = all)")
+    s.add_argument("--json")
+    s.set_defaults(fn=_lazy("detectors"))
     s = sub.add_parser("liveness", help="APCER / BPCER / ACER on the NUAA test split, simulated print and screen attacks",
                        description="Per-frame and per-sequence APCER (print), BPCER and ACER at the operating point "
                                    "for the shipped PAD model, its members and any other PAD card; the gate's liveness "
@@ -43,7 +106,7 @@ def main(argv=None) -> int:
     s.add_argument("--lfw", default=str(SHARED / "data" / "lfw"))
     s.add_argument("--detector", default=str(MODELS / "yunet_fp32.card.json"))
     s.add_argument("--per-band", type=int, default=40, help="CelebA faces per band in the graded exposure set")
-    s.add_argument("--probes", help="per-probe 1:N results of the default (python -m edge evaluate-1n --probes-json FILE)")
+    s.add_argument("--probes", help="per-probe 1:N results of the default (python -m evaluation one-to-n --probes-json FILE)")
     s.add_argument("--out", default="out/fairness")
     s.set_defaults(fn=_lazy("fairness"))
     args = p.parse_args(argv)

@@ -1,29 +1,37 @@
-"""`python -m edge bench`: per-stage and end-to-end latency per 640x480 frame (one face), for the
+"""`python -m evaluation bench`: per-stage and end-to-end latency per 640x480 frame (one face), for the
 configured (INT8) models and, as baselines in the same process, the same pipeline with liveness
 off and with the fp32 counterparts of the models;
 gallery search at 100,000 embeddings; peak RSS. Medians after warm-up, 1 and 2 threads."""
 from __future__ import annotations
 
+import itertools
+import os
 import resource
 import time
 from pathlib import Path
 
-import numpy as np
+# The gallery search is timed as the gate runs it (edge/__main__.py): on one BLAS thread. Set
+# before numpy is first imported, which `python -m evaluation bench` has not done yet.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from .config import Config
-from .gallery import Gallery, Person
-from .liveness import make_liveness
-from .match import identify
-from .modelcard import load_card
-from .pad import SHIPPED_PAD
-from .search import MIN_ROWS, GalleryIndex
-from .pipeline import Gate, Stack
-from .records import Frame
+import numpy as np  # noqa: E402
+
+from edge.config import Config
+from edge.gallery import Gallery, Person
+from edge.liveness import make_liveness
+from edge.match import identify
+from edge.modelcard import load_card
+from edge.pad import SHIPPED_PAD
+from edge.search import MIN_ROWS, GalleryIndex
+from edge.pipeline import Gate, Stack
+from edge.records import Frame
+
+from .timing import CLOCKS, median_ms, timed_runs
 
 
 def _frames() -> list[np.ndarray]:
-    from .demo import SAMPLES, fit
-    from .imageio import load_image
+    from edge.demo import SAMPLES, fit
+    from edge.imageio import load_image
 
     src = load_image(SAMPLES / "obama2.jpg")
     return [fit(src, zoom=1.4 + 0.01 * (i % 10), dx=2 * (i % 10)) for i in range(10)]
@@ -45,15 +53,17 @@ def bench_stack(cfg: Config, threads: int, n: int, warmup: int = 20, clock=time.
     cfg.decision.cooldown_s = 0.0
     cfg.decision.backoff_after = 100  # a denied frame must still run every stage, not sit in back-off
     gate = Gate(cfg, stack, g, liveness=make_liveness(cfg, threads), clock=clock)
+    count = itertools.count()
+
+    def one_frame() -> dict:
+        i = next(count)
+        gate.process(Frame(frames[i % len(frames)], time.monotonic(), time.time(), i))
+        return dict(gate.timings)
+
     stages: dict[str, list[float]] = {}
-    for i in range(warmup + n):
-        img = frames[i % len(frames)]
-        t0 = clock()
-        gate.process(Frame(img, time.monotonic(), time.time(), i))
-        total = clock() - t0
-        if i >= warmup:
-            for k, v in {**gate.timings, "end_to_end": total}.items():
-                stages.setdefault(k, []).append(v)
+    for total, timings in timed_runs(one_frame, n, warmup, clock):
+        for k, v in {**timings, "end_to_end": total}.items():
+            stages.setdefault(k, []).append(v)
     return {k: float(np.median(v) * 1000) for k, v in stages.items()}
 
 
@@ -69,18 +79,14 @@ def bench_search(k: int = 100_000, dim: int = 128, n: int = 200, clock=time.perf
     q = m[rng.integers(0, k, n + 10)] + rng.normal(scale=0.7 / np.sqrt(dim), size=(n + 10, dim)).astype(np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     index = GalleryIndex(m, 1, min_rows)
-    ts = []
-    for i in range(n + 10):
-        t0 = clock()
-        identify(index.scores(q[i]), names, 0.5)
-        ts.append(clock() - t0)
-    return float(np.median(ts[10:]) * 1000)
+    probes = iter(q)
+    return median_ms(lambda: identify(index.scores(next(probes)), names, 0.5), n, warmup=10, clock=clock)
 
 
 def main(args) -> int:
-    from .__main__ import _cfg
+    from edge.config import load_config
 
-    cfg = _cfg(args)
+    cfg = load_config(args.config)
     base = cfg.model_copy(deep=True)
     for kind in ("detector", "encoder"):
         p = Path(getattr(cfg.models, kind))
@@ -94,9 +100,9 @@ def main(args) -> int:
     # The same pipeline with liveness off, in the same run: the difference is what liveness costs.
     for label, c in (("default", cfg), ("liveness off", no_liveness), ("fp32 baseline", base)):
         for t in threads:
-            rows.append((label, t, "wall", bench_stack(c, t, args.frames)))
-            if t == 1:  # one inference thread runs on the caller's thread: its CPU time is the cost
-                rows.append((label, t, "cpu", bench_stack(c, t, args.frames, clock=time.thread_time)))
+            # thread CPU time is the cost only where the one inference thread is the caller's
+            for kind in ("wall", "cpu") if t == 1 else ("wall",):
+                rows.append((label, t, kind, bench_stack(c, t, args.frames, clock=CLOCKS[kind])))
     order = ["detect", "align", "liveness", "embed", "match", "end_to_end"]
     print(f"per 640x480 frame, one face, median of {args.frames} frames after warm-up (ms); "
           f"'cpu' = thread CPU time (the cost on an idle core), 'wall' = elapsed time on this machine now")
@@ -118,7 +124,7 @@ def main(args) -> int:
     print(f"models: {Path(cfg.models.detector).name}, {Path(cfg.models.encoder).name}, liveness {cfg.liveness.mode}"
           f"{' (' + Path(cfg.models.liveness or SHIPPED_PAD).name + ')' if cfg.liveness.mode != 'off' else ''}")
     dim = load_card(cfg.models.encoder, verify_file=False)[0].embedding.dim
-    wall, cpu = bench_search(args.gallery_size, dim), bench_search(args.gallery_size, dim, clock=time.thread_time)
+    wall, cpu = (bench_search(args.gallery_size, dim, clock=CLOCKS[kind]) for kind in ("wall", "cpu"))
     print(f"gallery search (1:N, best + runner-up), {args.gallery_size} enrolled x {dim}-d: {wall:.2f} ms wall, "
           f"{cpu:.2f} ms cpu per query (median of 200)")
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")

@@ -1,4 +1,4 @@
-"""`python -m export detectors`: the face detectors side by side, to pick the default by numbers.
+"""`python -m evaluation detectors`: the face detectors side by side, to pick the default by numbers.
 
 Speed: detect() on one 640x480 frame with a real face (median of >= 200 runs after warm-up).
 Recall: the share of LFW images (all 13,233; evaluation only, nothing here is tuned on it) where
@@ -18,7 +18,7 @@ from edge.errors import FacegateError
 from edge.imageio import load_image
 from edge.records import Detection
 
-from .bench import median_ms
+from .timing import median_ms
 
 FRAME_W, FRAME_H = 640, 480
 DEFAULT = ("yunet_fp32", "yunet_int8", "blazeface_short", "blazeface_full")
@@ -102,13 +102,3 @@ def main(args) -> int:
         atomic_write_bytes(args.json, (json.dumps(rows, indent=1) + "\n").encode())
     return 0
 
-
-def add_arguments(s, models: Path, shared: Path) -> None:
-    s.add_argument("--models", default=str(models))
-    s.add_argument("--detectors", help=f"card names in --models, comma-separated (default: those of {','.join(DEFAULT)} built)")
-    s.add_argument("--lfw", default=str(shared / "data" / "lfw"))
-    s.add_argument("--sample", default=str(models / "raw" / "images" / "obama.jpg"), help="the face put in the 640x480 frame")
-    s.add_argument("--runs", type=int, default=200)
-    s.add_argument("--threads", default="1")
-    s.add_argument("--limit", type=int, default=0, help="SUBSET: first N LFW images (0 = all)")
-    s.add_argument("--json")

@@ -1,10 +1,9 @@
-"""`python -m export bench`: per-face latency of every encoder artifact (median of >= 100 runs
+"""`python -m evaluation encoders`: per-face latency of every encoder artifact (median of >= 100 runs
 after warm-up, 1 and 2 threads, one aligned crop per run as the gate runs it) and file size,
 with the fp32 / INT8 ratios. Speed is measured here, never in tests."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -12,18 +11,8 @@ import numpy as np
 from edge.atomic import atomic_write_bytes
 from edge.embed import load_encoder
 
+from .timing import CLOCKS, median_ms
 from .verify import encoder_cards
-
-
-def median_ms(fn, runs: int, warmup: int = 10, clock=time.perf_counter) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(runs):
-        t = clock()
-        fn()
-        ts.append(clock() - t)
-    return 1000.0 * float(np.median(ts))
 
 
 def face_for(enc, detector, image: np.ndarray | None):
@@ -58,7 +47,7 @@ def bench(models_dir: Path, detector_card: Path, runs: int = 100, threads=(1, 2)
             r["precision"], r["size_bytes"] = enc.card.precision, size
             r[f"ms_{t}t"] = median_ms(lambda: enc.embed(face), runs)
             if t == 1:  # one inference thread runs on the caller's: its CPU time is the idle-core cost
-                r["cpu_ms_1t"] = median_ms(lambda: enc.embed(face), runs, clock=time.thread_time)
+                r["cpu_ms_1t"] = median_ms(lambda: enc.embed(face), runs, clock=CLOCKS["cpu"])
         rows.append(r)
     by = {r["artifact"]: r for r in rows}
     for r in rows:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import FacegateError
+from edge.errors import FacegateError
 
 _IMAGE = re.compile(r"^(?P<name>.+)_(?P<n>\d{4})\.jpg$")
 
@@ -111,7 +111,7 @@ def rel(name: str, n: int) -> str:
 
 
 def pair_scores(pairs: list[Pair], vectors: dict[str, np.ndarray | None]):
-    """Cosine scores, same-person labels and fold ids of View 2 pairs, for `edge.metrics`.
+    """Cosine scores, same-person labels and fold ids of View 2 pairs, for `evaluation.metrics`.
 
     `vectors` maps `rel(...)` keys to unit embeddings, None where the face was not acquired:
     such a pair gets a NaN score (an error in the 10-fold accuracy)."""
@@ -124,7 +124,7 @@ def pair_scores(pairs: list[Pair], vectors: dict[str, np.ndarray | None]):
 
 
 def identify(split: OneToNSplit, vectors: dict[str, np.ndarray | None]):
-    """Best enrolled identity and cosine score for every probe, for `edge.metrics.open_set_1n`.
+    """Best enrolled identity and cosine score for every probe, for `evaluation.metrics.open_set_1n`.
 
     A gallery image whose face was not acquired leaves that person unenrolled (their mated probes
     can then only miss); a probe not acquired gets identity None and a NaN score.

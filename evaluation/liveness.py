@@ -24,7 +24,7 @@ import numpy as np
 
 from edge.atomic import atomic_write_bytes
 from edge.imageio import load_image
-from edge.metrics import det_points, share_at_least
+from .metrics import det_points, share_at_least
 from edge.pad import FACE_MESH, SHIPPED_PAD, FaceMesh, PadFusion, PadPolicy, load_pad
 from edge.records import Detection
 
@@ -247,7 +247,7 @@ def evaluate(nuaa: str | Path, detector_card: str, pad_card: str | None, extra: 
 
 
 def _plot(report: dict, path: Path) -> None:
-    from edge.plots import det_plot
+    from .plots import det_plot
 
     curves = {}
     for name, r in report["models"].items():

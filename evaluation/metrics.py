@@ -1,4 +1,4 @@
-"""Evaluation maths shared by every evaluation (train, export verify, edge evaluate-1n, benchmarks).
+"""Evaluation maths shared by every evaluation (train, verify, one-to-n, benchmarks).
 
 Conventions, the same in every function:
 - Scores are similarities: higher = more alike. A comparison is accepted when ``score >= t``.

@@ -1,7 +1,7 @@
 """The shared evaluation runner: face images -> embeddings through the device pipeline, cached,
 then the LFW protocols (../shared/README.md) scored in seconds for any matcher setting.
 
-Used by `python -m edge evaluate-1n`, `python -m export verify` and `python -m export cohort`.
+Used by `python -m evaluation one-to-n`, `python -m evaluation verify` and `python -m export cohort`.
 The pipeline is the gate's: our detector (the subject of an image is the detected face nearest
 its centre, the README's rule), the encoder card's similarity alignment, the gate's quality gate
 (its rejections are failures to acquire, counted per reason), the encoder. Every image is
@@ -13,7 +13,6 @@ little. LFW is for evaluation only: nothing here feeds training or calibration.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -24,16 +23,18 @@ from pathlib import Path
 
 import numpy as np
 
-from .align import align as align_face
-from .atomic import atomic_write_bytes
-from .cohort import as_norm_matrix
-from .embed import l2_normalize
-from .errors import FacegateError
-from .imageio import load_image
-from .quality import QUALITY_SIZE, QUALITY_TEMPLATE, assess_face
+from edge.align import align as align_face
+from edge.atomic import atomic_write_bytes
+from edge.cohort import as_norm_matrix
+from edge.embed import l2_normalize
+from edge.errors import FacegateError
+from edge.imageio import load_image
+from edge.quality import QUALITY_SIZE, QUALITY_TEMPLATE, assess_face
+
+from .timing import median_ms
 
 # A probe refused by the margin rule passes no threshold; a finite sentinel (not NaN) keeps it
-# out of the failure-to-acquire count, which NaN means in edge.metrics.
+# out of the failure-to-acquire count, which NaN means in evaluation.metrics.
 REFUSED = -1.0e6
 FLUSH_EVERY = 500
 
@@ -338,7 +339,7 @@ def _fused_table(tables: list[Table], scales: list[float], flips: list[bool] | N
     flip the fused vectors of the face and its mirror are averaged; the gate averages per member
     before concatenating, which differs only by the members' norms of those means. Jittered
     views (multi-frame emulation) have no mirror and enter as they are."""
-    from .embed import fuse_vectors
+    from edge.embed import fuse_vectors
 
     flips = flips or [False] * len(tables)
     ok = np.logical_and.reduce([t.ok for t in tables])
@@ -470,7 +471,7 @@ def one_to_n(members: list[Member], s: Scoring, split, gallery_names: list[str] 
 
 
 def figures_1n(r: OneToN, fpirs=(0.003, 0.01)):
-    """edge.metrics.open_set_1n on a search result; also returns the mated/non-mated masks."""
+    """evaluation.metrics.open_set_1n on a search result; also returns the mated/non-mated masks."""
     from .metrics import open_set_1n
 
     mated = np.array([t is not None for t in r.true_ids])
@@ -490,7 +491,7 @@ def false_matches(r: OneToN, threshold: float) -> list[dict]:
     return sorted(out, key=lambda d: -d["score"])
 
 
-# ---------------------------------------------------------------- evaluate-1n
+# ---------------------------------------------------------------- one-to-n
 
 def subset(pairs, split, every: int = 1, pairs_per_fold: int = 0):
     """A quick-look subset, never the protocol's figures: every Nth gallery person (with their
@@ -528,7 +529,7 @@ def threshold_from_k(r: OneToN, table: tuple[list, list], targets=(0.003, 0.01),
     calibration table) checked on the benchmark: measured FPIR of the non-mated probes with the full
     gallery (K) and with a fixed random half of it (K/2), against the target. With half the
     gallery, the probes of people left out are strangers too (non-mated), not misses."""
-    from .match import threshold_for_gallery
+    from edge.match import threshold_for_gallery
 
     rng = np.random.default_rng(seed)
     half = sorted(rng.choice(r.gallery, len(r.gallery) // 2, replace=False).tolist())
@@ -550,35 +551,25 @@ def threshold_from_k(r: OneToN, table: tuple[list, list], targets=(0.003, 0.01),
     return out
 
 
-def _median_ms(fn, n: int = 30) -> float:
-    fn()
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return 1000 * float(np.median(ts))
-
-
 def lever_costs(encoder_card, detector, image: np.ndarray, cohort=None, other_card=None, n: int = 30) -> dict:
     """Per-frame latency each lever adds, here, 1 thread: the encoder's own time for the face
     (flip = the mirror in the same batch), AS-norm (probe x cohort scores and top-k), a second
     encoder (its alignment and embedding). Crop scale and the margin rule cost nothing."""
-    from .embed import load_encoder
+    from edge.embed import load_encoder
 
     enc, flipped = load_encoder(encoder_card, 1), load_encoder(encoder_card, 1, flip=True)
     dets = detector.detect(image)
     det = dets[nearest_centre(dets, image.shape)]
     face = enc.align(image, det)
-    base = _median_ms(lambda: enc.embed(face), n)
-    costs = {"encoder_ms": base, "flip_ms": _median_ms(lambda: flipped.embed(face), n) - base,
+    base = median_ms(lambda: enc.embed(face), n, warmup=1)
+    costs = {"encoder_ms": base, "flip_ms": median_ms(lambda: flipped.embed(face), n, warmup=1) - base,
              "margin_ms": 0.0, "crop_scale_ms": 0.0}
     if cohort is not None:
         v = enc.embed(face).vector[None]
-        costs["asnorm_ms"] = _median_ms(lambda: cohort.stats(v), n)
+        costs["asnorm_ms"] = median_ms(lambda: cohort.stats(v), n, warmup=1)
     if other_card is not None:
         other = load_encoder(other_card, 1)
-        costs["fusion_ms"] = _median_ms(lambda: other.embed_images([other.align(image, det).image]), n)
+        costs["fusion_ms"] = median_ms(lambda: other.embed_images([other.align(image, det).image]), n, warmup=1)
     return costs
 
 
@@ -603,15 +594,15 @@ def score_row(members, s: Scoring, pairs, split) -> tuple[dict, OneToN, object]:
     return {**v, **o}, r, res
 
 
-def main_1n(args) -> int:
-    """`python -m edge evaluate-1n`: the LFW protocols of ../shared/README.md through the device
+def main(args) -> int:
+    """`python -m evaluation one-to-n`: the LFW protocols of ../shared/README.md through the device
     pipeline, for one configuration or (--levers) each lever alone and combined."""
-    from .cohort import cohort_path_for, load_cohort
-    from .config import load_config
-    from .detect import load_detector
-    from .embed import enrollment_twin, load_encoder
+    from edge.cohort import cohort_path_for, load_cohort
+    from edge.config import load_config
+    from edge.detect import load_detector
+    from edge.embed import enrollment_twin, load_encoder
     from .lfw import lfw_pairs, one_to_n_split
-    from .modelcard import load_card
+    from edge.modelcard import load_card
 
     cfg = load_config(args.config)
     lfw = Path(args.lfw)
@@ -729,7 +720,7 @@ def main_1n(args) -> int:
                          margin=cfg.match.min_margin, gate_quality=strict)
             configs.insert(0, (f"shipped default: {Path(shipped).name.split('.card')[0]}",
                                [Member(table(shipped), ref_table=ref)], sc, 1.0))
-    from .imageio import load_image
+    from edge.imageio import load_image
 
     sample = load_image(lfw / "images" / keys[0])
     c0 = cohort_for(enc_card, False, False)
@@ -804,7 +795,7 @@ def _k_table(ms, s: Scoring, cohort_for, enc_card):
         return None
     if s.norm == "asnorm":
         return ms[0].cohort.fmr, ms[0].cohort.threshold, "cohort file, AS-norm table"
-    from .modelcard import load_card
+    from edge.modelcard import load_card
 
     cal = load_card(enc_card)[0].calibration
     if cal is not None and not s.flip:
@@ -845,32 +836,3 @@ def _jsonable(o):
         return o.tolist()
     raise TypeError(type(o))
 
-
-def add_arguments(s) -> None:
-    """The evaluate-1n options (edge/__main__.py adds the subcommand)."""
-    repo = Path(__file__).resolve().parent.parent
-    s.add_argument("--lfw", default=str(repo.parent / "shared" / "data" / "lfw"))
-    s.add_argument("--encoder", help="encoder model card (default: the config's)")
-    s.add_argument("--detector", help="detector model card (default: the config's)")
-    s.add_argument("--flip", action="store_true", help="test-time flip (default: the config's match.flip)")
-    s.add_argument("--enroll-flip", action=argparse.BooleanOptionalAction, default=None,
-                   help="enrolled photos embedded with their mirror image (default: the config's match.enroll_flip)")
-    s.add_argument("--norm", choices=["asnorm"], help="AS-norm against the cohort file beside the encoder")
-    s.add_argument("--enroll-encoder", help="enrollment encoder card (default: the config's models.enroll_encoder, else the fp32 twin)")
-    s.add_argument("--no-enroll-twin", action="store_true", help="enroll with the door encoder itself")
-    s.add_argument("--margin", type=float, default=None, help="best minus runner-up cosine must reach this (default: the config's match.min_margin)")
-    s.add_argument("--fusion", metavar="CARD2:W", help="score fusion with a second encoder; W = its weight")
-    s.add_argument("--fusion-flip", action="store_true", help="mirror the --fusion encoder at the door (as a recipe member with flip)")
-    s.add_argument("--scale", type=float, default=1.0, help="alignment template scale about the crop centre")
-    s.add_argument("--frames", type=int, default=1, help="multi-frame EMULATION: jittered alignments averaged")
-    s.add_argument("--levers", action="store_true", help="every lever alone and combined")
-    s.add_argument("--scales", type=lambda t: [float(x) for x in t.split(",") if x], default=[],
-                   help="with --levers: also these template scales (each embeds LFW again)")
-    s.add_argument("--no-quality", action="store_true", help="report the quality gate's rejections but keep the faces")
-    s.add_argument("--every", type=int, default=1, help="SUBSET for a quick look: every Nth person in 1:N")
-    s.add_argument("--pairs-per-fold", type=int, default=0, help="SUBSET: the first N pairs of each kind per fold")
-    s.add_argument("--cache-dir", default=str(repo / "out" / "eval_cache"))
-    s.add_argument("--json", help="write the figures as JSON")
-    s.add_argument("--probes-json", help="write the first row's per-probe results (identity, best match, score) as JSON")
-    s.add_argument("--det-png", help="write the 1:N DET curves as PNG (needs matplotlib)")
-    s.add_argument("--quiet", action="store_true")

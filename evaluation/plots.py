@@ -8,7 +8,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from .atomic import atomic_write_bytes
+from edge.atomic import atomic_write_bytes
 
 # Probit axes cannot show 0: rates are clipped to this floor (well below one error in LFW's 6,000 pairs).
 _FLOOR = 1e-5
@@ -45,7 +45,7 @@ def det_plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path,
              xlabel: str = "false match rate", ylabel: str = "false non-match rate",
              marks: dict[str, float] | None = None) -> Path:
     """DET curves on probit axes. `curves` maps a label to (x rate, y rate) arrays, e.g. (far, frr)
-    from `edge.metrics.det_points` or (curve_fpir, curve_fnir) from `open_set_1n`; `marks` draws
+    from `evaluation.metrics.det_points` or (curve_fpir, curve_fnir) from `open_set_1n`; `marks` draws
     vertical lines at named x rates (e.g. {"FPIR 0.003": 0.003})."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 6))
@@ -72,7 +72,7 @@ def det_plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path,
 
 
 def roc_plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path, title: str = "ROC") -> Path:
-    """ROC curves, FAR on a log axis. `curves` maps a label to (far, tar) from `edge.metrics.roc`."""
+    """ROC curves, FAR on a log axis. `curves` maps a label to (far, tar) from `evaluation.metrics.roc`."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 5))
     for label, (far, tar) in curves.items():

@@ -1,6 +1,6 @@
-"""`python -m export verify`: LFW View 2 10-fold verification of every encoder artifact (fp32 and
+"""`python -m evaluation verify`: LFW View 2 10-fold verification of every encoder artifact (fp32 and
 INT8 ONNX, TFLite where present) through the gate's own detector, alignment and quality gate
-(the shared runner, edge/evaluate.py, with its embedding cache). Skips with a clear message
+(the shared runner, evaluation/one_to_n.py, with its embedding cache). Skips with a clear message
 where ../shared is absent. LFW is for evaluation only."""
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from edge.config import QualityConfig
 from edge.detect import load_detector
 from edge.embed import load_encoder
 from edge.errors import ModelError
-from edge.evaluate import Member, Scoring, subset, verification_figures
-from edge.lfw import lfw_pairs, one_to_n_split, rel
+from .one_to_n import Member, Scoring, subset, verification_figures
+from .lfw import lfw_pairs, one_to_n_split, rel
 from edge.modelcard import load_card
 
 
@@ -39,7 +39,7 @@ def verify(lfw: Path, models_dir: Path, detector_card: Path, cache_dir: Path, fl
     keys = sorted({rel(p.name1, p.n1) for p in pairs} | {rel(p.name2, p.n2) for p in pairs})
     det = load_detector(detector_card, 2)
     rows = []
-    from edge.evaluate import embed_folder
+    from .one_to_n import embed_folder
 
     for card in encoder_cards(models_dir):
         enc = load_encoder(card, 2)

@@ -1,4 +1,4 @@
-"""python -m export COMMAND --help: fetch, build, calibrate, verify, bench, cohort, fuse, detectors, tflite, pad, import-onnx."""
+"""python -m export COMMAND --help: fetch, build, setup, calibrate, cohort, fuse, tflite, pad, import-onnx."""
 from __future__ import annotations
 
 import argparse
@@ -68,24 +68,6 @@ def main(argv=None) -> int:
     s.add_argument("--thresholds-only", action="store_true", help="only the impostor-score tables (and the cards)")
     s.set_defaults(fn=_lazy("calibrate_cmd"))
     models = Path(__file__).resolve().parent.parent / "models"
-    s = sub.add_parser("verify", help="LFW 10-fold verification of every encoder artifact (needs ../shared)")
-    s.add_argument("--lfw", default=str(SHARED / "data" / "lfw"))
-    s.add_argument("--models", default=str(models))
-    s.add_argument("--detector", default=str(models / "yunet_fp32.card.json"))
-    s.add_argument("--cache-dir", default=str(models.parent / "out" / "eval_cache"))
-    s.add_argument("--flip", action="store_true")
-    s.add_argument("--pairs-per-fold", type=int, default=0, help="SUBSET: first N pairs of each kind per fold")
-    s.add_argument("--json")
-    s.add_argument("--quiet", action="store_true")
-    s.set_defaults(fn=_lazy("verify"))
-    s = sub.add_parser("bench", help="per-face latency (1 and 2 threads) and file size of every encoder artifact")
-    s.add_argument("--models", default=str(models))
-    s.add_argument("--detector", default=str(models / "yunet_fp32.card.json"))
-    s.add_argument("--sample", default=str(models / "raw" / "images" / "obama.jpg"))
-    s.add_argument("--runs", type=int, default=100)
-    s.add_argument("--threads", default="1,2")
-    s.add_argument("--json")
-    s.set_defaults(fn=_lazy("bench"))
     s = sub.add_parser("cohort", help="AS-norm cohort file and its calibration from a face folder (never LFW)")
     s.add_argument("--encoder", default=str(models / "sface_int8.card.json"))
     s.add_argument("--detector", default=str(models / "yunet_fp32.card.json"))
@@ -110,11 +92,6 @@ def main(argv=None) -> int:
     s.add_argument("--faces", default=str(SHARED / "data" / "celeba" / "images"), help="one sub-folder per identity")
     s.add_argument("--cache-dir", default=str(models.parent / "out" / "eval_cache"))
     s.set_defaults(fn=_lazy("fusion"))
-    s = sub.add_parser("detectors", help="detector speed per 640x480 frame and faces found on LFW, to pick the default")
-    from .detectors import add_arguments as detector_arguments
-
-    detector_arguments(s, models, SHARED)
-    s.set_defaults(fn=_lazy("detectors"))
     s = sub.add_parser("tflite", help="INT8 TFLite encoders (dlib, SFace) with cards; needs the .venv-tflite of requirements-tflite.txt")
     from .tflite import add_arguments as tflite_arguments
 

@@ -140,7 +140,7 @@ def install_fusions(out_dir: Path = MODELS_DIR, say=print) -> list[Path]:
 
 def _fp32_twin(recipe_path: Path, out_dir: Path) -> list[Path]:
     """An INT8 fusion's fp32 twin (same scales and flips on the members' fp32 models): what
-    `edge bench` runs as the fusion's fp32 baseline. Its card keeps the INT8 fusion's table."""
+    `python -m evaluation bench` runs as the fusion's fp32 baseline. Its card keeps the INT8 fusion's table."""
     from edge.embed import FusionRecipe
 
     name = recipe_path.name.replace("_int8", "_fp32")

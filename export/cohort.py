@@ -22,8 +22,8 @@ from edge.config import QualityConfig
 from edge.detect import load_detector
 from edge.embed import load_encoder
 from edge.errors import FacegateError
-from edge.evaluate import embed_folder, fuse
-from edge.metrics import tar_at_far
+from evaluation.one_to_n import embed_folder, fuse
+from evaluation.metrics import tar_at_far
 
 from .calibrate import FMR_GRID
 
@@ -123,7 +123,7 @@ def dev_open_set_fnir(norm: np.ndarray, ids: np.ndarray, fpir: float = 0.01) -> 
     """A one-shot 1:N emulation on the dev identities (never LFW): half of them enrolled by their
     first image, the rest of their images mated probes, the other half's images non-mated; FNIR
     at the threshold giving `fpir`. Used only to choose top-k; small, so only a coarse guide."""
-    from edge.metrics import open_set_1n
+    from evaluation.metrics import open_set_1n
 
     ids = np.asarray(ids)
     people = sorted(set(ids.tolist()))

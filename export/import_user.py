@@ -1,7 +1,7 @@
 """`python -m export import-onnx MODEL ...`: a user's own ONNX face encoder -> clean fp32 ONNX
 (export.onnx_import) -> INT8 QDQ ONNX (export.quantize, ranges from aligned crops of the user's
 calibration folder, never LFW) -> model cards with the impostor-score table, so the gate and
-`python -m edge evaluate-1n --encoder models/<name>_int8.card.json` run it unchanged.
+`python -m evaluation one-to-n --encoder models/<name>_int8.card.json` run it unchanged.
 
 The input spec comes from the command line: the card is the only place the gate learns it."""
 from __future__ import annotations
@@ -139,5 +139,5 @@ def main(args) -> int:
                     three(args.std, "std"), parse_template(args.template, args.input_size), Path(args.calibrate),
                     Path(args.detector), Path(args.out_dir), args.limit)
     print(f"import-onnx: wrote {r['fp32']} and {r['int8']} with cards; evaluate with "
-          f"python -m edge evaluate-1n --encoder {Path(r['int8']).with_suffix('').with_suffix('.card.json')}")
+          f"python -m evaluation one-to-n --encoder {Path(r['int8']).with_suffix('').with_suffix('.card.json')}")
     return 0

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge import lfw, metrics
+from evaluation import lfw, metrics
 from edge.atomic import atomic_write_bytes
 from edge.detect import load_detector
 from edge.embed import load_encoder
@@ -94,7 +94,7 @@ def evaluate(lfw_root: str | Path, encoder_card: str, detector_card: str, protoc
             "failures_to_acquire": sum(v is None for v in vec.values())}
         curves["1:N"] = (r.curve_fpir, r.curve_fnir)
     if plots_dir:
-        from edge.plots import det_plot
+        from evaluation.plots import det_plot
 
         Path(plots_dir).mkdir(parents=True, exist_ok=True)
         for name, xy in curves.items():

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from edge.records import Detection
-from export.detectors import centre_found, in_frame
+from evaluation.detectors import centre_found, in_frame
 from tests.conftest import MODELS
 
 SAMPLES = ["obama.jpg", "obama2.jpg", "obama3.jpg", "biden.jpg", "astronaut.png"]

@@ -5,9 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge import metrics as m
+from evaluation import metrics as m
 from edge.errors import FacegateError
-from edge.lfw import image_path, lfw_pairs, one_to_n_split
+from evaluation.lfw import image_path, lfw_pairs, one_to_n_split
 
 NAN = float("nan")
 GEN = [0.9, 0.8, 0.6, 0.4]
@@ -149,7 +149,7 @@ def test_real_lfw_protocol_counts():
 
 
 def test_plots(tmp_path):
-    from edge import plots
+    from evaluation import plots
 
     far, frr, _ = m.det_points(GEN, IMP)
     if importlib.util.find_spec("matplotlib") is None:
@@ -163,7 +163,7 @@ def test_plots(tmp_path):
 
 
 def test_pair_scores_and_identify_by_hand():
-    from edge.lfw import OneToNSplit, Pair, identify, pair_scores, rel
+    from evaluation.lfw import OneToNSplit, Pair, identify, pair_scores, rel
 
     v = {rel("A", 1): np.array([1.0, 0.0]), rel("A", 2): np.array([0.6, 0.8]), rel("A", 3): None,
          rel("B", 1): np.array([0.0, 1.0]), rel("C", 1): None, rel("C", 2): np.array([1.0, 0.0]),

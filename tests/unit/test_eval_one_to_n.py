@@ -1,17 +1,17 @@
-"""edge/evaluate.py: the pure scoring helpers by hand, and the runner on a tiny fake LFW tree
-built from the fetched sample faces (cache hits, quality re-verdicts, end-to-end evaluate-1n)."""
-import argparse
+"""evaluation/one_to_n.py: the pure scoring helpers by hand, and the runner on a tiny fake LFW tree
+built from the fetched sample faces (cache hits, quality re-verdicts, end-to-end one-to-n)."""
 import json
 import shutil
 
 import numpy as np
 import pytest
 
-from edge import evaluate as E
 from edge.cohort import as_norm_matrix
 from edge.config import QualityConfig
 from edge.match import as_norm, cohort_stats
 from edge.records import Detection
+from evaluation import one_to_n as E
+from evaluation.__main__ import main as evaluation_cli
 from tests.conftest import MODELS
 from tests.unit._stack import model_cards, sample
 
@@ -135,16 +135,12 @@ def test_embed_folder_stores_both_views_whatever_the_encoders_flip(tmp_path, sta
     np.testing.assert_allclose(flipping.vec_flip, plain.vec_flip, atol=1e-6)
 
 
-def test_evaluate_1n_end_to_end_on_a_tiny_tree(tmp_path, stack_parts, capsys):
+def test_one_to_n_end_to_end_on_a_tiny_tree(tmp_path, stack_parts, capsys):
     _, _, det_card, enc_card = stack_parts
     root = _fake_lfw(tmp_path)
-    p = argparse.ArgumentParser()
-    p.add_argument("--config")
-    E.add_arguments(p)
     out = tmp_path / "r.json"
-    args = p.parse_args(["--lfw", str(root), "--encoder", enc_card, "--detector", det_card, "--flip",
-                         "--cache-dir", str(tmp_path / "c"), "--json", str(out), "--quiet"])
-    assert E.main_1n(args) == 0
+    assert evaluation_cli(["one-to-n", "--lfw", str(root), "--encoder", enc_card, "--detector", det_card, "--flip",
+                           "--cache-dir", str(tmp_path / "c"), "--json", str(out), "--quiet"]) == 0
     r = json.loads(out.read_text())
     row = r["rows"][0]
     assert r["acquisition"] == {"no_face": 1, "ok": 5}
@@ -155,7 +151,7 @@ def test_evaluate_1n_end_to_end_on_a_tiny_tree(tmp_path, stack_parts, capsys):
 
 
 def test_subset_keeps_every_nth_person_and_n_pairs_per_fold(tmp_path):
-    from edge.lfw import lfw_pairs, one_to_n_split
+    from evaluation.lfw import lfw_pairs, one_to_n_split
 
     root = _fake_lfw(tmp_path)
     pairs, split = E.subset(lfw_pairs(root / "pairs.txt"), one_to_n_split(root), 2, 1)
@@ -241,7 +237,7 @@ def test_threshold_from_k_counts_people_left_out_of_the_gallery_as_strangers():
     half = E.OneToN(gallery=["a"], probe_keys=["a/2", "b/2", "x/1"], true_ids=["a", "b", None],
                     best=["a", "a", "a"], score=np.array([0.9, 0.75, 0.7]), margin=np.zeros(3))
     table = ([1e-1, 1e-3], [0.72, 0.95])  # FMR -> threshold
-    import edge.evaluate as mod
+    import evaluation.one_to_n as mod
 
     orig = mod.one_to_n
     mod.one_to_n = lambda members, s, split, names: half

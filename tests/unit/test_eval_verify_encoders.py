@@ -1,11 +1,12 @@
-"""export verify / bench: artifact discovery, the clear skip without ../shared, bench rows and
+"""evaluation verify / encoders: artifact discovery, the clear skip without ../shared, bench rows and
 fp32/INT8 ratios (timings themselves are not asserted: speed is measured by the command)."""
 import argparse
 import json
 import shutil
 
-from export import bench as B
-from export import verify as V
+from evaluation import encoders as B
+from evaluation import verify as V
+from evaluation.timing import median_ms, timed_runs
 from tests.unit._stack import model_cards
 
 
@@ -55,5 +56,13 @@ def test_bench_rows_and_int8_ratios(tmp_path):
 
 def test_median_ms_calls_warmup_plus_runs():
     n = []
-    B.median_ms(lambda: n.append(1), runs=5, warmup=2)
+    median_ms(lambda: n.append(1), runs=5, warmup=2)
     assert len(n) == 7
+
+
+def test_timed_runs_times_each_run_after_the_warmup_on_the_clock_given():
+    ticks = iter(range(100))
+    calls = []
+    runs = timed_runs(lambda: calls.append(1) or len(calls), runs=3, warmup=2, clock=lambda: next(ticks) ** 2)
+    # runs 3..5 read the clock at (0, 1), (2, 3), (4, 5): squares differ by 1, 5, 9
+    assert runs == [(1, 3), (5, 4), (9, 5)] and len(calls) == 5

@@ -9,7 +9,7 @@ import pytest
 
 from edge.embed import FusedEncoder, fuse_vectors, load_encoder
 from edge.errors import ModelError
-from edge.evaluate import fuse
+from evaluation.one_to_n import fuse
 from edge.imageio import load_image
 from edge.modelcard import CalibrationSpec, EmbeddingSpec, load_card, write_card
 from export.build import derived_card

@@ -1,5 +1,5 @@
 """export/import_user.py: a user's ONNX encoder -> fp32 + INT8 with cards, on a tiny synthetic
-encoder and a calibration folder of the fetched sample faces; evaluate-1n runs on the result."""
+encoder and a calibration folder of the fetched sample faces; one-to-n runs on the result."""
 import argparse
 import json
 import shutil
@@ -72,16 +72,12 @@ def test_import_quantize_card_then_evaluate(tmp_path):
     graph_ops = {n.op_type for n in onnx.load(str(out / "mine_int8.onnx")).graph.node}
     assert "QuantizeLinear" in graph_ops
 
-    from edge import evaluate as E
-    from tests.unit.test_evaluate import _fake_lfw
+    from evaluation.__main__ import main as evaluation_cli
+    from tests.unit.test_eval_one_to_n import _fake_lfw
 
     root = _fake_lfw(tmp_path)
-    p = argparse.ArgumentParser()
-    p.add_argument("--config")
-    E.add_arguments(p)
-    args = p.parse_args(["--lfw", str(root), "--encoder", str(out / "mine_int8.card.json"), "--detector", det,
-                         "--cache-dir", str(tmp_path / "c"), "--json", str(tmp_path / "r.json"), "--quiet"])
-    assert E.main_1n(args) == 0
+    assert evaluation_cli(["one-to-n", "--lfw", str(root), "--encoder", str(out / "mine_int8.card.json"), "--detector", det,
+                           "--cache-dir", str(tmp_path / "c"), "--json", str(tmp_path / "r.json"), "--quiet"]) == 0
     assert json.loads((tmp_path / "r.json").read_text())["rows"][0]["gallery"] == 1
 
 

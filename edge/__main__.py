@@ -78,6 +78,7 @@ def cmd_run(args) -> int:
 
 def cmd_enroll(args) -> int:
     from . import gallery as G
+    from .audit import AuditLog
     from .enroll import apply, enroll_folder
     from .pipeline import Stack
 
@@ -89,34 +90,34 @@ def cmd_enroll(args) -> int:
     results = enroll_folder(stack, cfg, Path(args.folder))
     for r in results:
         print(f"{'OK     ' if r.ok else 'REFUSED'} {r.name}: {r.reason}  ({r.source})")
-    with gallery_lock(cfg.storage.gallery):  # load-modify-save must not interleave with another writer
+    # load-modify-save must not interleave with another writer
+    with AuditLog(cfg.storage.audit) as audit, gallery_lock(cfg.storage.gallery):
         if Path(cfg.storage.gallery).exists():
             g = G.load(cfg.storage.gallery, key, stack.encoder.sha256)
         else:
             g = G.Gallery(stack.encoder.sha256, stack.encoder.card.embedding.dim)
         n = apply(g, results, cfg.storage.retention_days)
         if n:
-            G.save(g, cfg.storage.gallery, key)
-    if n:
-        _audit_event(cfg, "enroll", "enrolled", details={"people": [r.name for r in results if r.ok]})
+            _save_audited(audit, "enroll", g, cfg.storage.gallery, key,
+                          [("enroll", "enrolled", None, {"identity": r.name}) for r in results if r.ok])
     print(f"{n} enrolled, {len(results) - n} refused; gallery has {len(g)} people")
     return 0 if n == len(results) else 1
 
 
 def cmd_forget(args) -> int:
     from . import gallery as G
+    from .audit import AuditLog
 
     from .bundle import gallery_lock
 
     cfg = _cfg(args)
     key = G.load_key(cfg.storage.key_file)
-    with gallery_lock(cfg.storage.gallery):
+    with AuditLog(cfg.storage.audit) as audit, gallery_lock(cfg.storage.gallery):
         g = G.load(cfg.storage.gallery, key)
         if not g.remove(args.name):
             print(f"{args.name}: not enrolled", file=sys.stderr)
             return 1
-        G.save(g, cfg.storage.gallery, key)
-    _audit_event(cfg, "forget", "removed", identity=args.name)
+        _save_audited(audit, "forget", g, cfg.storage.gallery, key, [("forget", "removed", None, {"identity": args.name})])
     print(f"{args.name}: removed; gallery has {len(g)} people")
     return 0
 
@@ -156,14 +157,24 @@ def cmd_bundle(args) -> int:
     return _bundle_apply(args, pub)
 
 
+# `bundle apply` exit statuses beyond run_cli's 2 (bundle refused) and 5 (the gate cannot write its
+# gallery or audit log): deploy/enroll-usb reloads the gate on 0 and 4 only. 1 stays Python's own
+# status for a crash, so a crash is never read as an applied bundle.
+EXIT_PARTIAL = 4  # applied, some people refused
+
+
 def _bundle_apply(args, pub) -> int:
+    from contextlib import ExitStack
+
     from . import gallery as G
+    from .audit import AuditLog
     from .bundle import apply_bundle, gallery_lock
     from .pipeline import Stack
 
     cfg = _cfg(args)
-    with gallery_lock(cfg.storage.gallery):
+    with AuditLog(cfg.storage.audit) as audit, ExitStack() as held:
         try:
+            held.enter_context(gallery_lock(cfg.storage.gallery))
             stack = Stack.from_config(cfg)
             key = G.load_key(cfg.storage.key_file)
             if Path(cfg.storage.gallery).exists():
@@ -171,9 +182,9 @@ def _bundle_apply(args, pub) -> int:
             else:
                 g = G.Gallery(stack.encoder.sha256, stack.encoder.card.embedding.dim)
         except FacegateError as e:
-            _audit_event(cfg, "enroll", "bundle_refused", details={"bundle": str(args.bundle), "error": str(e)[:900]})
+            audit.record_event("enroll", "bundle_refused", details={"bundle": str(args.bundle), "error": str(e)[:900]})
             raise
-        report = apply_bundle(args.bundle, pub, g, stack, cfg, key=key)  # audits its own outcome
+        report = apply_bundle(args.bundle, pub, g, stack, cfg, audit=audit, key=key)  # audits its own outcome
     for name in report.enrolled:
         print(f"OK      {name}")
     for name, why in report.refused.items():
@@ -182,32 +193,36 @@ def _bundle_apply(args, pub) -> int:
         print(f"REMOVED {name}")
     print(f"bundle {report.sequence} applied: {len(report.enrolled)} enrolled, {len(report.refused)} refused, "
           f"{len(report.removed)} removed; gallery has {len(g)} people")
-    return 0 if not report.refused else 1
+    return 0 if not report.refused else EXIT_PARTIAL
 
 
 def cmd_rekey(args) -> int:
     from . import gallery as G
+    from .audit import AuditLog
     from .bundle import gallery_lock
 
     cfg = _cfg(args)
     path = args.gallery or cfg.storage.gallery
     old, new = G.load_key(args.old), G.load_key(args.new)
-    with gallery_lock(path):
+    with AuditLog(cfg.storage.audit) as audit, gallery_lock(path):
         g = G.load(path, old)
-        G.save(g, path, new)
-    _audit_event(cfg, "gallery", "rekeyed", details={"people": len(g)})
+        _save_audited(audit, "gallery", g, path, new, [("gallery", "rekeyed", {"people": len(g)}, {})])
     print(f"{path}: re-encrypted with {args.new} ({len(g)} people); install it as the gallery key and restart the service")
     return 0
 
 
-def _audit_event(cfg, kind, reason, **fields) -> None:
-    from .audit import AuditLog
+def _save_audited(audit, kind: str, g, path, key: bytes, events: list) -> None:
+    """edge.bundle.save_audited, with a gallery that cannot be written audited as the change's failure."""
+    from .bundle import save_audited
+    from .errors import AuditError, StorageError
 
-    log = AuditLog(cfg.storage.audit)
     try:
-        log.record_event(kind, reason, **fields)
-    finally:
-        log.close()
+        save_audited(g, path, key, audit, events)
+    except AuditError:
+        raise  # nothing changed, and the audit log takes no row to say so
+    except StorageError as e:
+        audit.record_event(kind, "not_saved", details={"error": str(e)[:900]})
+        raise
 
 
 def _probe(args):

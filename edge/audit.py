@@ -209,9 +209,33 @@ class AuditLog:
 
         Keyword fields named like a column (grant, identity, score, runner_up_score, threshold,
         liveness, track_id, t_mono, t_wall, encoder, detector) fill it; any other goes to details.
-        A t_mono / t_wall of 0 or absent means now."""
+        A t_mono / t_wall of 0 or absent means now. AuditError when the row cannot be written
+        (full, read-only or failing disk)."""
+        return self.record_events([(kind, reason, details, fields)])[0]
+
+    def record_events(self, events: list[tuple[str, str, dict | None, dict]]) -> list[int]:
+        """Append (kind, reason, details, fields) events, as record_event, in one transaction: all
+        of them are durable when this returns, or none is (AuditError). A change recorded as several
+        rows (one per person of an enrollment) is never on record in part."""
         if self.readonly:
             raise RuntimeError(f"{self.path}: audit log opened read-only")
+        rows = [self._row(kind, reason, details, dict(fields)) for kind, reason, details, fields in events]
+        with self._lock:
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+                try:
+                    ids = [int(self._conn.execute(_INSERT, self._stamp(row, fields)).lastrowid)
+                           for row, (_, _, _, fields) in zip(rows, events)]
+                    self._conn.execute("COMMIT")
+                except BaseException:
+                    if self._conn.in_transaction:
+                        self._conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as e:
+                raise AuditError(self.path, f"cannot write the audit log: {e}") from None
+        return ids
+
+    def _row(self, kind: str, reason: str, details: dict | None, fields: dict) -> dict:
         if not isinstance(kind, str) or not _KIND.match(kind):
             raise ValueError(f"audit kind {kind!r}: lower-case word expected")
         extra = {k: fields.pop(k) for k in list(fields) if k not in _EVENT_FIELDS}
@@ -231,14 +255,16 @@ class AuditLog:
             "details": details_json,
             **{c: _number(fields.get(c), c) for c in _FLOAT_COLUMNS},
         }
-        with self._lock:
-            t_mono = float(fields.get("t_mono") or time.monotonic())
-            t_wall = float(fields.get("t_wall") or time.time())
-            row.update(t_mono=t_mono, t_wall=t_wall, wall_clock_synced=int(self._observe_clock(t_wall, t_mono)),
-                       encoder=_short_sha(fields.get("encoder")) or self._encoder,
-                       detector=_short_sha(fields.get("detector")) or self._detector)
-            cur = self._conn.execute(_INSERT, row)
-            return int(cur.lastrowid)
+        return row
+
+    def _stamp(self, row: dict, fields: dict) -> dict:
+        """The row with its clocks and model versions; the caller holds the lock."""
+        t_mono = float(fields.get("t_mono") or time.monotonic())
+        t_wall = float(fields.get("t_wall") or time.time())
+        return {**row, "t_mono": t_mono, "t_wall": t_wall,
+                "wall_clock_synced": int(self._observe_clock(t_wall, t_mono)),
+                "encoder": _short_sha(fields.get("encoder")) or self._encoder,
+                "detector": _short_sha(fields.get("detector")) or self._detector}
 
     def count(self) -> int:
         with self._lock:

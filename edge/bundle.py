@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .atomic import atomic_write_bytes
-from .errors import BundleError, FacegateError
+from .errors import AuditError, BundleError, FacegateError, StorageError
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
@@ -207,15 +207,24 @@ def generate_signing_key(out: str | Path) -> tuple[Path, Path]:
 
 def _read_small(path: Path, limit: int, what: str) -> bytes:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: opening a FIFO must not wait for a writer that never comes
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         raise BundleError(path, f"{what} not found") from None
     except OSError as e:
         raise BundleError(path, f"cannot open {what} (symlinks are refused): {e.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise BundleError(path, f"{what} is not a regular file")
-        data = f.read(limit + 1)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):  # checked before reading: a folder or a device cannot be read as a file
+            kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+            raise BundleError(path, f"{what} is {kind}")
+        os.set_blocking(fd, True)
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:  # a failing stick: EIO and the like
+        raise BundleError(path, f"cannot read {what}: {e.strerror}") from None
+    finally:
+        os.close(fd)
     if len(data) > limit:
         raise BundleError(path, f"{what} is larger than {limit} bytes")
     return data
@@ -364,13 +373,32 @@ class BundleReport:
 def gallery_lock(gallery_path: str | Path):
     """Serialises writers of one gallery (bundle apply, enroll, forget); the service only reads."""
     p = Path(gallery_path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(p.with_name(p.name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(p.with_name(p.name + ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise StorageError(p.parent, f"cannot take the gallery's lock in this folder ({e.strerror}): the "
+                                     f"gallery cannot be changed here; it is unchanged") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
+
+
+def save_audited(gallery, path: str | Path, key: bytes, audit, events: list) -> None:
+    """Audit first, then save: `events` (AuditLog.record_events tuples saying what changes) are
+    durable in one transaction before the gallery file changes, so no change is ever unaudited. An
+    audit that cannot be written (AuditError) leaves the gallery as it was; a gallery that cannot
+    be written raises StorageError, which the caller audits as the change's failure."""
+    from . import gallery as G
+
+    audit.record_events(events)
+    try:
+        G.save(gallery, path, key)
+    except OSError as e:
+        raise StorageError(path, f"cannot write the gallery ({e.strerror}); the change recorded in the "
+                                 f"audit log just before did not take effect") from None
 
 
 def apply_bundle(bundle_dir: str | Path, public_key: Ed25519PublicKey, gallery, stack, cfg,
@@ -384,6 +412,8 @@ def apply_bundle(bundle_dir: str | Path, public_key: Ed25519PublicKey, gallery, 
     audit = AuditLog(cfg.storage.audit) if own_audit else audit
     try:
         return _apply(bundle_dir, public_key, gallery, stack, cfg, audit, key, now)
+    except AuditError:
+        raise  # the audit log itself refuses rows: nothing changed, and no row can say so
     except FacegateError as e:
         audit.record_event("enroll", "bundle_refused", details={"bundle": str(bundle_dir), "error": str(e)[:900]})
         raise
@@ -460,14 +490,12 @@ def _apply(bundle_dir, public_key, gallery, stack, cfg, audit, key, now) -> Bund
         gallery.add(person)
         report.enrolled.append(person.name)
     gallery.bundle_sequence = m.sequence
-    G.save(gallery, cfg.storage.gallery, key)
-    for name in report.enrolled:
-        audit.record_event("enroll", "enrolled", identity=name, details={"bundle_sequence": m.sequence})
-    for name, why in report.refused.items():
-        audit.record_event("enroll", "refused", identity=name, details={"bundle_sequence": m.sequence, "why": why[:900]})
-    for name in report.removed:
-        audit.record_event("enroll", "revoked", identity=name, details={"bundle_sequence": m.sequence})
-    audit.record_event("enroll", "bundle_applied", details={
-        "bundle_sequence": m.sequence, "enrolled": len(report.enrolled), "refused": len(report.refused),
-        "removed": len(report.removed), "people": len(gallery)})
+    seq = {"bundle_sequence": m.sequence}
+    events = [("enroll", "enrolled", seq, {"identity": name}) for name in report.enrolled]
+    events += [("enroll", "refused", {**seq, "why": why[:900]}, {"identity": name}) for name, why in report.refused.items()]
+    events += [("enroll", "revoked", seq, {"identity": name}) for name in report.removed]
+    events.append(("enroll", "bundle_applied", {
+        **seq, "enrolled": len(report.enrolled), "refused": len(report.refused), "removed": len(report.removed),
+        "people": len(gallery)}, {}))
+    save_audited(gallery, cfg.storage.gallery, key, audit, events)
     return report

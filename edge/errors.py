@@ -7,6 +7,8 @@ from pathlib import Path
 class FacegateError(Exception):
     """A problem the user can fix: names the file (if any) and what is wrong with it."""
 
+    exit_status = 2  # the command line's status for it: bad input, nothing changed
+
     def __init__(self, path: str | Path | None, problem: str):
         self.path = None if path is None else str(path)
         self.problem = problem
@@ -33,7 +35,14 @@ class BundleError(FacegateError):
     pass
 
 
-class AuditError(FacegateError):
+class StorageError(FacegateError):
+    """The gate cannot write its own state (gallery, lock file, audit log): a full, read-only or
+    failing disk, not bad input. Its own exit status, so a script can tell the two apart."""
+
+    exit_status = 5
+
+
+class AuditError(StorageError):
     pass
 
 
@@ -43,11 +52,11 @@ class CameraError(FacegateError):
 
 def run_cli(fn, args) -> int:
     """Run a CLI command: a FacegateError is the user's to fix, so it becomes one clear line on
-    stderr and exit status 2, not a traceback."""
+    stderr and its exit status (2, or 5 for storage the gate cannot write), not a traceback."""
     import sys
 
     try:
         return fn(args)
     except FacegateError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_status

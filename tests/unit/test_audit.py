@@ -211,3 +211,19 @@ def test_clock_unset_at_start_then_synced(tmp_path, monkeypatch):
     log.record_event("service", "later")
     assert [r["wall_clock_synced"] for r in log.tail(3)] == [False, True, True]
     log.close()
+
+
+def test_a_full_disk_takes_a_batch_of_rows_whole_or_not_at_all(tmp_path):
+    with AuditLog(tmp_path / "a.db") as log:
+        log.record_event("service", "started")
+        # SQLite's own page limit: the same "database or disk is full" a full SD card gives
+        pages = log._conn.execute("PRAGMA page_count").fetchone()[0]
+        log._conn.execute(f"PRAGMA max_page_count={pages}")
+        batch = [("enroll", "enrolled", {"note": "x" * 1000}, {"identity": f"p{i}"}) for i in range(20)]
+        with pytest.raises(AuditError, match=r"a\.db: cannot write the audit log: database or disk is full"):
+            log.record_events(batch)
+        assert log.count() == 1 and log.integrity_check()
+        with pytest.raises(AuditError, match="database or disk is full"):
+            log.record_event("service", "stopped", details={k: "x" * 1000 for k in "abcde"})  # > one page
+        log._conn.execute(f"PRAGMA max_page_count={pages + 100}")  # space freed: the same log goes on
+        assert len(log.record_events(batch)) == 20 and log.count() == 21

@@ -466,3 +466,161 @@ def test_a_removal_matching_two_people_refuses_the_bundle(tmp_path, keys, stack)
     assert (tmp_path / "gallery.fgg").read_bytes() == before
     b2 = photo_bundle(tmp_path, priv, [], removals=["E1"], sequence=3, name="b2")
     assert B.apply_bundle(b2, pub, g, stack, cfg).removed == ["alice"]
+
+
+# ------------------------------------------------------------------ a stick or a gate that cannot be read or written
+def cli_gate(tmp_path, keys, stack, monkeypatch):
+    """A gate config file, its gallery key, and the module's models standing in for a fresh load."""
+    from edge.pipeline import Stack
+
+    cfg = gate_config(tmp_path)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump()))
+    G.new_key_file(cfg.storage.key_file)
+    monkeypatch.setattr(Stack, "from_config", classmethod(lambda cls, c: stack))
+    return cfg, ["--public-key", str(keys[2] / "signing.pub"), "--config", str(tmp_path / "config.yaml")]
+
+
+@pytest.mark.parametrize("what", [B.MANIFEST, B.SIGNATURE, "obama.jpg"])
+def test_a_stick_whose_manifest_signature_or_photo_is_a_folder_is_refused_audited(tmp_path, keys, stack, monkeypatch,
+                                                                                   capsys, what):
+    from edge.__main__ import main
+
+    cfg, opts = cli_gate(tmp_path, keys, stack, monkeypatch)
+    b = photo_bundle(tmp_path, keys[0], [("obama", "E1", "obama.jpg")])
+    (b / what).unlink()
+    (b / what).mkdir()
+    assert main(["bundle", "apply", str(b), *opts]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {b / what}: ") and " is a folder" in err and "Traceback" not in err
+    assert not (tmp_path / "gallery.fgg").exists()
+    with AuditLog(cfg.storage.audit, readonly=True) as a:
+        (row,) = a.tail(5)
+    assert (row["reason"], row["details"]["bundle"]) == ("bundle_refused", str(b)) and "is a folder" in row["details"]["error"]
+
+
+def read_only_folder(folder, monkeypatch):
+    """Every open for writing in `folder` fails as on a read-only filesystem (root ignores modes)."""
+    import errno
+
+    real_open = os.open
+
+    def open_(path, flags, *args, **kwargs):
+        if os.path.dirname(os.path.abspath(path)) == str(folder) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_)
+
+
+def full_disk(monkeypatch):
+    """The gallery's temp file cannot be created: the disk is full."""
+    import errno
+    import tempfile
+
+    def mkstemp(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+
+
+@pytest.mark.parametrize("fault", ["read-only folder", "full disk"])
+def test_a_gallery_that_cannot_be_written_refuses_the_bundle_with_its_own_status_audited(tmp_path, keys, stack,
+                                                                                         monkeypatch, capsys, fault):
+    from edge.__main__ import main
+
+    cfg, opts = cli_gate(tmp_path, keys, stack, monkeypatch)
+    gallery_dir = tmp_path / "gallery"
+    gallery_dir.mkdir()
+    cfg.storage.gallery = str(gallery_dir / "gallery.fgg")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump()))
+    enrolled_gallery(stack, cfg, [("biden", "E2")])
+    before = (gallery_dir / "gallery.fgg").read_bytes()
+    b = photo_bundle(tmp_path, keys[0], [("obama", "E1", "obama.jpg")], sequence=2)
+    with monkeypatch.context() as m:
+        read_only_folder(gallery_dir, m) if fault == "read-only folder" else full_disk(m)
+        status = main(["bundle", "apply", str(b), *opts])
+    err = capsys.readouterr().err
+    assert status == 5, err
+    assert str(gallery_dir) in err and ("Read-only file system" in err if fault == "read-only folder" else
+                                        "No space left on device" in err) and "Traceback" not in err
+    assert (gallery_dir / "gallery.fgg").read_bytes() == before
+    with AuditLog(cfg.storage.audit, readonly=True) as a:
+        rows = a.tail(5)
+    assert rows[-1]["reason"] == "bundle_refused" and str(gallery_dir) in rows[-1]["details"]["error"]
+    if fault == "full disk":  # what was about to change is on record, and that it did not take effect
+        assert [(r["reason"], r["identity"]) for r in rows[:-1]] == [("enrolled", "obama"), ("bundle_applied", None)]
+        assert "did not take effect" in rows[-1]["details"]["error"]
+    # the sequence was not used up: with the fault gone the same stick applies
+    assert main(["bundle", "apply", str(b), *opts]) == 0
+    assert G.load(cfg.storage.gallery, G.load_key(cfg.storage.key_file)).names == ["biden", "obama"]
+
+
+def test_a_bundle_applied_in_part_has_a_status_of_its_own(tmp_path, keys, stack, monkeypatch, capsys):
+    from edge.__main__ import main
+
+    _, opts = cli_gate(tmp_path, keys, stack, monkeypatch)
+    suit = cv2.imread(str(sample("astronaut.png")))[300:512, 0:180]
+    b = photo_bundle(tmp_path, keys[0], [("obama", "E1", "obama.jpg"), ("nobody", "E3", "suit.png")],
+                     extra={"suit.png": suit})
+    assert main(["bundle", "apply", str(b), *opts]) == 4  # not 1, Python's status for a crash
+    assert "REFUSED nobody: no face found" in capsys.readouterr().out
+
+
+def fake_enroll_stack(monkeypatch, results):
+    """Enrollment without models: the folder's photos come out as `results`."""
+    from types import SimpleNamespace
+
+    import edge.enroll
+    from edge.pipeline import Stack
+
+    encoder = SimpleNamespace(sha256="e" * 64, card=SimpleNamespace(embedding=SimpleNamespace(dim=4)))
+    monkeypatch.setattr(Stack, "from_config", classmethod(lambda cls, c: SimpleNamespace(encoder=encoder)))
+    monkeypatch.setattr(edge.enroll, "enroll_folder", lambda stack, cfg, folder: results)
+
+
+def read_only_audit(monkeypatch):
+    """The audit database opens but takes no row, as a read-only file does."""
+    import sqlite3
+
+    real = AuditLog._open
+
+    def open_(self):
+        real(self).close()
+        return sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+
+    monkeypatch.setattr(AuditLog, "_open", open_)
+
+
+def test_enrolling_more_people_than_an_audit_list_holds_audits_each_of_them(tmp_path, monkeypatch, capsys):
+    from edge.__main__ import main
+    from edge.audit import MAX_LIST_ITEMS
+    from edge.enroll import EnrollResult
+
+    G.new_key_file(tmp_path / "k")
+    (tmp_path / "c.yaml").write_text("storage: {gallery: g.fgg, audit: a.sqlite3, key_file: k}\n")
+    rng = np.random.default_rng(1)
+    people = [f"p{i:03d}" for i in range(MAX_LIST_ITEMS + 6)]
+    fake_enroll_stack(monkeypatch, [EnrollResult(n, f"{n}.jpg", True, "enrolled", rng.standard_normal(4)) for n in people])
+    assert main(["enroll", str(tmp_path), "--config", str(tmp_path / "c.yaml")]) == 0
+    assert G.load(tmp_path / "g.fgg", G.load_key(tmp_path / "k")).names == people
+    with AuditLog(tmp_path / "a.sqlite3", readonly=True) as a:
+        assert [(r["kind"], r["reason"], r["identity"]) for r in a.tail(200)] == [("enroll", "enrolled", n) for n in people]
+
+
+def test_enroll_and_forget_with_an_audit_log_that_takes_no_rows_change_nothing(tmp_path, monkeypatch, capsys):
+    from edge.__main__ import main
+    from edge.enroll import EnrollResult
+
+    G.new_key_file(tmp_path / "k")
+    g = G.Gallery("e" * 64, 4)
+    g.add(G.Person("a", np.ones(4, np.float32)))
+    G.save(g, tmp_path / "g.fgg", G.load_key(tmp_path / "k"))
+    before = (tmp_path / "g.fgg").read_bytes()
+    (tmp_path / "c.yaml").write_text("storage: {gallery: g.fgg, audit: a.sqlite3, key_file: k}\n")
+    fake_enroll_stack(monkeypatch, [EnrollResult("b", "b.jpg", True, "enrolled", np.ones(4, np.float32))])
+    read_only_audit(monkeypatch)
+    assert main(["forget", "a", "--config", str(tmp_path / "c.yaml")]) == 5
+    assert main(["enroll", str(tmp_path), "--config", str(tmp_path / "c.yaml")]) == 5
+    err = capsys.readouterr().err
+    assert err.count(f"error: {tmp_path / 'a.sqlite3'}: cannot write the audit log: attempt to write a readonly database") == 2
+    assert (tmp_path / "g.fgg").read_bytes() == before

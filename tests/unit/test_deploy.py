@@ -8,6 +8,7 @@ values, and is skipped with its reason where the binary is missing."""
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -186,6 +187,53 @@ def test_enroll_usb_refuses_odd_device_names(dev):
 def test_enroll_usb_refuses_a_non_block_device():
     r = subprocess.run(["bash", str(ENROLL), "/dev/nullx9"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 3 and "is not a block device" in r.stderr
+
+
+def a_block_device() -> str:
+    """A block device whose name the script accepts; the stubs below keep it from being touched."""
+    for name in sorted(os.listdir("/dev")):
+        path = f"/dev/{name}"
+        if re.fullmatch(r"[a-z]+[0-9]*(p[0-9]+)?", name) and os.path.exists(path) and stat.S_ISBLK(os.stat(path).st_mode):
+            return path
+    pytest.skip("no block device in /dev to hand the script")
+
+
+STUBS = {
+    "id": 'if [ "$*" = -u ]; then echo 0; else echo 1000; fi',
+    "blkid": "echo vfat",
+    "mount": 'mkdir "${!#}/facegate-bundle"',  # the stick holds a bundle folder
+    "mountpoint": "exit 1",
+    "umount": "exit 0",
+    "chown": "exit 0",
+    "install": "exit 0",
+    "setpriv": 'exit "$APPLY_STATUS"',  # stands for `python -m edge bundle apply`
+    "systemctl": 'echo "$*" >> "$SYSTEMCTL_LOG"; case $1 in is-active) exit "$SERVICE_ACTIVE";; esac',
+}
+
+
+@pytest.mark.parametrize("status,active,calls,says", [
+    (0, 0, ["kill -s HUP --kill-who=main facegate.service"], "gallery updated; facegate.service told to reload"),
+    (4, 0, ["kill -s HUP --kill-who=main facegate.service"], "some people refused (see above); facegate.service told"),
+    (0, 3, ["reset-failed facegate.service", "start --no-block facegate.service"], "gallery updated; facegate.service started"),
+    (2, 0, [], "bundle refused (status 2); gallery unchanged"),
+    (5, 0, [], "cannot write its gallery or audit log (status 5)"),
+    (1, 0, [], "bundle apply failed unexpectedly (status 1); facegate.service left as it is"),
+])
+def test_enroll_usb_reloads_the_gate_only_when_the_bundle_was_applied(tmp_path, status, active, calls, says):
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for name, body in STUBS.items():
+        (stubs / name).write_text(f"#!/bin/bash\n{body}\n")
+        (stubs / name).chmod(0o755)
+    log = tmp_path / "systemctl.log"
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "RUNTIME_DIRECTORY": str(tmp_path),
+           "FACEGATE_KEY": "/dev/null", "APPLY_STATUS": str(status), "SERVICE_ACTIVE": str(active),
+           "SYSTEMCTL_LOG": str(log)}
+    r = subprocess.run(["bash", str(ENROLL), a_block_device()], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == status, r.stderr
+    assert says in r.stderr
+    made = [c for c in (log.read_text().splitlines() if log.exists() else []) if not c.startswith("is-")]
+    assert made == calls
 
 
 # What the installer wrote before liveness was on by default: no liveness section, YuNet INT8.

@@ -11,6 +11,7 @@ import numpy as np
 from edge.atomic import atomic_write_bytes
 from edge.embed import load_encoder
 
+from .embeddings import subject_face
 from .timing import CLOCKS, median_ms
 from .verify import encoder_cards
 
@@ -21,9 +22,9 @@ def face_for(enc, detector, image: np.ndarray | None):
     on pixel values)."""
     from edge.records import AlignedFace
 
-    dets = detector.detect(image) if image is not None else []
-    if dets:
-        return enc.align(image, dets[0])
+    det = subject_face(detector, image) if image is not None else None
+    if det is not None:
+        return enc.align(image, det)
     cards = [m.card for m in enc.members] if hasattr(enc, "members") else [enc.card]
     views = tuple((np.arange(c.alignment.size[0] * c.alignment.size[1] * 3) % 251).astype(np.uint8)
                   .reshape(c.alignment.size[1], c.alignment.size[0], 3) for c in cards)

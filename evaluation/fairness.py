@@ -26,6 +26,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .embeddings import subject_face
+
 BANDS = (("very light", 55.0, 90.0), ("light", 41.0, 55.0), ("intermediate", 28.0, 41.0),
          ("tan", 10.0, 28.0), ("brown", -30.0, 10.0), ("dark", -90.0, -30.0))
 MIN_BAND = 100  # fewer faces than this: too small to judge
@@ -173,12 +175,10 @@ def survey(root: Path, keys: list[str], detector, cfg) -> list[dict]:
     rows = []
     for k in keys:
         img = cv2.imread(str(root / k))
-        dets = detector.detect(img) if img is not None else []
-        if not dets:
+        det = subject_face(detector, img) if img is not None else None
+        if det is None:
             rows.append({"key": k, "band": None})
             continue
-        h, w = img.shape[:2]
-        det = min(dets, key=lambda d: np.hypot(d.centre[0] - w / 2, d.centre[1] - h / 2))
         crop = align(img, det, QUALITY_TEMPLATE, QUALITY_SIZE).image
         enroll, door = assess(img, det, crop, cfg.enroll_quality), assess(img, det, crop, cfg.quality)
         rows.append({"key": k, "ita": round(ita(crop), 2), "band": band_of(ita(crop)),
@@ -288,9 +288,7 @@ def evaluate(celeba: Path, lfw: Path, detector_card: str, out: Path, per_band: i
         if b is None or row["door"] != "ok" or counts.get(b, 0) >= per_band:
             continue
         img = cv2.imread(str(root / row["key"]))
-        dets = det.detect(img)
-        h, w = img.shape[:2]
-        d = min(dets, key=lambda d: np.hypot(d.centre[0] - w / 2, d.centre[1] - h / 2))
+        d = subject_face(det, img)
         scene, moved = in_scene(img, d)
         picked.append((scene, moved, b))
         counts[b] = counts.get(b, 0) + 1

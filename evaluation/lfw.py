@@ -69,6 +69,18 @@ def lfw_pairs(path: str | Path) -> list[Pair]:
     return pairs
 
 
+def first_pairs_per_fold(pairs: list[Pair], n: int) -> list[Pair]:
+    """A quick-look subset, never the protocol's figures: the first n pairs of each kind per fold."""
+    seen: dict = {}
+    out = []
+    for p in pairs:
+        k = (p.fold, p.same)
+        if seen.get(k, 0) < n:
+            out.append(p)
+            seen[k] = seen.get(k, 0) + 1
+    return out
+
+
 @dataclass(frozen=True)
 class OneToNSplit:
     gallery: dict[str, Path]  # identity -> its _0001 image (one enrollment photo per person)

@@ -24,10 +24,11 @@ import numpy as np
 
 from edge.atomic import atomic_write_bytes
 from edge.imageio import load_image
-from .metrics import det_points, share_at_least
 from edge.pad import FACE_MESH, SHIPPED_PAD, FaceMesh, PadFusion, PadPolicy, load_pad
 from edge.records import Detection
 
+from .embeddings import subject_face
+from .metrics import det_points, share_at_least
 from .nuaa import ATTACK, LIVE, detect_all, nuaa_items, read_frame, sequences, threshold_at_bpcer, window_means
 
 SILENT_FACE_THRESHOLD = 0.5  # Silent-Face's own rule: live when the live class wins the (fused) softmax
@@ -157,7 +158,7 @@ def simulated_attacks(pad, threshold: float, detector, samples: Path, frames: in
         per_photo = {}
         for k, name in enumerate(REGISTRY_PHOTOS):
             photo = load_image(samples / name)
-            face = max(detector.detect(photo), key=lambda d: d.size)
+            face = subject_face(detector, photo)
             if kind == "clean capture":
                 shots = [fit(photo, zoom=1.0 + 0.05 * i, dx=4 * i) for i in range(10)]
             else:

@@ -1,75 +1,31 @@
-"""The shared evaluation runner: face images -> embeddings through the device pipeline, cached,
-then the LFW protocols (../shared/README.md) scored in seconds for any matcher setting.
+"""The LFW protocols (../shared/README.md) through the device pipeline: embeddings from the one
+cache (evaluation/embeddings.py), then scored in seconds for any matcher setting.
 
 Used by `python -m evaluation one-to-n`, `python -m evaluation verify` and `python -m export cohort`.
-The pipeline is the gate's: our detector (the subject of an image is the detected face nearest
-its centre, the README's rule), the encoder card's similarity alignment, the gate's quality gate
-(its rejections are failures to acquire, counted per reason), the encoder. Every image is
-embedded as is and mirrored, so test-time flip is a scoring choice, not a second run.
-
-Cache: one npz per (encoder card, detector card, alignment setting), loaded with
-allow_pickle=False, written atomically and every few thousand images, so an interrupted run loses
-little. LFW is for evaluation only: nothing here feeds training or calibration.
+LFW is for evaluation only: nothing here feeds training or calibration.
 """
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from edge.align import align as align_face
 from edge.atomic import atomic_write_bytes
 from edge.cohort import as_norm_matrix
-from edge.embed import l2_normalize
 from edge.errors import FacegateError
-from edge.imageio import load_image
-from edge.quality import QUALITY_SIZE, QUALITY_TEMPLATE, assess_face
 
+from .embeddings import Table, embed_folder, subject_face
 from .timing import median_ms
 
 # A probe refused by the margin rule passes no threshold; a finite sentinel (not NaN) keeps it
 # out of the failure-to-acquire count, which NaN means in evaluation.metrics.
 REFUSED = -1.0e6
-FLUSH_EVERY = 500
 
 
 # ---------------------------------------------------------------- pure helpers
-
-def nearest_centre(dets, shape) -> int | None:
-    """Index of the detected face nearest the image centre (the subject of an LFW image)."""
-    if not dets:
-        return None
-    cy, cx = shape[0] / 2.0, shape[1] / 2.0
-    return int(np.argmin([(d.centre[0] - cx) ** 2 + (d.centre[1] - cy) ** 2 for d in dets]))
-
-
-def scaled_template(template, size, scale: float) -> np.ndarray:
-    """The template shrunk (scale < 1) or grown about the crop centre: scale 0.9 puts the same
-    face 10% smaller in the crop, i.e. the encoder sees a crop 1/0.9 = 1.11x wider."""
-    c = np.asarray(size, np.float64) / 2.0
-    return c + (np.asarray(template, np.float64) - c) * float(scale)
-
-
-def jitter_keypoints(kps: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
-    """Keypoints moved by N(0, sigma * eye distance): the landmark noise between video frames."""
-    eye = float(np.linalg.norm(kps[1] - kps[0]))
-    return (kps + rng.normal(0.0, sigma * eye, kps.shape)).astype(np.float32)
-
-
-def combine(vec: np.ndarray, vec_flip: np.ndarray, flip: bool, extra: np.ndarray | None = None) -> np.ndarray:
-    """Unit embeddings of each face: as is, or the mean with its mirror (test-time flip), and
-    with `extra` (J x N x d, the emulated extra frames) averaged in as well."""
-    parts = [vec] + ([vec_flip] if flip else [])
-    if extra is not None:
-        parts += list(extra)
-    return l2_normalize(np.sum(parts, axis=0)).astype(np.float32)
-
 
 def search_1n(norm: np.ndarray, raw: np.ndarray, min_margin: float = 0.0):
     """Best enrolled column of each probe row by (normalised) score, as edge.match.identify picks
@@ -96,261 +52,6 @@ def fuse(scores: list[np.ndarray], weights: list[float], means: list[float], std
     """Weighted sum of several encoders' scores, each first standardised by its impostor mean and
     std (measured on the calibration set), so the weights compare like with like."""
     return sum(w * (np.asarray(s, np.float64) - m) / sd for s, w, m, sd in zip(scores, weights, means, stds))
-
-
-# ---------------------------------------------------------------- the embedding table
-
-@dataclass
-class Table:
-    """Per image: acquired or not, why not, and its unit embeddings (as is, mirrored, jittered)."""
-
-    keys: list[str]
-    ok: np.ndarray  # face found (quality not applied)
-    vec: np.ndarray
-    vec_flip: np.ndarray
-    quality: np.ndarray  # "ok", "no_face", or the quality gate's reason code
-    jit: np.ndarray | None = None  # J x N x d embeddings of jittered alignments (multi-frame emulation)
-    seconds: float = 0.0
-    index: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        self.index = {k: i for i, k in enumerate(self.keys)}
-
-    def rows(self, keys: list[str]) -> np.ndarray:
-        return np.asarray([self.index[k] for k in keys], int)
-
-    def acquired(self, gate_quality: bool = True) -> np.ndarray:
-        return self.quality == "ok" if gate_quality else self.ok
-
-    def vectors(self, flip: bool = False, frames: int = 1) -> np.ndarray:
-        extra = None
-        if frames > 1:
-            if self.jit is None or len(self.jit) < frames - 1:
-                raise ValueError(f"multi-frame emulation of {frames} frames needs {frames - 1} jittered embeddings per image")
-            extra = self.jit[: frames - 1]
-        return combine(self.vec, self.vec_flip, flip, extra)
-
-
-def _card_tag(card) -> str:
-    """What decides an embedding: the weights and how they are fed (not calibration or notes)."""
-    keep = {"sha256", "runtime", "input", "alignment", "embedding", "detector"}
-    return hashlib.sha256(json.dumps(card.model_dump(mode="json", include=keep), sort_keys=True).encode()).hexdigest()
-
-
-def cache_file(cache_dir: Path, encoder, detector, template_scale: float, sigma: float) -> tuple[Path, str]:
-    """Cache path and tag: the encoder's and detector's sha256 and full cards (input settings
-    count, not only weights), and the alignment settings. Jittered views (multi-frame emulation)
-    are added to the same file as they are asked for."""
-    settings = {"encoder_sha256": encoder.card.sha256, "encoder_card": _card_tag(encoder.card),
-                "detector_sha256": detector.card.sha256, "detector_card": _card_tag(detector.card),
-                "template_scale": round(float(template_scale), 6), "jitter_sigma": float(sigma), "layout": 2}
-    tag = json.dumps(settings, sort_keys=True)
-    name = f"emb_{encoder.card.name}_{hashlib.sha256(tag.encode()).hexdigest()[:16]}.npz"
-    return Path(cache_dir) / name, tag
-
-
-def _jit_stack(rec: dict, keys: list[str], n: int, dim: int) -> np.ndarray:
-    z = np.zeros(dim, np.float32)
-    return np.stack([np.stack([rec[k]["jit"][j] if len(rec[k].get("jit", ())) > j else z for k in keys])
-                     for j in range(n)])
-
-
-def _save(path: Path, tag: str, qtag: str, rec: dict, dim: int) -> None:
-    keys = sorted(rec)
-    z = np.zeros(dim, np.float32)
-    njit = np.asarray([len(rec[k].get("jit", ())) for k in keys])
-    arrays = {"tag": np.asarray(tag), "qtag": np.asarray(qtag), "keys": np.asarray(keys),
-              "ok": np.asarray([rec[k]["ok"] for k in keys]),
-              # "" = not judged under these quality settings (images of another run sharing the
-              # cache): a None here would make an object array that allow_pickle=False refuses.
-              "quality": np.asarray([rec[k]["quality"] or "" for k in keys]),
-              "vec": np.stack([rec[k].get("vec", z) for k in keys]),
-              "vec_flip": np.stack([rec[k].get("vec_flip", z) for k in keys]), "njit": njit}
-    if njit.max(initial=0):
-        arrays["jit"] = _jit_stack(rec, keys, int(njit.max()), dim)
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _load(path: Path, tag: str, qtag: str) -> dict:
-    """Records from a cache file whose tag matches; the quality verdicts only if made with the
-    same quality settings (else they are recomputed, which needs no encoder run)."""
-    if not path.is_file():
-        return {}
-    try:
-        z = np.load(path, allow_pickle=False)
-        if str(z["tag"]) != tag:
-            return {}
-        same_q = str(z["qtag"]) == qtag
-        jit, njit = (z["jit"], z["njit"]) if "jit" in z.files else (None, None)
-        # Each z[name] reads and decodes the whole array again: read each once, copy rows out,
-        # or a 13,233-image cache costs gigabytes (rows as views pin a full array each).
-        ok, quality, vec, vec_flip = z["ok"], z["quality"], z["vec"], z["vec_flip"]
-        rec = {}
-        for i, k in enumerate(z["keys"].tolist()):
-            r = {"ok": bool(ok[i]), "quality": (str(quality[i]) or None) if same_q else None}
-            if r["ok"]:
-                r["vec"], r["vec_flip"] = vec[i].copy(), vec_flip[i].copy()
-                if jit is not None and njit[i]:
-                    r["jit"] = [jit[j, i].copy() for j in range(int(njit[i]))]
-            rec[k] = r
-        return rec
-    except (OSError, KeyError, ValueError) as e:
-        print(f"evaluate: ignoring unreadable cache {path}: {e}", file=sys.stderr)
-        return {}
-
-
-class _Progress:
-    """tqdm where installed, else a line every few hundred items."""
-
-    def __init__(self, total: int, desc: str, enabled: bool):
-        self.total, self.desc, self.n, self.bar = total, desc, 0, None
-        self.enabled = enabled and total > 0
-        if self.enabled:
-            try:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr)
-            except ImportError:
-                self.t0 = time.time()
-
-    def update(self, k: int = 1) -> None:
-        if not self.enabled:
-            return
-        self.n += k
-        if self.bar is not None:
-            self.bar.update(k)
-        elif self.n % 500 < k or self.n == self.total:
-            print(f"{self.desc}: {self.n}/{self.total} ({time.time() - self.t0:.0f} s)", file=sys.stderr)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _jittered(img, det, tpl, size, key: str, sigma: float, first: int, count: int) -> list[np.ndarray]:
-    """Jittered views first..first+count-1 of one image; view j is the same whatever was cached
-    before (the generator is seeded by the image key and always drawn from view 0)."""
-    rng = np.random.default_rng(int(hashlib.sha256(key.encode()).hexdigest()[:8], 16))
-    out = []
-    for j in range(first + count):
-        kps = jitter_keypoints(det.keypoints, sigma, rng)
-        if j >= first:
-            out.append(align_face(img, type(det)(det.box, kps, det.score), tpl, size).image)
-    return out
-
-
-def embed_folder(images_root: str | Path, keys: list[str], detector, encoder, quality_cfg, *,
-                 template_scale: float = 1.0, jitter: int = 0, sigma: float = 0.03,
-                 cache_dir: str | Path | None = None, progress: bool = True, batch: int = 32) -> Table:
-    """Embed `keys` (paths relative to `images_root`) through the device pipeline.
-
-    Both views of every face are stored (as is and mirrored) whatever the encoder's flip setting,
-    so flip is chosen when scoring; `jitter` extra
-    alignments per image with keypoints moved by N(0, sigma eye distances), seeded by the key,
-    emulate further frames of one track. Images already in the cache are not run again."""
-    if hasattr(encoder, "members"):  # a fused encoder: each member's table (and cache), combined
-        return _fused_table([embed_folder(images_root, keys, detector, m, quality_cfg, template_scale=template_scale,
-                                          jitter=jitter, sigma=sigma, cache_dir=cache_dir, progress=progress, batch=batch)
-                             for m in encoder.members], encoder.scales, [m.flip for m in encoder.members])
-    root = Path(images_root)
-    dim = encoder.card.embedding.dim
-    # The verdicts depend on the limits and on the crop they judge.
-    qtag = json.dumps({**quality_cfg.model_dump(), "crop": [QUALITY_TEMPLATE, QUALITY_SIZE]}, sort_keys=True)
-    path = tag = None
-    rec: dict = {}
-    if cache_dir is not None:
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        path, tag = cache_file(Path(cache_dir), encoder, detector, template_scale, sigma)
-        rec = _load(path, tag, qtag)
-    tpl = scaled_template(encoder.card.alignment.template, encoder.card.alignment.size, template_scale)
-    size = encoder.card.alignment.size
-
-    def missing(k):
-        r = rec.get(k)
-        return r is None or r["quality"] is None or (r["ok"] and len(r.get("jit", ())) < jitter)
-
-    todo = [k for k in keys if missing(k)]
-    t0 = time.time()
-    bar = _Progress(len(todo), f"embed {encoder.card.name} x{template_scale:g}", progress)
-    pending: list[tuple[str, bool, list[np.ndarray]]] = []  # key, has base view, crops
-
-    def flush():
-        if not pending:
-            return
-        crops = [c for _, _, cs in pending for c in cs]
-        v = encoder.embed_images(crops, flip=False)
-        bases = [cs[0] for _, base, cs in pending if base]
-        vf = iter(encoder.embed_images([c[:, ::-1] for c in bases], flip=False) if bases else [])
-        i = 0
-        for k, base, cs in pending:
-            if base:
-                rec[k]["vec"], rec[k]["vec_flip"] = v[i], next(vf)
-            rec[k].setdefault("jit", []).extend(v[i + base: i + len(cs)])
-            i += len(cs)
-        pending.clear()
-
-    for n, k in enumerate(todo, 1):
-        try:
-            img = load_image(root / k)
-        except FacegateError:
-            img = None
-        dets = detector.detect(img) if img is not None else []
-        i = nearest_centre(dets, img.shape) if dets else None
-        if i is None:
-            rec[k] = {"ok": False, "quality": "no_face"}
-        else:
-            det = dets[i]
-            crop = align_face(img, det, tpl, size).image
-            q = assess_face(img, det, crop, tpl, size, quality_cfg)
-            reason = "ok" if q.ok else q.reason
-            have = k in rec and rec[k]["ok"] and "vec" in rec[k]
-            if have:
-                rec[k]["quality"] = reason  # embeddings cached; the quality settings changed or views are missing
-            else:
-                rec[k] = {"ok": True, "quality": reason}
-            got = len(rec[k].get("jit", ()))
-            crops = ([] if have else [crop]) + _jittered(img, det, tpl, size, k, sigma, got, max(0, jitter - got))
-            if crops:
-                pending.append((k, not have, crops))
-            if sum(len(c) for _, _, c in pending) >= batch:
-                flush()
-        bar.update()
-        if path is not None and n % FLUSH_EVERY == 0:
-            flush()
-            _save(path, tag, qtag, rec, dim)
-    flush()
-    bar.close()
-    if path is not None and todo:
-        _save(path, tag, qtag, rec, dim)
-    z = np.zeros(dim, np.float32)
-    return Table(keys=list(keys), ok=np.asarray([rec[k]["ok"] for k in keys]),
-                 vec=np.stack([rec[k].get("vec", z) for k in keys]).astype(np.float32),
-                 vec_flip=np.stack([rec[k].get("vec_flip", z) for k in keys]).astype(np.float32),
-                 quality=np.asarray([rec[k]["quality"] for k in keys]),
-                 jit=_jit_stack(rec, keys, jitter, dim) if jitter else None, seconds=time.time() - t0)
-
-
-def _fused_table(tables: list[Table], scales: list[float], flips: list[bool] | None = None) -> Table:
-    """Member tables of one key list -> the fused encoder's: acquired where every member got the
-    face, the first member's quality verdict (the gate judges the first member's crop). A member
-    the recipe mirrors at the door (`flips`) enters as the mean of its two views. With test-time
-    flip the fused vectors of the face and its mirror are averaged; the gate averages per member
-    before concatenating, which differs only by the members' norms of those means. Jittered
-    views (multi-frame emulation) have no mirror and enter as they are."""
-    from edge.embed import fuse_vectors
-
-    flips = flips or [False] * len(tables)
-    ok = np.logical_and.reduce([t.ok for t in tables])
-    jit = None
-    if all(t.jit is not None for t in tables):
-        jit = np.stack([fuse_vectors([t.jit[j] for t in tables], scales) for j in range(len(tables[0].jit))])
-    door = [combine(t.vec, t.vec_flip, f) for t, f in zip(tables, flips)]
-    mirror = [d if f else t.vec_flip for t, d, f in zip(tables, door, flips)]
-    return Table(keys=tables[0].keys, ok=ok, vec=fuse_vectors(door, scales), vec_flip=fuse_vectors(mirror, scales),
-                 quality=np.where(ok, tables[0].quality, np.where(tables[0].ok, "no_face", tables[0].quality)),
-                 jit=jit, seconds=sum(t.seconds for t in tables))
 
 
 # ---------------------------------------------------------------- scoring one configuration
@@ -496,22 +197,13 @@ def false_matches(r: OneToN, threshold: float) -> list[dict]:
 def subset(pairs, split, every: int = 1, pairs_per_fold: int = 0):
     """A quick-look subset, never the protocol's figures: every Nth gallery person (with their
     mated probes) and every Nth non-mated person; the first n pairs of each kind per fold."""
-    from .lfw import OneToNSplit
+    from .lfw import OneToNSplit, first_pairs_per_fold
 
     names = sorted(split.gallery)[::max(every, 1)]
     keep = set(names)
     sub = OneToNSplit({n: split.gallery[n] for n in names}, [(n, p) for n, p in split.mated if n in keep],
                       split.nonmated[::max(every, 1)])
-    if pairs_per_fold:
-        seen: dict = {}
-        out = []
-        for p in pairs:
-            k = (p.fold, p.same)
-            if seen.get(k, 0) < pairs_per_fold:
-                out.append(p)
-                seen[k] = seen.get(k, 0) + 1
-        pairs = out
-    return pairs, sub
+    return (first_pairs_per_fold(pairs, pairs_per_fold) if pairs_per_fold else pairs), sub
 
 
 def verification_figures(members: list[Member], s: Scoring, pairs) -> dict:
@@ -558,8 +250,7 @@ def lever_costs(encoder_card, detector, image: np.ndarray, cohort=None, other_ca
     from edge.embed import load_encoder
 
     enc, flipped = load_encoder(encoder_card, 1), load_encoder(encoder_card, 1, flip=True)
-    dets = detector.detect(image)
-    det = dets[nearest_centre(dets, image.shape)]
+    det = subject_face(detector, image)
     face = enc.align(image, det)
     base = median_ms(lambda: enc.embed(face), n, warmup=1)
     costs = {"encoder_ms": base, "flip_ms": median_ms(lambda: flipped.embed(face), n, warmup=1) - base,

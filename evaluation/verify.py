@@ -12,8 +12,9 @@ from edge.config import QualityConfig
 from edge.detect import load_detector
 from edge.embed import load_encoder
 from edge.errors import ModelError
-from .one_to_n import Member, Scoring, subset, verification_figures
+from .embeddings import embed_folder
 from .lfw import lfw_pairs, one_to_n_split, rel
+from .one_to_n import Member, Scoring, subset, verification_figures
 from edge.modelcard import load_card
 
 
@@ -39,8 +40,6 @@ def verify(lfw: Path, models_dir: Path, detector_card: Path, cache_dir: Path, fl
     keys = sorted({rel(p.name1, p.n1) for p in pairs} | {rel(p.name2, p.n2) for p in pairs})
     det = load_detector(detector_card, 2)
     rows = []
-    from .one_to_n import embed_folder
-
     for card in encoder_cards(models_dir):
         enc = load_encoder(card, 2)
         t = embed_folder(lfw / "images", keys, det, enc, QualityConfig(), cache_dir=cache_dir, progress=progress)

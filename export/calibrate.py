@@ -23,6 +23,7 @@ FMR_GRID = [10.0 ** e for e in np.arange(-6.0, -0.24, 0.25)]
 def identity_folder_faces(root: Path, detector_card: Path, template, size, limit_per_id: int = 1000):
     """(identity, aligned crop) for each image of a one-folder-per-identity tree where a face is found."""
     from edge.align import align
+    from evaluation.embeddings import subject_face
 
     det = load_detector(detector_card)
     out = []
@@ -32,9 +33,9 @@ def identity_folder_faces(root: Path, detector_card: Path, template, size, limit
                 img = load_image(f)
             except FacegateError:
                 continue
-            faces = det.detect(img)
-            if faces:
-                out.append((ident.name, align(img, faces[0], template, size).image))
+            face = subject_face(det, img)
+            if face is not None:
+                out.append((ident.name, align(img, face, template, size).image))
     if not out:
         raise FacegateError(root, "no faces found in the calibration folder")
     return out

@@ -22,7 +22,8 @@ from edge.config import QualityConfig
 from edge.detect import load_detector
 from edge.embed import load_encoder
 from edge.errors import FacegateError
-from evaluation.one_to_n import embed_folder, fuse
+from evaluation.embeddings import embed_folder
+from evaluation.one_to_n import fuse
 from evaluation.metrics import tar_at_far
 
 from .calibrate import FMR_GRID

@@ -19,7 +19,7 @@ from edge.config import QualityConfig
 from edge.detect import load_detector
 from edge.embed import Encoder, FusionMember, FusionRecipe, enrollment_card, fuse_vectors, load_encoder
 from edge.errors import FacegateError
-from evaluation.one_to_n import combine, embed_folder
+from evaluation.embeddings import combine, embed_folder
 from edge.modelcard import CalibrationSpec, EmbeddingSpec, SourceSpec, write_card
 
 from .build import CALIB_DIR, derived_card

@@ -37,6 +37,10 @@ def list_images(folder: Path, limit: int, seed: int = 0) -> list[Path]:
 
 def aligned_crops(folder: Path, detector_card: Path, card: Card, limit: int = 300) -> list[np.ndarray]:
     """Detect and align faces exactly as the gate does, so the ranges match what the gate feeds."""
+    # Imported here: the installer builds the models with edge/ and export/ alone, and its build
+    # reads cached ranges, never faces.
+    from evaluation.embeddings import subject_face
+
     det = load_detector(detector_card)
     crops = []
     for p in list_images(folder, limit * 2):
@@ -44,9 +48,9 @@ def aligned_crops(folder: Path, detector_card: Path, card: Card, limit: int = 30
             img = load_image(p)
         except FacegateError:
             continue
-        faces = det.detect(img)
-        if faces:
-            crops.append(align(img, faces[0], card.alignment.template, card.alignment.size).image)
+        face = subject_face(det, img)
+        if face is not None:
+            crops.append(align(img, face, card.alignment.template, card.alignment.size).image)
         if len(crops) >= limit:
             break
     return crops

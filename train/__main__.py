@@ -115,7 +115,8 @@ def main(argv=None) -> int:
     p.add_argument("--lfw", default="../shared/data/lfw", help="LFW folder with pairs.txt and images/")
     p.add_argument("--protocol", choices=["verification", "1n", "both"], default="both")
     p.add_argument("--pairs-per-fold", type=int, help="quick look: first N matched + N mismatched pairs per fold")
-    p.add_argument("--cache", help="embeddings cache .npz (reused while encoder and detector are unchanged)")
+    p.add_argument("--cache-dir", help="embedding cache folder, the evaluations' format (out/eval_cache: shared with "
+                                      "python -m evaluation one-to-n)")
     p.add_argument("--plots", help="folder for DET curve PNGs (needs matplotlib)")
     p.add_argument("--json", help="write the figures here")
     p.add_argument("--threads", type=int, default=2)
@@ -204,7 +205,7 @@ def _run(args, progress: bool) -> int:
 
         protocols = ("verification", "1n") if args.protocol == "both" else (args.protocol,)
         r = evaluate(args.lfw, args.encoder, args.detector, protocols, args.pairs_per_fold, args.threads,
-                     args.cache, args.plots, progress)
+                     args.cache_dir, args.plots, progress)
         print(summary(r))
         if args.json:
             write_json(r, args.json)

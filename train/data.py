@@ -20,6 +20,7 @@ from edge.align import ARCFACE_112, align
 from edge.atomic import atomic_write_bytes
 from edge.detect import load_detector
 from edge.errors import FacegateError
+from evaluation.embeddings import subject_face
 
 from .backbones import INPUT
 
@@ -159,13 +160,6 @@ def m_per_class_sampler(labels: np.ndarray, p: int, m: int, steps: int):
     return MPerClassSampler(labels, m=m, batch_size=p * m, length_before_new_iter=steps * p * m)
 
 
-def pick_subject(dets) -> int | None:
-    """Index of the largest detected face: the labelled person of an identity photo."""
-    if not dets:
-        return None
-    return int(np.argmax([d.size for d in dets]))
-
-
 def prepare(src: str | Path, dst: str | Path, detector_card: str | Path, threads: int = 1,
             template=ARCFACE_112, size: tuple[int, int] = SIZE, progress: bool = True) -> dict:
     """Detect and align every photo of an identity-folder dataset with the gate's own detector and
@@ -194,12 +188,11 @@ def prepare(src: str | Path, dst: str | Path, detector_card: str | Path, threads
             if img is None:
                 report["unreadable"].append(f"{name}/{f.name}")
                 continue
-            dets = detector.detect(img)
-            i = pick_subject(dets)
-            if i is None:
+            det = subject_face(detector, img)
+            if det is None:
                 report["no_face"].append(f"{name}/{f.name}")
                 continue
-            crop = align(img, dets[i], template, size).image
+            crop = align(img, det, template, size).image
             png = cv2.imencode(".png", crop)[1]
             atomic_write_bytes(out, png.tobytes())
             report["written"] += 1

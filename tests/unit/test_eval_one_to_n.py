@@ -10,6 +10,7 @@ from edge.cohort import as_norm_matrix
 from edge.config import QualityConfig
 from edge.match import as_norm, cohort_stats
 from edge.records import Detection
+from evaluation import embeddings as Emb
 from evaluation import one_to_n as E
 from evaluation.__main__ import main as evaluation_cli
 from tests.conftest import MODELS
@@ -22,24 +23,38 @@ def _det(cx, cy, w=20.0):
 
 def test_nearest_centre_picks_the_face_nearest_the_middle_not_the_biggest():
     dets = [_det(10, 10, 80), _det(48, 52), _det(90, 90)]
-    assert E.nearest_centre(dets, (100, 100, 3)) == 1
-    assert E.nearest_centre([], (100, 100, 3)) is None
+    assert Emb.nearest_centre(dets, (100, 100, 3)) == 1
+    assert Emb.nearest_centre([], (100, 100, 3)) is None
+
+
+def test_subject_face_is_the_detection_nearest_the_centre_or_none():
+    class Found:
+        def __init__(self, dets):
+            self.dets = dets
+
+        def detect(self, image):
+            return self.dets
+
+    image = np.zeros((100, 100, 3), np.uint8)
+    big_off_centre, small_centred = _det(10, 10, 80), _det(48, 52)
+    assert Emb.subject_face(Found([big_off_centre, small_centred]), image) is small_centred
+    assert Emb.subject_face(Found([]), image) is None
 
 
 def test_scaled_template_shrinks_about_the_crop_centre():
-    t = E.scaled_template([(0, 0), (100, 100), (50, 50), (20, 80), (80, 20)], (100, 100), 0.9)
+    t = Emb.scaled_template([(0, 0), (100, 100), (50, 50), (20, 80), (80, 20)], (100, 100), 0.9)
     assert np.allclose(t, [(5, 5), (95, 95), (50, 50), (23, 77), (77, 23)])
     same = [(38.3, 51.7), (73.5, 51.5), (56.0, 71.7), (41.5, 92.4), (70.7, 92.2)]
-    assert np.allclose(E.scaled_template(same, (112, 112), 1.0), same)
+    assert np.allclose(Emb.scaled_template(same, (112, 112), 1.0), same)
 
 
 def test_combine_averages_the_mirror_and_renormalises():
     v = np.array([[1.0, 0.0]], np.float32)
     vf = np.array([[0.0, 1.0]], np.float32)
-    assert np.allclose(E.combine(v, vf, False), [[1, 0]])
-    assert np.allclose(E.combine(v, vf, True), [[2 ** -0.5, 2 ** -0.5]])
+    assert np.allclose(Emb.combine(v, vf, False), [[1, 0]])
+    assert np.allclose(Emb.combine(v, vf, True), [[2 ** -0.5, 2 ** -0.5]])
     extra = np.array([[[0.0, -1.0]]], np.float32)  # one jittered frame
-    assert np.allclose(E.combine(v, vf, True, extra), [[1.0, 0.0]])
+    assert np.allclose(Emb.combine(v, vf, True, extra), [[1.0, 0.0]])
 
 
 def test_search_1n_best_by_normalised_score_margin_on_raw():
@@ -104,22 +119,22 @@ def test_embed_folder_caches_and_rechecks_quality_without_reembedding(tmp_path, 
     det, enc, *_ = stack_parts
     root = _fake_lfw(tmp_path) / "images"
     keys = ["Obama_S/Obama_S_0001.jpg", "Biden_S/Biden_S_0001.jpg", "Junk_S/Junk_S_0001.jpg"]
-    t = E.embed_folder(root, keys, det, enc, QualityConfig(), cache_dir=tmp_path / "c", progress=False)
+    t = Emb.embed_folder(root, keys, det, enc, QualityConfig(), cache_dir=tmp_path / "c", progress=False)
     assert t.ok.tolist() == [True, True, False] and t.quality[2] == "no_face"
     assert np.allclose(np.linalg.norm(t.vec[:2], axis=1), 1, atol=1e-5)
     assert not np.allclose(t.vec[0], t.vec_flip[0])  # the mirror is a different view
     calls = []
     monkeypatch.setattr(enc, "embed_images", lambda crops, flip=None: calls.append(len(crops)))
-    again = E.embed_folder(root, keys, det, enc, QualityConfig(), cache_dir=tmp_path / "c", progress=False)
+    again = Emb.embed_folder(root, keys, det, enc, QualityConfig(), cache_dir=tmp_path / "c", progress=False)
     assert calls == [] and np.array_equal(again.vec, t.vec)
     strict = QualityConfig(min_face_px=1999)
-    q = E.embed_folder(root, keys, det, enc, strict, cache_dir=tmp_path / "c", progress=False)
+    q = Emb.embed_folder(root, keys, det, enc, strict, cache_dir=tmp_path / "c", progress=False)
     assert calls == [] and q.quality.tolist() == ["too_small", "too_small", "no_face"]
     assert q.acquired(True).sum() == 0 and q.acquired(False).sum() == 2
     # Another run on part of the keys, with other quality settings, shares the cache file: the
     # records it does not judge must stay readable (and be judged again when asked for).
-    E.embed_folder(root, keys[:1], det, enc, QualityConfig(), cache_dir=tmp_path / "c", progress=False)
-    back = E.embed_folder(root, keys, det, enc, strict, cache_dir=tmp_path / "c", progress=False)
+    Emb.embed_folder(root, keys[:1], det, enc, QualityConfig(), cache_dir=tmp_path / "c", progress=False)
+    back = Emb.embed_folder(root, keys, det, enc, strict, cache_dir=tmp_path / "c", progress=False)
     assert calls == [] and back.quality.tolist() == ["too_small", "too_small", "no_face"]
 
 
@@ -129,8 +144,8 @@ def test_embed_folder_stores_both_views_whatever_the_encoders_flip(tmp_path, sta
     det, enc, _, enc_card = stack_parts
     root = _fake_lfw(tmp_path) / "images"
     keys = ["Obama_S/Obama_S_0001.jpg"]
-    plain = E.embed_folder(root, keys, det, enc, QualityConfig(), progress=False)
-    flipping = E.embed_folder(root, keys, det, load_encoder(enc_card, flip=True), QualityConfig(), progress=False)
+    plain = Emb.embed_folder(root, keys, det, enc, QualityConfig(), progress=False)
+    flipping = Emb.embed_folder(root, keys, det, load_encoder(enc_card, flip=True), QualityConfig(), progress=False)
     np.testing.assert_allclose(flipping.vec, plain.vec, atol=1e-6)
     np.testing.assert_allclose(flipping.vec_flip, plain.vec_flip, atol=1e-6)
 
@@ -163,14 +178,14 @@ def test_jittered_views_are_added_to_the_cache_and_reproducible(tmp_path, stack_
     det, enc, *_ = stack_parts
     root = _fake_lfw(tmp_path) / "images"
     keys = ["Obama_S/Obama_S_0001.jpg", "Junk_S/Junk_S_0001.jpg"]
-    base = E.embed_folder(root, keys, det, enc, QualityConfig(), cache_dir=tmp_path / "c", progress=False)
-    one = E.embed_folder(root, keys, det, enc, QualityConfig(), jitter=1, cache_dir=tmp_path / "c", progress=False)
-    two = E.embed_folder(root, keys, det, enc, QualityConfig(), jitter=2, cache_dir=tmp_path / "c", progress=False)
-    fresh = E.embed_folder(root, keys, det, enc, QualityConfig(), jitter=2, progress=False)
+    base = Emb.embed_folder(root, keys, det, enc, QualityConfig(), cache_dir=tmp_path / "c", progress=False)
+    one = Emb.embed_folder(root, keys, det, enc, QualityConfig(), jitter=1, cache_dir=tmp_path / "c", progress=False)
+    two = Emb.embed_folder(root, keys, det, enc, QualityConfig(), jitter=2, cache_dir=tmp_path / "c", progress=False)
+    fresh = Emb.embed_folder(root, keys, det, enc, QualityConfig(), jitter=2, progress=False)
     assert np.array_equal(base.vec, two.vec)
     assert np.allclose(one.jit[0], two.jit[0]) and np.allclose(two.jit, fresh.jit, atol=1e-5)
     assert 0.9 < float(two.jit[0, 0] @ two.vec[0]) < 0.99999  # a nearby, different view
-    assert np.allclose(two.vectors(frames=3)[0], E.combine(two.vec, two.vec_flip, False, two.jit)[0])
+    assert np.allclose(two.vectors(frames=3)[0], Emb.combine(two.vec, two.vec_flip, False, two.jit)[0])
     with pytest.raises(ValueError, match="jittered"):
         base.vectors(frames=2)
 
@@ -205,14 +220,14 @@ def test_enrollment_flip_applies_to_references_and_member_flip_to_both_sides():
     rng = np.random.default_rng(3)
     vec, mir = _unit(rng.normal(size=(3, 4))), _unit(rng.normal(size=(3, 4)))
     keys = ["a/1", "b/1", "c/1"]
-    t = E.Table(keys=keys, ok=np.ones(3, bool), vec=vec, vec_flip=mir, quality=np.array(["ok"] * 3))
+    t = Emb.Table(keys=keys, ok=np.ones(3, bool), vec=vec, vec_flip=mir, quality=np.array(["ok"] * 3))
     both = _unit(vec + mir)
     s, _ = E.score_matrices([E.Member(t)], E.Scoring(gallery_flip=True), ["a/1"], ["b/1", "c/1"])
     np.testing.assert_allclose(s, vec[:1] @ both[1:].T, atol=1e-6)  # door face as is, enrolled mirrored
     s, _ = E.score_matrices([E.Member(t, flip=True)], E.Scoring(), ["a/1"], ["b/1", "c/1"])
     np.testing.assert_allclose(s, both[:1] @ both[1:].T, atol=1e-6)
     # A fusion member the recipe mirrors enters the fused table as the mean of its two views.
-    f = E._fused_table([t, t], [1.0, 1.0], [False, True])
+    f = Emb._fused_table([t, t], [1.0, 1.0], [False, True])
     np.testing.assert_allclose(f.vec, _unit(np.concatenate([vec, both], axis=1)), atol=1e-6)
     np.testing.assert_allclose(f.vec_flip, _unit(np.concatenate([mir, both], axis=1)), atol=1e-6)
 

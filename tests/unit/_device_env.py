@@ -1,9 +1,8 @@
 """Run inside a venv made from requirements.txt alone (test_device_requirements.py builds it):
 import every edge/ module, then a 5,000-person gallery search, which takes the INT8 path above
-edge.search.MIN_ROWS. Prints one line per problem and exits 1 if there is any.
-
-The evaluation modules still in edge/ are included: they import what the device lacks
-(matplotlib in plots.py, tqdm in evaluate.py) only inside the functions that use it."""
+edge.search.MIN_ROWS. Prints one line per problem and exits 1 if there is any. Every module is
+imported, none excluded: the evaluations, which need more than the device has, live in
+evaluation/."""
 from __future__ import annotations
 
 import importlib

@@ -233,10 +233,14 @@ class Gate:
         return d
 
     def _act(self, d: Decision) -> None:
+        # The record comes first: a grant the audit log cannot take (full or failing disk) raises
+        # AuditError here and opens nothing, so the door never opens without its row.
+        if self.audit is not None:
+            self._record(d)
         if d.grant and self.relay is not None:
             self.relay.unlock(d.t_mono)
-        if self.audit is None:
-            return
+
+    def _record(self, d: Decision) -> None:
         if d.reason in _QUIET:
             if d.reason == self._last_quiet or d.reason == "pending":
                 return

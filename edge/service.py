@@ -12,7 +12,7 @@ import socket
 import time
 
 from .config import Config
-from .errors import FacegateError
+from .errors import AuditError, FacegateError
 
 log = logging.getLogger(__name__)
 
@@ -143,11 +143,17 @@ def run_service(cfg: Config, max_frames: int | None = None, verbose: bool = True
             print(f"done: {frames} frames, {st.openings} door opening(s), longest unlocked {st.longest_unlocked_s:.2f} s, "
                   f"{audit.count()} audit records in {cfg.storage.audit}")
         return 0
+    except AuditError as e:  # a gate that cannot keep its records does not run: it stops locked
+        log.error("%s; the door stays locked", e)
+        notifier.status(f"stopped, door locked: {e}")
+        raise
     finally:
         notifier.stopping()
         relay.close()
         try:
             audit.record_event("service", "stopped")
+        except AuditError as e:  # the log refusing rows is what stops the gate: say so, keep the first error
+            log.error("'stopped' not audited: %s", e)
         finally:
             audit.close()
             for sig, handler in previous.items():  # an embedding caller (tests, CLI) gets its handlers back

@@ -47,6 +47,15 @@ def stack(model_cards):
     return Stack.from_config(cfg)
 
 
+@pytest.fixture
+def mock_factory():
+    """gpiozero's mock pins, a fresh set per test, handed to each relay as its pin factory (a
+    relay's pin stays reserved until it closes, so tests never share one)."""
+    from gpiozero.pins.mock import MockFactory
+
+    return MockFactory()
+
+
 @pytest.fixture(scope="session")
 def shared() -> Path:
     if not (SHARED / "data").is_dir():

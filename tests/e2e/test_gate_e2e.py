@@ -8,7 +8,6 @@ import time
 import cv2
 import numpy as np
 import pytest
-from gpiozero.pins.mock import MockFactory
 
 from edge import gallery as G
 from edge.audit import AuditLog
@@ -24,7 +23,7 @@ PULSE = 0.4
 
 
 @pytest.fixture()
-def gate(stack, samples, tmp_path, model_cards):
+def gate(stack, samples, tmp_path, model_cards, mock_factory):
     cfg = Config()
     cfg.models.detector, cfg.models.encoder = str(model_cards["detector"]), str(model_cards["encoder"])
     cfg.relay.pulse_s, cfg.relay.max_hold_s = PULSE, 1.0
@@ -34,8 +33,7 @@ def gate(stack, samples, tmp_path, model_cards):
                for n, f in (("obama", "obama.jpg"), ("astronaut", "astronaut.png"))]
     assert all(r.ok for r in results), [r.reason for r in results]
     apply(g, results, 30)
-    factory = MockFactory()
-    relay = DoorRelay(cfg.relay, factory)
+    relay = DoorRelay(cfg.relay, mock_factory)
     audit = AuditLog(tmp_path / "audit.sqlite3")
     gate = Gate(cfg, stack, g, relay=relay, audit=audit)
     yield gate

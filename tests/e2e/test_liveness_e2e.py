@@ -22,7 +22,6 @@ import cv2
 import numpy as np
 import pytest
 import yaml
-from gpiozero.pins.mock import MockFactory
 
 from edge import gallery as G
 from edge.config import Config
@@ -45,7 +44,7 @@ PAD_CARD = Path(os.environ.get("FACEGATE_PAD_CARD") or SHIPPED_PAD)
 NUAA_SUBJECTS = ("0010", "0012")
 
 
-def make_gate(mode: str, enroll: dict[str, np.ndarray], threshold: float | None = None):
+def make_gate(mode: str, enroll: dict[str, np.ndarray], mock_factory, threshold: float | None = None):
     det, enc = model_cards()
     cfg = Config()
     cfg.models.detector, cfg.models.encoder = det, enc
@@ -61,7 +60,7 @@ def make_gate(mode: str, enroll: dict[str, np.ndarray], threshold: float | None 
     results = [embed_photo(stack, cfg.quality, img, name, name) for name, img in enroll.items()]
     assert all(r.ok for r in results), [r.reason for r in results]
     apply(g, results, 30)
-    relay = DoorRelay(cfg.relay, MockFactory())
+    relay = DoorRelay(cfg.relay, mock_factory)
     return Gate(cfg, stack, g, relay=relay, liveness=make_liveness(cfg)), relay
 
 
@@ -190,7 +189,7 @@ def place(image: np.ndarray, det, angle: float = 0.0, zoom: float = 1.0, shift=(
     return cv2.warpAffine(image, m, FRAME, flags=cv2.INTER_AREA, borderMode=cv2.BORDER_CONSTANT, borderValue=(96, 96, 96))
 
 
-def test_simulated_photo_of_a_photo_is_denied_by_the_motion_and_blink_policy(samples):
+def test_simulated_photo_of_a_photo_is_denied_by_the_motion_and_blink_policy(samples, mock_factory):
     """SIMULATION, not an attack database. Limits, stated plainly:
     - the "attack" is obama2.jpg printed by edge/spoof.py and held in front of the camera for 12
       frames, moved only rigidly (hand tremor: a few pixels, a degree, 2% size); it is no real
@@ -208,7 +207,7 @@ def test_simulated_photo_of_a_photo_is_denied_by_the_motion_and_blink_policy(sam
     det = load_detector(model_cards()[0])
     photos = {n: load_image(samples / f) for n, f in (("a", "obama.jpg"), ("b", "obama2.jpg"), ("c", "obama3.jpg"))}
     faces = {n: max(det.detect(img), key=lambda d: d.size) for n, img in photos.items()}
-    gate, relay = make_gate("passive+blink", {"obama": photos["a"]}, threshold=0.0)
+    gate, relay = make_gate("passive+blink", {"obama": photos["a"]}, mock_factory, threshold=0.0)
     try:
         rng = np.random.default_rng(0)
         sheet, centre, face_h = print_sheet(photos["b"], faces["b"])

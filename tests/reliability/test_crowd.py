@@ -8,7 +8,6 @@ import time
 
 import numpy as np
 import pytest
-from gpiozero.pins.mock import MockFactory
 
 from edge import gallery as G
 from edge.audit import AuditLog
@@ -28,7 +27,7 @@ def crops(real_stack, samples):
 
 
 @pytest.fixture()
-def make_gate(real_stack, cards, samples, tmp_path):
+def make_gate(real_stack, cards, samples, tmp_path, mock_factory):
     made = []
 
     def make(policy, max_faces=1):
@@ -41,7 +40,7 @@ def make_gate(real_stack, cards, samples, tmp_path):
         results = [embed_photo(real_stack, cfg.quality, load_image(samples / f), n, f)
                    for n, f in (("obama", "obama.jpg"), ("astronaut", "astronaut.png"))]
         apply(g, results, 30)
-        gate = Gate(cfg, real_stack, g, relay=DoorRelay(cfg.relay, MockFactory()),
+        gate = Gate(cfg, real_stack, g, relay=DoorRelay(cfg.relay, mock_factory),
                     audit=AuditLog(tmp_path / f"audit{len(made)}.sqlite3"))
         made.append(gate)
         return gate

@@ -133,15 +133,13 @@ def test_interpreter_exit_locks(how):
     assert r.stdout.split() == ["UNLOCKED", "1", "LEVEL", "0"], (r.stdout, r.stderr)
 
 
-def test_no_grant_opens_the_door_after_a_shutdown_lock():
+def test_no_grant_opens_the_door_after_a_shutdown_lock(mock_factory):
     """Regression: SIGTERM locked the relay, but the frame already in flight then granted and the door
     opened again (1-12 ms here, an audit fsync plus close() on a Pi) before the service closed it."""
-    from gpiozero.pins.mock import MockFactory
-
     from edge.config import RelayConfig
     from edge.relay import DoorRelay
 
-    with DoorRelay(RelayConfig(pin_factory="mock", pulse_s=5.0, max_hold_s=10.0), MockFactory()) as relay:
+    with DoorRelay(RelayConfig(pin_factory="mock", pulse_s=5.0, max_hold_s=10.0), mock_factory) as relay:
         relay.unlock()
         relay.lock(stay=True)
         assert relay.unlock() is None

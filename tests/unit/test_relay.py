@@ -5,18 +5,21 @@ pulses are kept short (0.2 s) to keep the suite fast."""
 import time
 
 import pytest
-from gpiozero.pins.mock import MockFactory
 
 from edge.config import RelayConfig
 from edge.relay import DoorRelay, pulse_deadline
 
 
-def make(pulse_s=0.2, max_hold_s=0.3, active_high=True):
-    cfg = RelayConfig(pin="GPIO17", active_high=active_high, pulse_s=pulse_s, max_hold_s=max_hold_s,
-                      pin_factory="mock")
-    relay = DoorRelay(cfg, pin_factory=MockFactory())
-    relay.pin.clear_states()  # t=0 and the locked level from here on
-    return relay
+@pytest.fixture
+def make(mock_factory):
+    def make(pulse_s=0.2, max_hold_s=0.3, active_high=True):
+        cfg = RelayConfig(pin="GPIO17", active_high=active_high, pulse_s=pulse_s, max_hold_s=max_hold_s,
+                          pin_factory="mock")
+        relay = DoorRelay(cfg, pin_factory=mock_factory)
+        relay.pin.clear_states()  # t=0 and the locked level from here on
+        return relay
+
+    return make
 
 
 def wait_locked(relay, limit_s=2.0):
@@ -35,7 +38,7 @@ def test_pulse_deadline_extends_within_the_ceiling():
     assert pulse_deadline(10.0, 9.0, 3.0, 5.0, 13.0) == 13.0
 
 
-def test_one_pulse_of_configured_length():
+def test_one_pulse_of_configured_length(make):
     with make(pulse_s=0.2, max_hold_s=0.3) as relay:
         relay.unlock()
         assert relay.is_unlocked
@@ -47,7 +50,7 @@ def test_one_pulse_of_configured_length():
         assert 0.19 <= relay.stats.longest_unlocked_s < 0.26
 
 
-def test_overlapping_grant_extends_the_pulse():
+def test_overlapping_grant_extends_the_pulse(make):
     with make(pulse_s=0.2, max_hold_s=0.5) as relay:
         relay.unlock()
         time.sleep(0.1)
@@ -57,7 +60,7 @@ def test_overlapping_grant_extends_the_pulse():
         assert len(relay.pin.states) == 3
 
 
-def test_overlapping_grants_never_pass_max_hold():
+def test_overlapping_grants_never_pass_max_hold(make):
     with make(pulse_s=0.2, max_hold_s=0.3) as relay:
         for _ in range(5):  # a grant every 0.1 s would keep it open for ever without the ceiling
             relay.unlock()
@@ -69,7 +72,7 @@ def test_overlapping_grants_never_pass_max_hold():
         assert relay.stats.longest_unlocked_s < 0.3 + 0.05
 
 
-def test_grant_after_a_pulse_starts_a_new_opening():
+def test_grant_after_a_pulse_starts_a_new_opening(make):
     with make(pulse_s=0.2, max_hold_s=0.3) as relay:
         relay.unlock()
         wait_locked(relay)
@@ -80,13 +83,13 @@ def test_grant_after_a_pulse_starts_a_new_opening():
         assert relay.stats.openings == 2
 
 
-def test_future_timestamp_is_clamped_to_the_clock():
+def test_future_timestamp_is_clamped_to_the_clock(make):
     with make(pulse_s=0.2, max_hold_s=0.3) as relay:
         deadline = relay.unlock(now_mono=time.monotonic() + 100.0)
         assert deadline <= time.monotonic() + 0.2
 
 
-def test_stale_grant_opens_nothing():
+def test_stale_grant_opens_nothing(make):
     with make(pulse_s=0.2, max_hold_s=0.3) as relay:
         assert relay.unlock(now_mono=time.monotonic() - 0.5) is None  # a stalled loop catching up
         assert not relay.is_unlocked and len(relay.pin.states) == 1
@@ -97,7 +100,7 @@ def test_stale_grant_opens_nothing():
         relay.pin.assert_states_and_times([(0.0, False), (0.0, True), (0.2, False)])
 
 
-def test_lock_forces_locked():
+def test_lock_forces_locked(make):
     with make(pulse_s=0.2, max_hold_s=0.3) as relay:
         relay.unlock()
         relay.lock()
@@ -107,7 +110,7 @@ def test_lock_forces_locked():
         assert len(relay.pin.states) == 3  # the timer does not toggle it again
 
 
-def test_close_locks_and_releases_the_pin():
+def test_close_locks_and_releases_the_pin(make):
     relay = make()
     relay.unlock()
     pin = relay.pin
@@ -119,7 +122,7 @@ def test_close_locks_and_releases_the_pin():
     relay.close()  # idempotent
 
 
-def test_exception_in_with_block_locks():
+def test_exception_in_with_block_locks(make):
     relay = make()
     pin = relay.pin
     with pytest.raises(ZeroDivisionError):
@@ -129,7 +132,7 @@ def test_exception_in_with_block_locks():
     assert pin.state is False
 
 
-def test_exception_inside_unlock_leaves_it_locked():
+def test_exception_inside_unlock_leaves_it_locked(make):
     relay = make()
     real_on = relay._device.on
 
@@ -145,7 +148,7 @@ def test_exception_inside_unlock_leaves_it_locked():
     relay.close()
 
 
-def test_active_low_wiring():
+def test_active_low_wiring(make):
     with make(pulse_s=0.2, max_hold_s=0.3, active_high=False) as relay:
         pin = relay.pin
         assert pin.state is True  # locked = line high on an active-low relay board
@@ -156,8 +159,8 @@ def test_active_low_wiring():
         assert len(pin.states) == 3
 
 
-def test_pulse_longer_than_ceiling_is_refused():
+def test_pulse_longer_than_ceiling_is_refused(mock_factory):
     cfg = RelayConfig(pulse_s=3.0, max_hold_s=5.0, pin_factory="mock")
     cfg.pulse_s = 6.0  # validate_assignment bounds each field, not the pair
     with pytest.raises(ValueError):
-        DoorRelay(cfg, pin_factory=MockFactory())
+        DoorRelay(cfg, pin_factory=mock_factory)

@@ -236,7 +236,7 @@ def _probe(args):
     stack = Stack.from_config(cfg)
     g = G.load(cfg.storage.gallery, G.load_key(cfg.storage.key_file), stack.encoder.sha256)
     r = embed_photo(stack, cfg.quality, load_image(args.image), "probe", args.image, probe=True)
-    return r, Matcher(cfg, stack, g)
+    return r, Matcher(cfg.match, stack, g)
 
 
 def cmd_identify(args) -> int:

@@ -11,12 +11,13 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from . import gallery as gallery_io
 from .cohort import Cohort, as_norm_matrix, load_cohort
-from .config import MAX_TARGET_FPIR, Config
+from .config import MAX_TARGET_FPIR, Config, MatchConfig
 from .decide import DecisionPolicy, Observation, choose_faces
 from .detect import Detector, load_detector
 from .embed import Encoder, FusedEncoder, check_twin, enrollment_twin, load_encoder
@@ -77,27 +78,27 @@ def impostor_table(stack: Stack) -> tuple[list[float], list[float]]:
     return cal.fmr, cal.threshold
 
 
-def gallery_threshold(cfg: Config, stack: Stack, k: int, verification: bool = False) -> float:
+def gallery_threshold(match: MatchConfig, stack: Stack, k: int, verification: bool = False) -> float:
     """Operating threshold: fixed in config, or for the gallery size (1:1 verification is one
     comparison, so K = 1) from the impostor table of the scores compared."""
-    if cfg.match.threshold is not None:
-        return cfg.match.threshold
+    if match.threshold is not None:
+        return match.threshold
     fmr, thr = impostor_table(stack)
-    return threshold_for_gallery(fmr, thr, cfg.match.target_fpir, 1 if verification else k)
+    return threshold_for_gallery(fmr, thr, match.target_fpir, 1 if verification else k)
 
 
-def check_operating_point(cfg: Config, stack: Stack, k: int, verification: bool = False) -> float:
+def check_operating_point(match: MatchConfig, stack: Stack, k: int, verification: bool = False) -> float:
     """Expected FPIR of the gate's threshold against k enrolled people (1:1: one comparison), read
     off the impostor table; above MAX_TARGET_FPIR the gallery is refused (GalleryError). A fixed
     threshold lets in more strangers as the gallery grows, and one from target_fpir stops
     tightening where the table ends, so only the gallery's actual size can tell."""
     k = 1 if verification else max(int(k), 1)
-    t = gallery_threshold(cfg, stack, k, verification)
+    t = gallery_threshold(match, stack, k, verification)
     fmr, thr = impostor_table(stack)
     fpir = fpir_at_threshold(fmr, thr, t, k)
     if fpir > MAX_TARGET_FPIR * (1 + 1e-9):  # a target of exactly the bound must not fail on rounding
         how = ("match.threshold is fixed: raise it, or leave it unset to follow the gallery size"
-               if cfg.match.threshold is not None else
+               if match.threshold is not None else
                f"the impostor table ends at FMR {min(fmr):.1e}, so none of its thresholds holds a gallery this large")
         raise GalleryError(None, f"threshold {t:.4f} against {k} enrolled gives an expected false positive "
                                  f"identification rate of {fpir:.3g}, above the bound {MAX_TARGET_FPIR}: the gate "
@@ -109,17 +110,17 @@ class Matcher:
     """The gallery as the gate searches it: its thresholds for its size and, with a cohort, the
     enrollees' AS-norm statistics, computed once per gallery."""
 
-    def __init__(self, cfg: Config, stack: Stack, g: gallery_io.Gallery):
+    def __init__(self, match: MatchConfig, stack: Stack, g: gallery_io.Gallery):
         if g.encoder_sha256 != stack.encoder.sha256:
             raise GalleryError(None, "gallery was built with another encoder; re-enroll")
-        self.cfg, self.stack, self.gallery = cfg, stack, g
-        self.threshold_1n = gallery_threshold(cfg, stack, max(len(g), 1))
-        self.threshold_1to1 = gallery_threshold(cfg, stack, 1, verification=True)
+        self.min_margin, self.stack, self.gallery = match.min_margin, stack, g
+        self.threshold_1n = gallery_threshold(match, stack, max(len(g), 1))
+        self.threshold_1to1 = gallery_threshold(match, stack, 1, verification=True)
         self._people = {p.name: p for p in g.people}  # names are unique in a gallery
         self._enrollees = stack.cohort.stats(g.matrix) if stack.cohort is not None and len(g) else None
         # AS-norm needs every raw score (the enrollees' cohort statistics shift the ranking), so
         # only the plain cosine search uses the index's exact-top-two shortcut.
-        self.index = GalleryIndex(g.matrix, cfg.models.threads) if self._enrollees is None and len(g) else None
+        self.index = GalleryIndex(g.matrix, stack.threads) if self._enrollees is None and len(g) else None
 
     def valid(self, name: str, t_wall: float) -> bool:
         """Whether `name` is enrolled and its enrolment has not expired at wall time t_wall."""
@@ -129,14 +130,26 @@ class Matcher:
     def match(self, probe: np.ndarray, claim: str | None = None) -> Match:
         """1:N (claim None) or 1:1 against the claimed identity."""
         if claim is None and self.index is not None:
-            return identify(self.index.scores(probe), self.gallery.names, self.threshold_1n, self.cfg.match.min_margin)
+            return identify(self.index.scores(probe), self.gallery.names, self.threshold_1n, self.min_margin)
         raw = cosine_scores(self.gallery.matrix, probe)
         norm = None
         if self._enrollees is not None:
             norm = as_norm_matrix(raw[None], self.stack.cohort.stats(probe[None]), self._enrollees)[0]
         if claim is not None:
             return verify(raw if norm is None else norm, self.gallery.names, claim, self.threshold_1to1)
-        return identify(raw, self.gallery.names, self.threshold_1n, self.cfg.match.min_margin, normalized=norm)
+        return identify(raw, self.gallery.names, self.threshold_1n, self.min_margin, normalized=norm)
+
+
+class DoorOutput(Protocol):
+    """What the gate asks of a door (edge.relay.DoorRelay): open for one pulse from a monotonic time."""
+
+    def unlock(self, now_mono: float | None = None) -> float | None: ...
+
+
+class DecisionLog(Protocol):
+    """Where the gate's decisions go (edge.audit.AuditLog)."""
+
+    def record(self, decision: Decision) -> int: ...
 
 
 @dataclass
@@ -144,8 +157,8 @@ class Gate:
     cfg: Config
     stack: Stack
     gallery: gallery_io.Gallery
-    relay: object | None = None  # edge.relay.DoorRelay
-    audit: object | None = None  # edge.audit.AuditLog
+    relay: DoorOutput | None = None
+    audit: DecisionLog | None = None
     liveness: LivenessCheck = field(default_factory=NoLiveness)
     claim: str | None = None  # badge id / claimed name: 1:1 verification instead of 1:N
     timings: dict = field(default_factory=dict)
@@ -163,8 +176,8 @@ class Gate:
     def set_gallery(self, g: gallery_io.Gallery) -> None:
         """Use gallery g, or refuse it (GalleryError, the gallery in use unchanged) when the
         operating point lets in more strangers at its size than MAX_TARGET_FPIR."""
-        check_operating_point(self.cfg, self.stack, len(g), verification=self.claim is not None)
-        self.matcher = Matcher(self.cfg, self.stack, g)
+        check_operating_point(self.cfg.match, self.stack, len(g), verification=self.claim is not None)
+        self.matcher = Matcher(self.cfg.match, self.stack, g)
         self.gallery = g
 
     # ------------------------------------------------------------------ one frame

@@ -244,14 +244,14 @@ def test_the_gates_matcher_applies_as_norm_with_a_configured_cohort(tmp_path, st
     people /= np.linalg.norm(people, axis=1, keepdims=True)
     for i, v in enumerate(people):
         g.add(G.Person(f"p{i}", v, f"E{i}", 0.0, None))
-    m = Matcher(cfg, st, g)
+    m = Matcher(cfg.match, st, g)
     probe = (people[1] + 0.3 * people[0]) / np.linalg.norm(people[1] + 0.3 * people[0])
     r = m.match(probe.astype(np.float32))
     top = lambda v: np.sort(cohort_v @ v)[-5:]  # noqa: E731
     want = as_norm(float(people[1] @ probe), cohort_v @ probe, (float(top(people[1]).mean()), float(top(people[1]).std())), 5)
     assert r.identity == "p1" and r.normalized_score == pytest.approx(want, rel=1e-4)
     # K = 3, target FPIR 0.003 -> FMR 0.001: between the cohort table's 1.0 (0.1) and 9.0 (1e-6)
-    assert 1.0 < m.threshold_1n < 9.0 and m.threshold_1n != Matcher(Config(), stack, g).threshold_1n
+    assert 1.0 < m.threshold_1n < 9.0 and m.threshold_1n != Matcher(Config().match, stack, g).threshold_1n
 
 
 # ---------------------------------------------------------------- the gate's operating point at its gallery size
@@ -263,26 +263,26 @@ def table_stack(calibration=SimpleNamespace(fmr=FMR, threshold=THR)):
 def test_a_fixed_threshold_is_refused_once_the_gallery_makes_it_too_loose():
     cfg = Config()
     cfg.match.threshold = 0.3  # FMR 0.01 on the table
-    assert check_operating_point(cfg, table_stack(), 5) == pytest.approx(0.0490099501)  # 1 - 0.99^5
+    assert check_operating_point(cfg.match, table_stack(), 5) == pytest.approx(0.0490099501)  # 1 - 0.99^5
     with pytest.raises(GalleryError, match=r"threshold 0.3000 against 6 enrolled .* 0.0585, above the bound 0.05.*fixed"):
-        check_operating_point(cfg, table_stack(), 6)  # 1 - 0.99^6
-    assert check_operating_point(cfg, table_stack(), 6, verification=True) == pytest.approx(0.01)  # 1:1: one comparison
+        check_operating_point(cfg.match, table_stack(), 6)  # 1 - 0.99^6
+    assert check_operating_point(cfg.match, table_stack(), 6, verification=True) == pytest.approx(0.01)  # 1:1: one comparison
     cfg.match.threshold = 0.19  # below the table: FMR 1
     with pytest.raises(GalleryError, match="rate of 1,"):
-        check_operating_point(cfg, table_stack(), 1)
+        check_operating_point(cfg.match, table_stack(), 1)
 
 
 def test_a_target_fpir_threshold_is_refused_where_the_table_ends():
     """target 0.003: the threshold tightens with K until the table's last row (FMR 1e-3, 0.4);
     past that K the FPIR grows: 1 - 0.999^51 = 0.049746 runs, 1 - 0.999^52 = 0.050695 does not."""
-    assert check_operating_point(Config(), table_stack(), 1) == pytest.approx(0.003, rel=1e-9)
-    assert check_operating_point(Config(), table_stack(), 51) == pytest.approx(0.04974558, rel=1e-6)
+    assert check_operating_point(Config().match, table_stack(), 1) == pytest.approx(0.003, rel=1e-9)
+    assert check_operating_point(Config().match, table_stack(), 51) == pytest.approx(0.04974558, rel=1e-6)
     with pytest.raises(GalleryError, match=r"0.0507, above the bound 0.05: .*the impostor table ends at FMR 1.0e-03"):
-        check_operating_point(Config(), table_stack(), 52)
+        check_operating_point(Config().match, table_stack(), 52)
 
 
 def test_an_encoder_without_an_impostor_table_is_refused_even_with_a_fixed_threshold():
     cfg = Config()
     cfg.match.threshold = 0.5
     with pytest.raises(GalleryError, match="no calibration"):
-        check_operating_point(cfg, table_stack(None), 1)
+        check_operating_point(cfg.match, table_stack(None), 1)

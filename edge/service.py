@@ -1,5 +1,5 @@
 """The run loop as a systemd service: sd_notify READY / WATCHDOG / STOPPING, SIGHUP reload,
-SIGTERM/SIGINT lock-and-exit.
+lock-and-exit on SIGTERM and on every other catchable signal that would end the process.
 
 Watchdog pings are sent from the frame loop only after a frame was fully processed, so a hung
 camera or pipeline stops the pings and systemd restarts the service (WatchdogSec=)."""
@@ -62,6 +62,25 @@ class Notifier:
         self.send(f"STATUS={text}")
 
 
+# Every catchable signal whose default action ends the process, SIGHUP (reload) aside: each locks
+# the door and stops the gate as SIGTERM does, or the process would die with the line as it was.
+# SIGABRT is systemd's default watchdog signal; SIGUSR1, SIGALRM and the real-time signals end a
+# process that does not handle them. Left alone: the synchronous faults (SIGSEGV, SIGBUS, SIGFPE,
+# SIGILL), whose code a Python handler cannot resume (the hardware ceiling covers them, as it
+# covers SIGKILL), and SIGPIPE and SIGXFSZ, which Python ignores from the start.
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGQUIT", "SIGABRT", "SIGUSR1", "SIGUSR2", "SIGALRM",
+                                       "SIGVTALRM", "SIGPROF", "SIGIO", "SIGPWR", "SIGSTKFLT", "SIGXCPU", "SIGTRAP",
+                                       "SIGSYS") if hasattr(signal, name)
+) + tuple(range(signal.SIGRTMIN, signal.SIGRTMAX + 1))
+
+
+def signal_name(signum: int) -> str:
+    if signal.SIGRTMIN < signum <= signal.SIGRTMAX:  # the enum names only the first and last of them
+        return f"SIGRTMIN+{signum - signal.SIGRTMIN}"
+    return signal.Signals(signum).name
+
+
 def run_service(cfg: Config, max_frames: int | None = None, verbose: bool = True, notifier: Notifier | None = None,
                 camera_factory=None) -> int:
     """`camera_factory`: a callable returning an edge.camera.Camera (default: make_camera(cfg.camera))."""
@@ -74,17 +93,18 @@ def run_service(cfg: Config, max_frames: int | None = None, verbose: bool = True
     notifier = notifier or Notifier()
     relay = DoorRelay(cfg.relay, make_pin_factory(cfg.relay.pin_factory))  # locked from the first instant
     audit = AuditLog(cfg.storage.audit)
-    stop = {"flag": False, "reload": False}
+    stop = {"flag": False, "reload": False, "signal": None}
 
     def on_term(signum, _frame):
         stop["flag"] = True
+        stop["signal"] = stop["signal"] or signum
         relay.lock(stay=True)  # the frame being processed may still hold a grant
 
     def on_hup(signum, _frame):
         stop["reload"] = True
 
-    previous = {sig: signal.signal(sig, handler)
-                for sig, handler in ((signal.SIGTERM, on_term), (signal.SIGINT, on_term), (signal.SIGHUP, on_hup))}
+    previous = {sig: signal.signal(sig, on_term) for sig in STOP_SIGNALS}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hup)
     try:
         stack = Stack.from_config(cfg)
         audit.set_models(stack.encoder.sha256, stack.detector.card.sha256)
@@ -142,7 +162,9 @@ def run_service(cfg: Config, max_frames: int | None = None, verbose: bool = True
             st = relay.stats
             print(f"done: {frames} frames, {st.openings} door opening(s), longest unlocked {st.longest_unlocked_s:.2f} s, "
                   f"{audit.count()} audit records in {cfg.storage.audit}")
-        return 0
+        # A stop asked for (systemctl stop, Ctrl-C) is a success; any other signal, the watchdog's
+        # included, is a failure, so Restart=on-failure brings the gate back.
+        return 0 if stop["signal"] in (None, signal.SIGTERM, signal.SIGINT) else 128 + stop["signal"]
     except AuditError as e:  # a gate that cannot keep its records does not run: it stops locked
         log.error("%s; the door stays locked", e)
         notifier.status(f"stopped, door locked: {e}")
@@ -151,7 +173,8 @@ def run_service(cfg: Config, max_frames: int | None = None, verbose: bool = True
         notifier.stopping()
         relay.close()
         try:
-            audit.record_event("service", "stopped")
+            audit.record_event("service", "stopped", details={"signal": signal_name(stop["signal"])}
+                               if stop["signal"] else None)
         except AuditError as e:  # the log refusing rows is what stops the gate: say so, keep the first error
             log.error("'stopped' not audited: %s", e)
         finally:

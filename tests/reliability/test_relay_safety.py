@@ -106,6 +106,30 @@ def test_sigterm_mid_pulse_locks_and_exits_cleanly(tmp_path):
     assert rows[-1]["reason"] == "stopped"
 
 
+@pytest.mark.parametrize("sig", [signal.SIGABRT, signal.SIGUSR1, signal.SIGALRM, signal.SIGRTMIN],
+                         ids=["SIGABRT", "SIGUSR1", "SIGALRM", "SIGRTMIN"])
+def test_any_signal_that_would_end_the_gate_mid_pulse_locks_first_and_asks_for_a_restart(tmp_path, sig):
+    """SIGABRT is systemd's default watchdog signal; the others end a process that does not handle them."""
+    from edge.service import signal_name
+
+    proc = subprocess.Popen([sys.executable, "-c", SIGTERM_CHILD, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
+                            text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    line = proc.stdout.readline()
+    assert line.startswith("UNLOCKED"), line
+    time.sleep(0.3)
+    t_sig = time.monotonic()
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out  # the process ended by its own hand, not by the signal
+    r = json.loads(out.strip().splitlines()[-1])
+    assert r["level"] is False
+    (start, held), = r["intervals"]
+    assert start + held <= t_sig + 1.0  # locked on the signal, not at the end of the 20 s pulse
+    assert r["rc"] == 128 + sig  # not a requested stop: Restart=on-failure starts the gate again
+    last = audit_rows(tmp_path / "audit.sqlite3")[-1]
+    assert (last["reason"], json.loads(last["details"])) == ("stopped", {"signal": signal_name(sig)})
+
+
 EXIT_CHILD = textwrap.dedent("""
     import atexit, sys
     from gpiozero.pins.mock import MockFactory

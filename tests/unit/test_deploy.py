@@ -50,6 +50,8 @@ def test_gate_unit_lint():
     assert one(svc, "Type") == "notify"
     assert one(svc, "ExecStart") == "/opt/facegate/venv/bin/python -m edge run --config /etc/facegate/config.yaml --quiet"
     assert one(svc, "WatchdogSec") == "10"
+    # the watchdog's signal is one the gate turns into lock-and-exit, like systemctl stop's
+    assert one(svc, "WatchdogSignal") == "SIGTERM" and int(one(svc, "TimeoutAbortSec")) > 0
     assert (one(svc, "Restart"), one(svc, "RestartSec")) == ("on-failure", "2")
     assert int(one(unit, "StartLimitIntervalSec")) > 0 and int(one(unit, "StartLimitBurst")) >= 1
     assert "StartLimitBurst" not in svc  # in [Service] systemd ignores it

@@ -20,6 +20,11 @@ MODELS = REPO / "models"
 # each gallery load, where the gallery size K it applies to is known.
 MAX_TARGET_FPIR = 0.05
 
+# The most of any stretch of time that grants arriving back to back may keep the door unlocked:
+# max_hold_s / (max_hold_s + relay.min_locked_s). Above it a door "held" by a stream of grants is
+# an open door; the defaults (5 s, 1 s) give 83%.
+MAX_UNLOCKED_SHARE = 0.85
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -114,6 +119,7 @@ class RelayConfig(_Section):
     active_high: bool = Field(True)
     pulse_s: float = Field(3.0, gt=0, le=30)
     max_hold_s: float = Field(5.0, gt=0, le=60, description="hard ceiling on one unlock, overlapping grants included")
+    min_locked_s: float = Field(1.0, ge=0.5, le=60, description="after each opening the door stays locked at least this long, grants in that time open nothing: back-to-back grants (decision.cooldown_s 0, or people granted in turn) cannot hold it open, and the strike re-engages between openings; with max_hold_s it bounds the unlocked share of any stretch of time (MAX_UNLOCKED_SHARE)")
     pin_factory: Literal["default", "mock"] = Field("default", description="mock = simulated pins (demo, tests)")
 
 
@@ -160,6 +166,12 @@ def load_config(path: str | Path | None) -> Config:
         raise ConfigError(path, "decision.k must not exceed decision.n")
     if cfg.relay.pulse_s > cfg.relay.max_hold_s:
         raise ConfigError(path, "relay.pulse_s must not exceed relay.max_hold_s")
+    share = cfg.relay.max_hold_s / (cfg.relay.max_hold_s + cfg.relay.min_locked_s)
+    if share > MAX_UNLOCKED_SHARE:
+        need = cfg.relay.max_hold_s * (1 - MAX_UNLOCKED_SHARE) / MAX_UNLOCKED_SHARE
+        raise ConfigError(path, f"relay.min_locked_s {cfg.relay.min_locked_s} with relay.max_hold_s {cfg.relay.max_hold_s} "
+                                f"leaves the door unlocked {share:.0%} of the time under back-to-back grants, above "
+                                f"MAX_UNLOCKED_SHARE ({MAX_UNLOCKED_SHARE:.0%}): set min_locked_s to at least {need:.2f}")
     _check_fixed_threshold(cfg, path)
     return cfg
 

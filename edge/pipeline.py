@@ -250,8 +250,10 @@ class Gate:
         # AuditError here and opens nothing, so the door never opens without its row.
         if self.audit is not None:
             self._record(d)
-        if d.grant and self.relay is not None:
-            self.relay.unlock(d.t_mono)
+        if d.grant and self.relay is not None and self.relay.unlock(d.t_mono) is None and self.audit is not None:
+            # the grant's row is written: the next one says the door did not open for it, and why
+            self.audit.record_event("relay", "not_opened", identity=d.identity, track_id=d.track_id, t_mono=d.t_mono,
+                                    t_wall=d.t_wall, details={"why": self.relay.last_refusal})
 
     def _record(self, d: Decision) -> None:
         if d.reason in _QUIET:

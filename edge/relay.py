@@ -5,7 +5,8 @@ What the software can and cannot promise
 The relay line is driven by a gpiozero ``OutputDevice`` (``initial_value=False`` = locked). A
 background timer thread returns it to locked ``pulse_s`` after a grant; an overlapping grant may
 extend the pulse, but never past ``max_hold_s`` from the moment the door went unlocked in this
-opening. ``lock()``, ``close()``, leaving the ``with`` block (also by exception), interpreter exit
+opening, and after each opening the door stays locked at least ``min_locked_s``: grants in that
+time open nothing, so back-to-back grants cannot hold the door open. ``lock()``, ``close()``, leaving the ``with`` block (also by exception), interpreter exit
 (atexit) and any exception inside ``unlock()`` all leave the line locked.
 
 SIGTERM does not run atexit handlers by default: the service must turn it into ``SystemExit`` (or
@@ -80,7 +81,9 @@ class DoorRelay:
                                     pin_factory=factory)
         self._cond = threading.Condition()
         self._opened_at: float | None = None  # time.monotonic() when the line went unlocked
+        self._locked_at = float("-inf")  # time.monotonic() when the last opening ended
         self._deadline: float | None = None
+        self.last_refusal = ""  # why the last grant that opened nothing opened nothing
         self._closed = False
         self._refusing = False
         self._openings = 0
@@ -107,7 +110,7 @@ class DoorRelay:
 
     def unlock(self, now_mono: float | None = None) -> float | None:
         """Start (or extend) an unlock pulse; returns its deadline on time.monotonic(), or None
-        when the door is locked and stays locked.
+        when the door is locked and stays locked (why: `last_refusal`).
 
         `now_mono` is the time.monotonic() of the evidence behind the grant (the frame): a grant
         older than `pulse_s` (a stalled loop catching up) opens nothing. A fresh grant holds the
@@ -118,19 +121,24 @@ class DoorRelay:
             if self._closed:
                 raise RuntimeError("relay is closed")
             if self._refusing:
-                log.warning("relay: locked for shutdown; grant refused")
-                return None
+                return self._refuse("locked for shutdown")
             try:
                 now = time.monotonic()
                 t = now if now_mono is None else min(float(now_mono), now)
                 if t + self.cfg.pulse_s <= now:
-                    log.warning("relay: grant %.3f s old has expired; not extended or opened", now - t)
+                    if self._deadline is None:
+                        return self._refuse(f"grant {now - t:.3f} s old has expired")
+                    log.warning("relay: grant %.3f s old has expired; not extended", now - t)
                     return self._deadline
                 if self._deadline is not None and now >= self._deadline:
                     # The timer thread is late (starved): this grant starts a new opening, so the
                     # ceiling of the old one must end first.
                     self._lock_locked()
                 if self._opened_at is None:
+                    relock = self._locked_at + self.cfg.min_locked_s - now
+                    if relock > 0:
+                        # as designed, on every frame of a stream of grants: not worth a warning each
+                        return self._refuse(f"relocking: {relock:.2f} s of relay.min_locked_s left", logging.DEBUG)
                     self._device.on()
                     self._opened_at = time.monotonic()
                     self._openings += 1
@@ -141,6 +149,11 @@ class DoorRelay:
             except BaseException:
                 self._lock_locked()
                 raise
+
+    def _refuse(self, why: str, level: int = logging.WARNING) -> None:
+        self.last_refusal = why
+        log.log(level, "relay: grant refused, door stays locked: %s", why)
+        return None
 
     def lock(self, stay: bool = False) -> None:
         """Force the door locked now, ending any pulse. `stay`: and refuse every later grant (the
@@ -172,7 +185,8 @@ class DoorRelay:
         """Drive the line locked and close the opening's books; the caller holds the condition."""
         self._device.off()  # if this raises, the opening stays open and the timer retries
         if self._opened_at is not None:
-            self._last = time.monotonic() - self._opened_at
+            self._locked_at = time.monotonic()
+            self._last = self._locked_at - self._opened_at
             self._longest = max(self._longest, self._last)
         self._opened_at = None
         self._deadline = None

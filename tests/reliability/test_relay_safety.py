@@ -19,7 +19,7 @@ import pytest
 from edge.service import Notifier, run_service
 from reliability.common import REPO
 from reliability.fakes import (ALICE, Device, RelaySpy, audit_rows, fake_config, fake_models, patched,
-                               unlocked_intervals, write_gallery)
+                               sigterm_after, unlocked_intervals, write_gallery)
 from reliability.relay_stress import TIMER_SLACK_S, stress
 
 
@@ -30,6 +30,35 @@ def test_pulse_never_exceeds_max_hold_with_overlapping_grants_and_stalls(tmp_pat
     assert r["longest_unlocked_s"] >= 0.5, r  # overlapping grants extended a pulse
     assert r["longest_unlocked_s"] <= r["max_hold_s"] + TIMER_SLACK_S, r
     assert r["locked_at_exit"]
+
+
+def test_a_stream_of_grants_through_the_service_leaves_the_door_locked_between_openings(tmp_path):
+    """decision.cooldown_s 0 and an enrolled face in view: a grant on every frame. The door opens
+    for at most max_hold_s, then stays locked relay.min_locked_s; each grant in that time is
+    audited, and so is the door not opening for it."""
+    import edge.camera as camera_mod
+
+    cfg = fake_config(tmp_path)  # every frame decisive, no cooldown
+    cfg.camera.source = "opencv"
+    cfg.relay.pulse_s, cfg.relay.max_hold_s, cfg.relay.min_locked_s = 0.5, 1.0, 1.0
+    write_gallery(cfg)
+    device = Device([(0.0, "ok", ALICE)])
+    with RelaySpy() as spy, fake_models(), patched(camera_mod, "make_camera", lambda c: device.open()):
+        t0 = time.monotonic()
+        sigterm_after(5.0)
+        assert run_service(cfg, verbose=False) == 0
+        t1 = time.monotonic()
+    intervals = unlocked_intervals(spy.relay.line, now=t1)
+    assert len(intervals) >= 2 and all(held <= 1.0 + TIMER_SLACK_S for _, held in intervals), intervals
+    gaps = [b[0] - (a[0] + a[1]) for a, b in zip(intervals, intervals[1:])]
+    assert all(g >= 1.0 - 0.02 for g in gaps), gaps
+    assert sum(held for _, held in intervals) / (t1 - t0) < 0.6  # was 98% before the relock time
+    rows = audit_rows(cfg.storage.audit)
+    refused = [r for r in rows if (r["kind"], r["reason"]) == ("relay", "not_opened")]
+    why = [json.loads(r["details"])["why"] for r in refused]
+    assert any(w.startswith("relocking: ") for w in why), why
+    assert all(w.startswith(("relocking: ", "locked for shutdown")) for w in why), why  # the frame in flight at SIGTERM
+    assert all(r["identity"] == "alice" for r in refused)
 
 
 class Boom(RuntimeError):

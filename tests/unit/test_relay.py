@@ -12,9 +12,9 @@ from edge.relay import DoorRelay, pulse_deadline
 
 @pytest.fixture
 def make(mock_factory):
-    def make(pulse_s=0.2, max_hold_s=0.3, active_high=True):
+    def make(pulse_s=0.2, max_hold_s=0.3, active_high=True, min_locked_s=0.5):
         cfg = RelayConfig(pin="GPIO17", active_high=active_high, pulse_s=pulse_s, max_hold_s=max_hold_s,
-                          pin_factory="mock")
+                          min_locked_s=min_locked_s, pin_factory="mock")
         relay = DoorRelay(cfg, pin_factory=mock_factory)
         relay.pin.clear_states()  # t=0 and the locked level from here on
         return relay
@@ -76,11 +76,47 @@ def test_grant_after_a_pulse_starts_a_new_opening(make):
     with make(pulse_s=0.2, max_hold_s=0.3) as relay:
         relay.unlock()
         wait_locked(relay)
+        time.sleep(0.5)  # relay.min_locked_s
         relay.unlock()
         wait_locked(relay)
-        relay.pin.assert_states_and_times([(0.0, False), (0.0, True), (0.2, False), (0.0, True), (0.2, False)])
+        relay.pin.assert_states_and_times([(0.0, False), (0.0, True), (0.2, False), (0.5, True), (0.2, False)])
         assert len(relay.pin.states) == 5
         assert relay.stats.openings == 2
+
+
+def test_back_to_back_grants_leave_the_door_locked_min_locked_s_between_openings(make):
+    with make(pulse_s=0.2, max_hold_s=0.3, min_locked_s=0.5) as relay:
+        refused = []
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end:  # a grant every 20 ms, as decision.cooldown_s 0 gives
+            if relay.unlock() is None:
+                refused.append(relay.last_refusal)
+            time.sleep(0.02)
+        relay.lock()
+        changes = list(relay.pin.states)[1:]  # each with the time since the change before it
+        held = [s.timestamp for s in changes if not s.state]
+        relocked = [s.timestamp for s in changes[1:] if s.state]
+        assert len(held) == 3  # at 0, 0.8 and 1.6 s: open 0.3 s (the ceiling), locked 0.5 s
+        assert all(h <= 0.3 + 0.05 for h in held) and all(r >= 0.5 - 0.02 for r in relocked), (held, relocked)
+        assert sum(held) / 2.0 < 0.3 / 0.8 + 0.1  # not 2.0 s of 2.0
+        assert refused and all(r.startswith("relocking: ") for r in refused)
+
+
+def test_the_relock_time_has_a_floor_and_bounds_the_unlocked_share(tmp_path):
+    from pydantic import ValidationError
+
+    from edge.config import MAX_UNLOCKED_SHARE, load_config
+    from edge.errors import ConfigError
+
+    with pytest.raises(ValidationError, match="min_locked_s"):
+        RelayConfig(min_locked_s=0.0)
+    (tmp_path / "c.yaml").write_text("relay: {pulse_s: 30, max_hold_s: 60, min_locked_s: 1}\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: relay\.min_locked_s 1\.0 with relay\.max_hold_s 60\.0 .* 98% .* "
+                                          r"set min_locked_s to at least 10\.59"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "c.yaml").write_text("relay: {pulse_s: 30, max_hold_s: 60, min_locked_s: 10.6}\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.relay.max_hold_s / (cfg.relay.max_hold_s + cfg.relay.min_locked_s) <= MAX_UNLOCKED_SHARE
 
 
 def test_future_timestamp_is_clamped_to_the_clock(make):

@@ -1,4 +1,4 @@
-"""edge/metrics.py, edge/lfw.py, edge/plots.py against hand-computed cases."""
+"""evaluation/metrics.py, evaluation/lfw.py, evaluation/plots.py against hand-computed cases."""
 import importlib.util
 from pathlib import Path
 

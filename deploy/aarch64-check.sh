@@ -17,7 +17,7 @@ set -euo pipefail
 ROOT=${1:-/var/tmp/facegate-arm64}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 # Tests that exercise edge/ only (no torch, no ../shared); the rest need the training venv.
-TESTS=${TESTS:-"tests/unit/test_audit.py tests/unit/test_camera.py tests/unit/test_imageio.py tests/unit/test_metrics.py tests/unit/test_relay.py tests/unit/test_gallery.py tests/unit/test_bundle.py tests/unit/test_service.py"}
+TESTS=${TESTS:-"tests/unit/test_audit.py tests/unit/test_camera.py tests/unit/test_imageio.py tests/unit/test_relay.py tests/unit/test_gallery.py tests/unit/test_bundle.py tests/unit/test_service.py"}
 
 say() { printf '== %s\n' "$*"; }
 die() { printf 'aarch64-check: %s\n' "$*" >&2; exit 1; }

@@ -185,6 +185,117 @@ def load_card(path: str | Path, verify_file: bool = True) -> tuple[Card, Path]:
     return card, model_file
 
 
+# ONNX protobuf field numbers (onnx.proto3) on the paths that lead to a stored tensor.
+_MODEL_GRAPH, _MODEL_FUNCTIONS, _FUNCTION_NODE = 7, 25, 7
+_GRAPH_NODE, _GRAPH_INITIALIZER, _GRAPH_SPARSE_INITIALIZER = 1, 5, 15
+_NODE_ATTRIBUTE = 5
+_ATTR_TENSOR, _ATTR_GRAPH, _ATTR_TENSORS, _ATTR_GRAPHS, _ATTR_SPARSE, _ATTR_SPARSES = 5, 6, 10, 11, 22, 23
+_SPARSE_VALUES, _SPARSE_INDICES = 1, 2
+_TENSOR_NAME, _TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION, _EXTERNAL = 8, 13, 14, 1
+
+
+def _varint(buf: memoryview, i: int) -> tuple[int, int]:
+    n = shift = 0
+    while shift < 70:
+        if i >= len(buf):
+            raise ValueError("truncated varint")
+        b = buf[i]
+        i += 1
+        n |= (b & 0x7F) << shift
+        if b < 0x80:
+            return n, i
+        shift += 7
+    raise ValueError("varint longer than 10 bytes")
+
+
+def proto_fields(buf: bytes | memoryview):
+    """Yield (number, value) for each field of one protobuf message: an int for a varint, a
+    memoryview for a length-delimited field, None for a fixed-width one. Malformed bytes raise
+    ValueError, so a file this cannot walk is never half-checked."""
+    buf = memoryview(buf)
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _varint(buf, i)
+        elif wire == 2:
+            length, i = _varint(buf, i)
+            value, i = buf[i:i + length], i + length
+        elif wire in (1, 5):
+            value, i = None, i + (8 if wire == 1 else 4)
+        else:
+            raise ValueError(f"wire type {wire} at byte {i}")
+        if i > len(buf) or number == 0:
+            raise ValueError("truncated or zero-numbered field")
+        yield number, value
+
+
+def _children(buf: memoryview, numbers: tuple[int, ...]):
+    return (v for n, v in proto_fields(buf) if n in numbers and isinstance(v, memoryview))
+
+
+def _tensor_external(buf: memoryview) -> str | None:
+    """The external location of one TensorProto ("" when it has none named), or None when stored inside."""
+    name, external, location = "", False, ""
+    for n, v in proto_fields(buf):
+        if n == _TENSOR_NAME and isinstance(v, memoryview):
+            name = bytes(v).decode("utf-8", "replace")
+        elif n == _TENSOR_DATA_LOCATION and v == _EXTERNAL:
+            external = True
+        elif n == _TENSOR_EXTERNAL_DATA and isinstance(v, memoryview):
+            external = True
+            entry = {k: bytes(x).decode("utf-8", "replace") for k, x in proto_fields(v) if isinstance(x, memoryview)}
+            if entry.get(1) == "location":  # StringStringEntryProto: key = 1, value = 2
+                location = entry.get(2, "")
+    return f"{name} ({location})" if external else None
+
+
+def _graph_external(graph: memoryview) -> list[str]:
+    found = []
+    for n, v in proto_fields(graph):
+        if not isinstance(v, memoryview):
+            continue
+        if n == _GRAPH_INITIALIZER:
+            found.append(_tensor_external(v))
+        elif n == _GRAPH_SPARSE_INITIALIZER:
+            found += [_tensor_external(t) for t in _children(v, (_SPARSE_VALUES, _SPARSE_INDICES))]
+        elif n == _GRAPH_NODE:
+            found += _nodes_external([v])
+    return [f for f in found if f is not None]
+
+
+def _nodes_external(nodes) -> list[str]:
+    """Constant and control-flow nodes carry tensors and whole subgraphs in their attributes."""
+    found = []
+    for node in nodes:
+        for attr in _children(node, (_NODE_ATTRIBUTE,)):
+            for n, v in proto_fields(attr):
+                if not isinstance(v, memoryview):
+                    continue
+                if n in (_ATTR_TENSOR, _ATTR_TENSORS):
+                    found.append(_tensor_external(v))
+                elif n in (_ATTR_SPARSE, _ATTR_SPARSES):
+                    found += [_tensor_external(t) for t in _children(v, (_SPARSE_VALUES, _SPARSE_INDICES))]
+                elif n in (_ATTR_GRAPH, _ATTR_GRAPHS):
+                    found += _graph_external(v)
+    return [f for f in found if f is not None]
+
+
+def onnx_external_tensors(model: bytes | memoryview) -> list[str]:
+    """Every tensor of a serialized ONNX ModelProto whose data lives in another file, as
+    "name (location)". The card's sha256 covers the .onnx file alone, so weights read from a
+    sibling file could be swapped without it noticing. Read without the onnx package, which the
+    device does not install. Raises ValueError on bytes that are not a protobuf message."""
+    found = []
+    for n, v in proto_fields(model):
+        if n == _MODEL_GRAPH and isinstance(v, memoryview):
+            found += _graph_external(v)
+        elif n == _MODEL_FUNCTIONS and isinstance(v, memoryview):
+            found += _nodes_external(_children(v, (_FUNCTION_NODE,)))
+    return found
+
+
 def write_card(card: Card, model_path: str | Path) -> Path:
     from .atomic import atomic_write_bytes
 

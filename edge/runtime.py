@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ModelError
-from .modelcard import Card
+from .modelcard import Card, onnx_external_tensors
 
 
 class OnnxModel:
@@ -19,7 +19,19 @@ class OnnxModel:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise ModelError(path, f"cannot read it: {e.strerror}") from None
+        try:
+            external = onnx_external_tensors(data)
+        except ValueError as e:
+            raise ModelError(path, f"not an ONNX model: {e}") from None
+        if external:
+            raise ModelError(path, f"keeps weights in external data files its card's sha256 does not cover: "
+                                   f"{', '.join(external[:3])}; save the model with its weights inside the .onnx")
+        try:
+            # The bytes just checked, not the path: the runtime then has no folder to read other files from.
+            self.session = ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
         except Exception as e:
             raise ModelError(path, f"onnxruntime cannot load it: {e}") from None
         self.input_name = self.session.get_inputs()[0].name

@@ -147,3 +147,92 @@ def test_preprocess_bgr_nhwc_keeps_channel_order():
     assert x.shape == (1, 2, 2, 3)
     np.testing.assert_allclose(x[0, 0, 0], [0, 20, 15])
     np.testing.assert_allclose(x[0, 1, 1], [90, 110, 60])
+
+
+def _tensor(name: bytes, external: bool = False, location: bytes = b"w.bin") -> bytes:
+    from edge.search import field
+
+    t = field(8, name) + field(9, b"\x00" * 4)
+    if external:
+        t += field(13, field(1, b"location") + field(2, location)) + field(14, 1)
+    return t
+
+
+def _model(graph: bytes, functions: bytes = b"") -> bytes:
+    from edge.search import field
+
+    return field(1, 8) + field(7, graph) + functions
+
+
+def test_onnx_external_tensors_finds_initializers_stored_in_another_file():
+    from edge.modelcard import onnx_external_tensors
+    from edge.search import field
+
+    inside = _model(field(5, _tensor(b"a")))
+    assert onnx_external_tensors(inside) == []
+    outside = _model(field(5, _tensor(b"a")) + field(5, _tensor(b"W", True, b"weights.bin")))
+    assert onnx_external_tensors(outside) == ["W (weights.bin)"]
+    # data_location alone, with no entries naming the file, is still external
+    only_flag = _model(field(5, field(8, b"V") + field(14, 1)))
+    assert onnx_external_tensors(only_flag) == ["V ()"]
+
+
+def test_onnx_external_tensors_looks_in_sparse_initializers_constants_subgraphs_and_functions():
+    from edge.modelcard import onnx_external_tensors
+    from edge.search import field
+
+    ext = _tensor(b"S", True)
+    sparse = field(15, field(1, ext) + field(2, _tensor(b"i")))
+    assert onnx_external_tensors(_model(sparse)) == ["S (w.bin)"]
+    constant = field(1, field(4, b"Constant") + field(5, field(1, b"value") + field(5, ext)))
+    assert onnx_external_tensors(_model(constant)) == ["S (w.bin)"]
+    branch = field(1, field(4, b"If") + field(5, field(1, b"then_branch") + field(6, field(5, ext))))
+    assert onnx_external_tensors(_model(branch)) == ["S (w.bin)"]
+    function = field(25, field(7, field(5, field(5, ext))))
+    assert onnx_external_tensors(_model(b"", function)) == ["S (w.bin)"]
+
+
+@pytest.mark.parametrize("data", [MODEL_BYTES, b"\x3a\x05ab", b"\x08\xff\xff"])
+def test_bytes_that_are_not_a_protobuf_message_are_refused_by_the_reader(data):
+    from edge.modelcard import onnx_external_tensors
+
+    with pytest.raises(ValueError):
+        onnx_external_tensors(data)
+
+
+def test_a_model_with_weights_in_a_sibling_file_is_refused_before_it_runs(tmp_path):
+    """The card's sha256 covers the .onnx only: weights swapped in its external data file must
+    never reach the runtime."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edge.runtime import open_model
+
+    w = numpy_helper.from_array(np.arange(64, dtype=np.float32), "W")
+    graph = helper.make_graph([helper.make_node("Add", ["X", "W"], ["Y"])], "g",
+                              [helper.make_tensor_value_info("X", TensorProto.FLOAT, [64])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [64])], [w])
+    path = tmp_path / "tiny.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path),
+                    save_as_external_data=True, all_tensors_to_one_file=True, location="tiny.weights",
+                    size_threshold=0)
+    data = path.read_bytes()
+    write_card(make_card(sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data)), path)
+    (tmp_path / "tiny.weights").write_bytes(np.full(64, 1e6, np.float32).tobytes())  # swapped weights
+    card, model_file = load_card(path)
+    with pytest.raises(ModelError, match="external data") as e:
+        open_model(card, model_file)
+    assert e.value.path == str(model_file) and "W (tiny.weights)" in str(e.value)
+
+
+def test_the_shipped_onnx_models_keep_their_weights_inside_and_load():
+    from edge.config import MODELS
+    from edge.runtime import open_model
+
+    cards = [c for c in sorted(MODELS.glob("*.card.json")) + sorted((MODELS.parent / "edge/assets/pad").glob("*.card.json"))
+             if json.loads(c.read_text()).get("runtime") == "onnxruntime"]
+    if not cards:
+        pytest.skip("no ONNX model cards in models/: run `python -m export setup`")
+    for c in cards:
+        card, path = load_card(c)
+        assert open_model(card, path).output_names, c

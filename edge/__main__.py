@@ -29,12 +29,13 @@ def _cfg(args):
 
 
 def cmd_check_config(args) -> int:
-    from .config import describe, load_config
+    from .config import check_model_cards, describe, load_config
 
     if args.describe:
         print(describe())
         return 0
     cfg = load_config(args.file)
+    check_model_cards(cfg, args.file)
     print(f"{args.file}: OK")
     print(json.dumps(cfg.model_dump(), indent=2))
     return 0

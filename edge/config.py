@@ -3,6 +3,7 @@
 `python -m edge check-config FILE` validates a file and prints the effective config."""
 from __future__ import annotations
 
+from collections.abc import Hashable
 from pathlib import Path
 from typing import Literal
 
@@ -130,6 +131,24 @@ class StorageConfig(_Section):
     retention_days: int = Field(1095, ge=1, le=36500, description="enrolments expire after this (BIPA: 3 years)")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load keeps the last of two equal keys, so a second `threshold:` lower in the file would
+    silently override the one a reviewer read; refuse it instead, naming the key and its line."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, Hashable):
+                if key in seen:
+                    raise yaml.constructor.ConstructorError("while reading a mapping", node.start_mark,
+                                                            f"duplicate key {key!r}", key_node.start_mark)
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 class Config(_Section):
     camera: CameraConfig = CameraConfig()
     models: ModelsConfig = ModelsConfig()
@@ -148,7 +167,7 @@ def load_config(path: str | Path | None) -> Config:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-        raw = yaml.safe_load(text)  # safe_load builds plain types only: no object tags
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: plain types only, no object tags
     except FileNotFoundError:
         raise ConfigError(path, "config file not found") from None
     except (UnicodeDecodeError, yaml.YAMLError) as e:
@@ -166,6 +185,12 @@ def load_config(path: str | Path | None) -> Config:
         raise ConfigError(path, "decision.k must not exceed decision.n")
     if cfg.relay.pulse_s > cfg.relay.max_hold_s:
         raise ConfigError(path, "relay.pulse_s must not exceed relay.max_hold_s")
+    for section, first, ceiling in (("camera", "reconnect_backoff_s", "reconnect_backoff_max_s"),
+                                    ("decision", "backoff_s", "backoff_max_s")):
+        lo, hi = getattr(getattr(cfg, section), first), getattr(getattr(cfg, section), ceiling)
+        if lo > hi:
+            raise ConfigError(path, f"{section}.{first} {lo} exceeds {section}.{ceiling} {hi}: the first back-off "
+                                    f"must not be longer than its ceiling")
     share = cfg.relay.max_hold_s / (cfg.relay.max_hold_s + cfg.relay.min_locked_s)
     if share > MAX_UNLOCKED_SHARE:
         need = cfg.relay.max_hold_s * (1 - MAX_UNLOCKED_SHARE) / MAX_UNLOCKED_SHARE
@@ -208,6 +233,27 @@ def _check_fixed_threshold(cfg: Config, path: Path) -> None:
                                 f"{source} (calibration.threshold): no false match rate was measured there")
 
 
+def check_model_cards(cfg: Config, path: str | Path) -> None:
+    """Load every model card the gate would load, with its file's size and sha256, so that
+    check-config finds a missing or altered model before `edge run` does."""
+    from .modelcard import load_card
+    from .pad import pad_card_path
+
+    named = [("models.detector", cfg.models.detector), ("models.encoder", cfg.models.encoder)]
+    if cfg.models.enroll_encoder:
+        named.append(("models.enroll_encoder", cfg.models.enroll_encoder))
+    if cfg.liveness.mode != "off":
+        try:
+            named.append(("models.liveness", str(pad_card_path(cfg))))
+        except ConfigError as e:
+            raise ConfigError(path, e.problem) from None
+    for field, source in named:
+        try:
+            load_card(source)
+        except FacegateError as e:
+            raise ConfigError(path, f"{field}: {e}") from None
+
+
 def describe() -> str:
     """Every field with its bounds and description, for `check-config --describe`."""
     lines = []
@@ -215,6 +261,7 @@ def describe() -> str:
         lines.append(f"{sname}:")
         for fname, f in sfield.annotation.model_fields.items():
             bounds = [str(m) for m in f.metadata]
-            lines.append(f"  {fname}: default {f.default!r}{' (' + ', '.join(bounds) + ')' if bounds else ''}"
+            # a section's default may differ from its class's (enroll_quality is a stricter QualityConfig)
+            lines.append(f"  {fname}: default {getattr(sfield.default, fname)!r}{' (' + ', '.join(bounds) + ')' if bounds else ''}"
                          f"{' - ' + f.description if f.description else ''}")
     return "\n".join(lines)

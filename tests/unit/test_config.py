@@ -164,3 +164,64 @@ def test_a_fixed_threshold_with_an_uncalibrated_card_is_refused(tmp_path):
     (tmp_path / "nocal.card.json").write_text(json.dumps({**raw, "file": "nocal.onnx"}))
     refused(write(tmp_path, f"models:\n  encoder: {tmp_path / 'nocal.card.json'}\nmatch:\n  threshold: 0.4\n"),
             "match.threshold", "no calibration.threshold table")
+
+
+# ---------------------------------------------------------------- check-config: models, bounds, duplicate keys
+
+@pytest.mark.parametrize("field", ["detector", "encoder", "enroll_encoder", "liveness"])
+def test_check_config_refuses_a_missing_model_card_naming_the_field(tmp_path, field, capsys):
+    from edge.__main__ import main
+    from edge.config import check_model_cards
+
+    missing = tmp_path / "gone.card.json"
+    p = write(tmp_path, f"models:\n  {field}: {missing}\n")
+    cfg = load_config(p)
+    with pytest.raises(ConfigError) as e:
+        check_model_cards(cfg, p)
+    assert e.value.path == str(p) and f"models.{field}" in str(e.value) and str(missing) in str(e.value)
+    assert "model card not found" in str(e.value)
+    assert main(["check-config", str(p)]) == 2
+    assert f"models.{field}" in capsys.readouterr().err
+
+
+def test_check_config_passes_the_shipped_models(tmp_path):
+    from edge.config import check_model_cards
+
+    cfg = Config()
+    if not Path(cfg.models.encoder).is_file() or not Path(cfg.models.detector).is_file():
+        pytest.skip("default model cards not built: run `python -m export setup`")
+    check_model_cards(cfg, "defaults")
+
+
+@pytest.mark.parametrize("text, words", [
+    ("camera:\n  reconnect_backoff_s: 60\n  reconnect_backoff_max_s: 10\n",
+     ["camera.reconnect_backoff_s 60.0 exceeds camera.reconnect_backoff_max_s 10.0"]),
+    ("decision:\n  backoff_s: 900\n  backoff_max_s: 600\n", ["decision.backoff_s 900.0 exceeds decision.backoff_max_s 600.0"]),
+])
+def test_a_first_back_off_longer_than_its_ceiling_is_refused(tmp_path, text, words):
+    refused(write(tmp_path, text), *words)
+
+
+@pytest.mark.parametrize("text, key, line", [
+    ("match:\n  threshold: 0.7\n  threshold: 0.61\n", "'threshold'", "line 3"),
+    ("match:\n  target_fpir: 0.001\nrelay: {}\nmatch:\n  target_fpir: 0.05\n", "'match'", "line 4"),
+])
+def test_a_duplicate_yaml_key_is_refused_naming_the_key_and_its_line(tmp_path, text, key, line):
+    refused(write(tmp_path, text), "not valid YAML", "duplicate key " + key, line)
+
+
+def test_yaml_merge_keys_are_not_mistaken_for_duplicates(tmp_path):
+    cfg = load_config(write(tmp_path, "relay:\n  <<: {pulse_s: 2.0}\n  max_hold_s: 4.0\n"))
+    assert (cfg.relay.pulse_s, cfg.relay.max_hold_s) == (2.0, 4.0)
+
+
+def test_describe_prints_each_sections_own_defaults():
+    sections, current = {}, None
+    for line in describe().splitlines():
+        if not line.startswith(" "):
+            current = sections.setdefault(line.rstrip(":"), [])
+        else:
+            current.append(line)
+    assert any(line.startswith("  max_yaw: default 0.45 ") for line in sections["enroll_quality"])
+    assert any(line.startswith("  patience_frames: default 0 ") for line in sections["enroll_quality"])
+    assert any(line.startswith("  max_yaw: default 1.0 ") for line in sections["quality"])

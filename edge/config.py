@@ -46,7 +46,7 @@ class CameraConfig(_Section):
 
 class ModelsConfig(_Section):
     detector: str = Field(str(MODELS / "yunet_fp32.card.json"),
-                          description="detector model card (YuNet fp32: faster than its INT8 build on x86 here, see README)")
+                          description="detector model card (YuNet fp32: faster than its INT8 build on x86, see evaluation/README-speed.md)")
     encoder: str = Field(str(MODELS / "sface_dlib_int8.fusion.card.json"),
                          description="face encoder model card (default: SFace + dlib INT8 score fusion, dlib also mirrored)")
     enroll_encoder: str | None = Field(None, description="encoder for enrollment photos: the same network at full precision, so the gallery side carries no quantization noise; None = the door encoder's fp32 twin beside it (its name with _fp32 for _int8) when there is one, else the door encoder")

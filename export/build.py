@@ -150,7 +150,7 @@ def _fp32_twin(recipe_path: Path, out_dir: Path) -> list[Path]:
         return []
     twin = recipe.model_copy(update={
         "members": [m.model_copy(update={"card": c.name, "sha256": load_card(c)[0].sha256}) for m, c in zip(recipe.members, cards)],
-        "notes": f"fp32 twin of {recipe_path.name} (its scales and flips), the speed baseline of edge bench"})
+        "notes": f"fp32 twin of {recipe_path.name} (its scales and flips), the speed baseline of evaluation bench"})
     path = out_dir / name
     data = (json.dumps(twin.model_dump(), indent=1) + "\n").encode()
     if path.is_file() and path.read_bytes() == data:

@@ -97,7 +97,12 @@ def cmd_enroll(args) -> int:
             g = G.load(cfg.storage.gallery, key, stack.encoder.sha256)
         else:
             g = G.Gallery(stack.encoder.sha256, stack.encoder.card.embedding.dim)
-        n = apply(g, results, cfg.storage.retention_days)
+        try:
+            now = audit.clock.enrolment_time(time.time())
+        except FacegateError as e:
+            audit.record_event("enroll", "clock_untrusted", details={"error": str(e)[:900]})
+            raise
+        n = apply(g, results, cfg.storage.retention_days, now=now)
         if n:
             _save_audited(audit, "enroll", g, cfg.storage.gallery, key,
                           [("enroll", "enrolled", None, {"identity": r.name}) for r in results if r.ok])
@@ -212,6 +217,18 @@ def cmd_rekey(args) -> int:
     return 0
 
 
+def cmd_trust_clock(args) -> int:
+    from .audit import AuditLog
+    from .bundle import iso
+
+    cfg = _cfg(args)
+    with AuditLog(cfg.storage.audit) as audit:
+        before = audit.clock.floor
+        audit.trust_clock()
+    print(f"time floor moved from {iso(before)} to {iso(time.time())} (audited); restart the gate to use it")
+    return 0
+
+
 def _save_audited(audit, kind: str, g, path, key: bytes, events: list) -> None:
     """edge.bundle.save_audited, with a gallery that cannot be written audited as the change's failure."""
     from .bundle import save_audited
@@ -308,6 +325,8 @@ def main(argv=None) -> int:
     s.add_argument("--old", required=True, help="current gallery key file")
     s.add_argument("--new", required=True, help="new gallery key file (python -m edge keygen --gallery NEW)")
     s.add_argument("--gallery", help="gallery file (default: storage.gallery from the config)")
+    add("trust-clock", cmd_trust_clock, "vouch for the wall clock: it becomes the time floor that expiry is judged "
+                                        "against (after a clock refused as too far ahead, once it is known right)")
     s = add("check-config", cmd_check_config, "validate a config file and print it")
     s.add_argument("file", nargs="?")
     s.add_argument("--describe", action="store_true", help="list every field with bounds and meaning")

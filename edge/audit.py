@@ -26,11 +26,11 @@ from urllib.parse import quote
 import numpy as np
 
 from .atomic import fsync_dir
+from .clock import WALL_CLOCK_EPOCH, TrustedClock
 from .errors import AuditError
 from .records import Decision
 
 SCHEMA_VERSION = 1
-WALL_CLOCK_EPOCH = 1704067200.0  # 2024-01-01T00:00:00Z: a clock before this was never set
 MAX_CLOCK_JUMP_S = 86400.0
 SHA_PREFIX = 16
 MAX_DETAILS_BYTES = 16384
@@ -134,8 +134,11 @@ class AuditLog:
         self._observe_clock(time.time(), time.monotonic())
         try:
             self._conn = self._open()
+            # The time floor (edge.clock): rows on an untrusted clock are flagged 0 and never raise it.
+            floor = self._conn.execute("SELECT max(t_wall) FROM audit WHERE wall_clock_synced = 1").fetchone()[0]
         except sqlite3.DatabaseError as e:
             raise AuditError(self.path, f"not a usable audit database: {e}") from None
+        self.clock = TrustedClock(floor, time.monotonic())
 
     def _open(self) -> sqlite3.Connection:
         if self.readonly:
@@ -261,10 +264,18 @@ class AuditLog:
         """The row with its clocks and model versions; the caller holds the lock."""
         t_mono = float(fields.get("t_mono") or time.monotonic())
         t_wall = float(fields.get("t_wall") or time.time())
-        return {**row, "t_mono": t_mono, "t_wall": t_wall,
-                "wall_clock_synced": int(self._observe_clock(t_wall, t_mono)),
+        synced = self._observe_clock(t_wall, t_mono) and self.clock.observe(t_wall, t_mono)
+        return {**row, "t_mono": t_mono, "t_wall": t_wall, "wall_clock_synced": int(synced),
                 "encoder": _short_sha(fields.get("encoder")) or self._encoder,
                 "detector": _short_sha(fields.get("detector")) or self._detector}
+
+    def trust_clock(self) -> int:
+        """An operator vouches for the wall clock: it becomes the time floor, audited (the row is
+        flagged synced, so the floor holds at the next start too); returns the row's id."""
+        with self._lock:
+            before = self.clock.floor
+            self.clock.trust(time.time(), time.monotonic())
+        return self.record_event("clock", "trusted", details={"previous_floor": round(before, 3)})
 
     def count(self) -> int:
         with self._lock:

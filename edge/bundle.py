@@ -445,7 +445,7 @@ def _apply(bundle_dir, public_key, gallery, stack, cfg, audit, key, now) -> Bund
 
     key = key if key is not None else G.load_key(cfg.storage.key_file)  # before anything changes
     vb = verify_bundle(bundle_dir, public_key, gallery.bundle_sequence)
-    now = time.time() if now is None else now
+    now = audit.clock.enrolment_time(time.time()) if now is None else now
     m = vb.manifest
     report = BundleReport(m.sequence)
     victims = _removal_victims(gallery, m.removals, vb.path / MANIFEST)

@@ -53,8 +53,8 @@ def choose_faces(dets: list[Detection], frame_shape, policy: str, max_faces: int
 
 class DecisionPolicy:
     def __init__(self, cfg, valid: Callable[[str, float], bool]):
-        """`valid(identity, t_wall)`: whether that enrolment still holds at that wall time; a grant
-        for one that does not becomes a denial, reason "expired"."""
+        """`valid(identity, t_wall)`: True while that enrolment holds at that wall time, else False
+        (a grant becomes a denial, reason "expired") or the denial's reason ("clock_untrusted")."""
         self.cfg = cfg
         self.valid = valid
         self.tracks: dict[int, Track] = {}
@@ -99,8 +99,9 @@ class DecisionPolicy:
                 track.history.clear()
                 # Judged where the door would open, on this frame's wall time: votes cast before
                 # an expiry carry no grant after it.
-                if not self.valid(ident, t_wall):
-                    return self._deny("expired", now, {**base, "identity": ident})
+                why = self.valid(ident, t_wall)
+                if why is not True:
+                    return self._deny(why or "expired", now, {**base, "identity": ident})
                 last = self.last_grant.get(ident)
                 if last is not None and now - last < self.cfg.cooldown_s:
                     return Decision(False, "cooldown", **{**base, "identity": ident})

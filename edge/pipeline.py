@@ -16,6 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from . import gallery as gallery_io
+from .clock import TrustedClock, expiry_time, validity
 from .cohort import Cohort, as_norm_matrix, load_cohort
 from .config import MAX_TARGET_FPIR, Config, MatchConfig
 from .decide import DecisionPolicy, Observation, choose_faces
@@ -122,10 +123,11 @@ class Matcher:
         # only the plain cosine search uses the index's exact-top-two shortcut.
         self.index = GalleryIndex(g.matrix, stack.threads) if self._enrollees is None and len(g) else None
 
-    def valid(self, name: str, t_wall: float) -> bool:
-        """Whether `name` is enrolled and its enrolment has not expired at wall time t_wall."""
+    def valid(self, name: str, t_wall: float, floor: float) -> bool | str:
+        """True while `name` is enrolled and its enrolment holds at wall time t_wall judged
+        against the time floor (edge.clock), else False or the denial reason."""
         p = self._people.get(name)
-        return p is not None and not p.expired(t_wall)
+        return p is not None and (validity(p.expires_at, t_wall, floor) or True)
 
     def match(self, probe: np.ndarray, claim: str | None = None) -> Match:
         """1:N (claim None) or 1:1 against the claimed identity."""
@@ -165,11 +167,18 @@ class Gate:
     # Stage timer: wall time by default; the bench also uses thread CPU time, which is what a stage
     # costs on an idle core however busy the machine it is measured on.
     clock: object = time.perf_counter
+    # The time floor validity is judged against; the service shares the audit log's, so the rows
+    # it flags synced and the floor the grants see are one.
+    wall: TrustedClock | None = None
 
     def __post_init__(self):
         # Validity is judged at each grant on the frame's wall time: an enrolment that expires
         # while the gate runs ends then, not at the next start or reload.
-        self.policy = DecisionPolicy(self.cfg.decision, valid=lambda who, t_wall: self.matcher.valid(who, t_wall))
+        self.policy = DecisionPolicy(self.cfg.decision,
+                                     valid=lambda who, t_wall: self.matcher.valid(who, t_wall, self.wall.floor))
+        if self.wall is None:
+            self.wall = getattr(self.audit, "clock", None) or TrustedClock(None, time.monotonic())
+        self._clock_audited = "ok"
         self._last_quiet: str | None = None
         self.set_gallery(self.gallery)
 
@@ -182,6 +191,13 @@ class Gate:
 
     # ------------------------------------------------------------------ one frame
     def process(self, frame: Frame) -> Decision:
+        self.wall.observe(frame.t_wall, frame.t_mono)
+        if self.wall.state != self._clock_audited and self.audit is not None:
+            # a jump is audited once, when it happens; its rows say wall_clock_synced 0 meanwhile
+            self.audit.record_event("clock", {"ok": "trusted"}.get(self.wall.state, self.wall.state),
+                                    t_mono=frame.t_mono, t_wall=frame.t_wall,
+                                    details={"floor": round(self.wall.floor, 3)})
+            self._clock_audited = self.wall.state
         try:
             decision = self._judge(frame)
         except Exception as e:  # a fault in any stage denies; the door stays locked
@@ -269,10 +285,12 @@ def _finite(x: float) -> float | None:
     return float(x) if np.isfinite(x) else None
 
 
-def open_gallery(cfg: Config, encoder: Encoder) -> gallery_io.Gallery:
+def open_gallery(cfg: Config, encoder: Encoder, floor: float) -> gallery_io.Gallery:
+    """The gallery without the enrolments that have ended at trusted time (edge.clock, `floor`
+    the time floor): a clock far ahead drops no one, each grant then judges them."""
     key = gallery_io.load_key(cfg.storage.key_file)
     g = gallery_io.load(cfg.storage.gallery, key, encoder.sha256)
-    expired = g.expire()
+    expired = g.expire(expiry_time(time.time(), floor))
     if expired:
         log.warning("enrolments expired and ignored: %s", ", ".join(expired))
     return g

@@ -108,8 +108,9 @@ def run_service(cfg: Config, max_frames: int | None = None, verbose: bool = True
     try:
         stack = Stack.from_config(cfg)
         audit.set_models(stack.encoder.sha256, stack.detector.card.sha256)
+        audit.clock.observe(time.time(), time.monotonic())  # a clock far ahead at start: said in the start row
         try:
-            gallery = open_gallery(cfg, stack.encoder)
+            gallery = open_gallery(cfg, stack.encoder, audit.clock.floor)
         except FacegateError as e:
             audit.record_event("gallery", "refused", details={"error": str(e)})
             raise
@@ -125,7 +126,8 @@ def run_service(cfg: Config, max_frames: int | None = None, verbose: bool = True
             raise
         camera = CameraMonitor(camera_factory or (lambda: make_camera(cfg.camera)), cfg.camera)
         audit.record_event("service", "started", details={"people": len(gallery), "threshold": round(gate.matcher.threshold_1n, 4),
-                                                            "liveness": cfg.liveness.mode})
+                                                            "liveness": cfg.liveness.mode,
+                                                            "clock": audit.clock.state})
         notifier.ready(f"{len(gallery)} enrolled")
         frames = 0
         while not stop["flag"]:
@@ -133,7 +135,7 @@ def run_service(cfg: Config, max_frames: int | None = None, verbose: bool = True
                 stop["reload"] = False
                 notifier.reloading()
                 try:
-                    gate.set_gallery(open_gallery(cfg, stack.encoder))
+                    gate.set_gallery(open_gallery(cfg, stack.encoder, audit.clock.floor))
                     audit.record_event("gallery", "reloaded", details={"people": len(gate.gallery)})
                 except FacegateError as e:  # keep the gallery we have; a bad update must not lock everyone out
                     audit.record_event("gallery", "reload_refused", details={"error": str(e)})

@@ -69,3 +69,83 @@ def test_wall_clock_jumps_change_no_timer(tmp_path, monkeypatch):
         if e > 3.55:
             assert r["t_wall"] < 2 * DAY, r
     assert any(r["t_mono"] - t0 > 3.55 * S for r in rows)  # rows were written in the 1970 phase
+
+
+def _gate_with_alice_until(tmp_path, expires_at: float, floor: float):
+    """The gate (fake models, mock pins) with alice enrolled until `expires_at` and an audit log
+    whose newest synced row, the time floor, is at `floor`."""
+    import numpy as np
+
+    from edge import gallery as G
+    from edge.audit import AuditLog
+    from edge.pipeline import Gate
+    from edge.relay import DoorRelay, make_pin_factory
+    from reliability.fakes import DIM, ENCODER_SHA, fake_stack
+
+    cfg = fake_config(tmp_path)
+    g = G.Gallery(ENCODER_SHA, DIM)
+    g.add(G.Person("alice", np.eye(DIM, dtype=np.float32)[0], "A1", floor - 10 * DAY, expires_at))
+    with AuditLog(cfg.storage.audit) as a:
+        a.record_event("service", "started", t_wall=floor)
+    audit = AuditLog(cfg.storage.audit)
+    relay = DoorRelay(cfg.relay, make_pin_factory("mock"))
+    return Gate(cfg, fake_stack(), g, relay=relay, audit=audit), audit
+
+
+def _alice(gate, t_wall: float, i: int):
+    from edge.records import Frame
+    from reliability.fakes import frame_image
+
+    return gate.process(Frame(frame_image(ALICE), time.monotonic(), t_wall, i, "test"))
+
+
+def test_a_clock_set_back_does_not_revive_an_expired_enrolment(tmp_path):
+    """alice's enrolment ended an hour before the newest audited time; the clock is then set a
+    month back (or boots at 1970): still expired."""
+    floor = time.time()
+    gate, audit = _gate_with_alice_until(tmp_path, floor - 3600.0, floor)
+    try:
+        d = [_alice(gate, floor - 30 * DAY, 0), _alice(gate, 1000.0, 1)]
+        assert [x.reason for x in d] == ["expired", "expired"] and not any(x.grant for x in d)
+        assert gate.relay.pin.state is False
+    finally:
+        gate.relay.close()
+        audit.close()
+
+
+def test_a_clock_far_ahead_expires_no_one_silently_and_never_raises_the_floor(tmp_path):
+    """alice is valid for another day; the clock jumps ten years ahead: her grant is denied
+    `clock_untrusted` (locked, not expired), the jump is audited as an event, no row on that clock
+    moves the floor, and once the clock is right again she is granted."""
+    from edge.audit import AuditLog
+    from edge.pipeline import open_gallery
+
+    floor = time.time()
+    gate, audit = _gate_with_alice_until(tmp_path, floor + DAY, floor)
+    try:
+        ahead = _alice(gate, floor + 3650 * DAY, 0)
+        assert (ahead.grant, ahead.reason, ahead.identity) == (False, "clock_untrusted", "alice")
+        back = _alice(gate, floor + 60.0, 1)
+        assert back.grant and back.reason == "granted"
+        rows = [(r["kind"], r["reason"], r["wall_clock_synced"]) for r in audit.tail(5)]
+        assert rows[-4:] == [("clock", "ahead", False), ("decision", "clock_untrusted", False),
+                             ("clock", "trusted", True), ("decision", "granted", True)]
+    finally:
+        gate.relay.close()
+        audit.close()
+    with AuditLog(gate.cfg.storage.audit) as a:
+        assert a.clock.floor < floor + 120.0
+    # at load too: a clock far ahead drops no one from the gallery; a right one drops the ended
+    from edge import gallery as G
+    from reliability.fakes import FakeEncoder
+
+    G.new_key_file(gate.cfg.storage.key_file)
+    G.save(gate.gallery, gate.cfg.storage.gallery, G.load_key(gate.cfg.storage.key_file))
+    real = time.time
+    try:
+        time.time = lambda: floor + 3650 * DAY
+        assert open_gallery(gate.cfg, FakeEncoder(), floor).names == ["alice"]
+        time.time = lambda: floor + 1.5 * DAY
+        assert open_gallery(gate.cfg, FakeEncoder(), floor).names == []
+    finally:
+        time.time = real

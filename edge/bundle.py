@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .atomic import atomic_write_bytes
+from .enroll import label_problem
 from .errors import AuditError, BundleError, FacegateError, StorageError
 
 MANIFEST = "manifest.json"
@@ -57,7 +58,6 @@ MAX_BUNDLE_BYTES = 512 << 20
 MAX_PEOPLE = 2000
 # A photo is one plain file name: no separators, no leading dot (so no '.', '..' or hidden files).
 _PHOTO_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _check_photo_name(name: str) -> str:
@@ -73,8 +73,9 @@ def _check_photo_name(name: str) -> str:
 
 
 def _check_label(value: str, what: str) -> str:
-    if not value.strip() or _CONTROL.search(value):
-        raise ValueError(f"{what} {value!r} is empty or has control characters")
+    problem = label_problem(value)
+    if problem:
+        raise ValueError(f"{what} {value!r} {problem}")
     return value
 
 
@@ -118,10 +119,10 @@ class BundlePerson(_Strict):
     def _photo(cls, v: str) -> str:
         return _check_photo_name(v)
 
-    @field_validator("name")
+    @field_validator("name", "id")
     @classmethod
-    def _name(cls, v: str) -> str:
-        return _check_label(v, "name")
+    def _label(cls, v: str, info) -> str:
+        return v if info.field_name == "id" and v == "" else _check_label(v, info.field_name)
 
     @field_validator("valid_from", "valid_until")
     @classmethod
@@ -193,6 +194,8 @@ def generate_signing_key(out: str | Path) -> tuple[Path, Path]:
     overwrite: losing a signing key means re-keying every gate."""
     out = Path(out)
     pub = out.with_suffix(".pub")
+    if pub == out:  # the public key would be written over the private one just made
+        raise BundleError(out, "the private key's name must not end in .pub (its public key goes beside it with that suffix)")
     for p in (out, pub):
         if p.exists():
             raise BundleError(p, "already exists; refusing to overwrite a key")

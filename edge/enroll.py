@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +49,24 @@ def embed_photo(stack, quality_cfg, image: np.ndarray, name: str, source: str, p
     return EnrollResult(name, source, True, "enrolled", encoder.embed(aligned, mirror).vector)
 
 
+# Characters that change how a label reads without being seen: controls (newlines, escapes), format
+# characters (bidi overrides that reverse the text after them, zero-width joiners and spaces) and
+# line or paragraph separators. A name in an audit row, a log line or on a screen must read as
+# what is stored, and two people must not differ only by an invisible character.
+_HIDDEN_CATEGORIES = {"Cc", "Cf", "Zl", "Zp"}
+
+
+def label_problem(value: str) -> str | None:
+    """Why a person's name or id cannot be enrolled, or None when it can."""
+    if not value.strip():
+        return "is empty"
+    hidden = next((c for c in value if unicodedata.category(c) in _HIDDEN_CATEGORIES), None)
+    if hidden is not None:
+        return (f"has the invisible or control character U+{ord(hidden):04X} "
+                f"({unicodedata.name(hidden, unicodedata.category(hidden))})")
+    return None
+
+
 def photos_in(folder: Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
@@ -62,6 +81,10 @@ def enroll_folder(stack, cfg, folder: Path) -> list[EnrollResult]:
     """File name (without extension) = person's name. Non-images are refused by content, not name."""
     out = []
     for p in photos_in(folder):
+        problem = label_problem(p.stem)
+        if problem:
+            out.append(EnrollResult(p.stem, str(p), False, f"the file name gives the person's name, which {problem}"))
+            continue
         try:
             img = load_image(p)
         except FacegateError as e:

@@ -10,6 +10,8 @@ the EXIF orientation, and (OpenCV 5) refuses truncated files instead of padding 
 """
 from __future__ import annotations
 
+import os
+import stat
 import struct
 from pathlib import Path
 
@@ -120,14 +122,23 @@ def load_image(src: str | Path | bytes, max_pixels: int = MAX_PIXELS, name: str 
     else:
         label = str(src)
         try:
-            size = Path(src).stat().st_size
-            if size > MAX_FILE_BYTES:
-                raise ImageError(label, f"file of {size} bytes is larger than {MAX_FILE_BYTES}")
-            data = Path(src).read_bytes()
+            # O_NONBLOCK: opening a FIFO must not wait for a writer. The opened file is checked, not
+            # its name, so a device such as /dev/zero (endless, size 0) is refused before any read.
+            fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK)
+            try:
+                st = os.fstat(fd)
+                if stat.S_ISDIR(st.st_mode):
+                    raise ImageError(label, "is a folder, not an image")
+                if not stat.S_ISREG(st.st_mode):
+                    raise ImageError(label, "is not a regular file (a device, FIFO or socket), not an image")
+                if st.st_size > MAX_FILE_BYTES:
+                    raise ImageError(label, f"file of {st.st_size} bytes is larger than {MAX_FILE_BYTES}")
+                with open(fd, "rb", closefd=False) as f:
+                    data = f.read(MAX_FILE_BYTES + 1)  # bounded even if the file grows after fstat
+            finally:
+                os.close(fd)
         except FileNotFoundError:
             raise ImageError(label, "file not found") from None
-        except IsADirectoryError:
-            raise ImageError(label, "is a folder, not an image") from None
         except OSError as e:
             raise ImageError(label, f"cannot read: {e.strerror or e}") from None
     if not data:

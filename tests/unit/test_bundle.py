@@ -281,6 +281,42 @@ def photo_bundle(tmp_path, priv, people, removals=(), sequence=1, name="bundle",
     return tmp_path / name
 
 
+def test_a_lost_or_copied_back_gallery_does_not_let_an_old_bundle_apply_again(tmp_path, keys, stack):
+    """The highest applied sequence is kept beside the gallery key (bundle.seq), apart from the
+    gallery: with the gallery lost, or an older copy put back, sequences up to it stay refused."""
+    priv, pub, _ = keys
+    cfg = gate_config(tmp_path)
+    G.new_key_file(cfg.storage.key_file)
+    key = G.load_key(cfg.storage.key_file)
+    empty = G.Gallery(stack.encoder.sha256, stack.encoder.card.embedding.dim)
+    G.save(empty, cfg.storage.gallery, key)
+    backup = (tmp_path / "gallery.fgg").read_bytes()  # an old copy, before anyone was enrolled
+    b1 = photo_bundle(tmp_path, priv, [("obama", "E1", "obama.jpg")], sequence=3, name="b1")
+    b2 = photo_bundle(tmp_path, priv, [], removals=["E1"], sequence=4, name="b2")
+    with AuditLog(cfg.storage.audit) as audit:
+        B.apply_bundle(b1, pub, G.load(cfg.storage.gallery, key), stack, cfg, audit=audit)
+        B.apply_bundle(b2, pub, G.load(cfg.storage.gallery, key), stack, cfg, audit=audit)  # obama revoked
+        assert (tmp_path / "bundle.seq").read_text() == "4\n" and B.sequence_path(cfg.storage) == tmp_path / "bundle.seq"
+        (tmp_path / "gallery.fgg").write_bytes(backup)  # copied back ...
+        with pytest.raises(BundleError, match="sequence 3, this gate has applied 4"):
+            B.apply_bundle(b1, pub, G.load(cfg.storage.gallery, key), stack, cfg, audit=audit)
+        (tmp_path / "gallery.fgg").unlink()  # ... or lost
+        with pytest.raises(BundleError, match="replayed"):
+            B.apply_bundle(b1, pub, G.Gallery(stack.encoder.sha256, stack.encoder.card.embedding.dim), stack, cfg,
+                           audit=audit)
+        assert audit.tail(1)[0]["reason"] == "bundle_refused"
+        (tmp_path / "bundle.seq").write_text("garbage\n")  # a store that says nothing refuses, never lets through
+        with pytest.raises(BundleError, match="does not hold a bundle sequence number"):
+            B.apply_bundle(b1, pub, G.Gallery(stack.encoder.sha256, stack.encoder.card.embedding.dim), stack, cfg,
+                           audit=audit)
+        # recovery when store and gallery are both lost: a freshly signed bundle with a higher sequence
+        (tmp_path / "bundle.seq").unlink()
+        b5 = photo_bundle(tmp_path, priv, [("obama", "E1", "obama.jpg")], sequence=5, name="b5")
+        r = B.apply_bundle(b5, pub, G.Gallery(stack.encoder.sha256, stack.encoder.card.embedding.dim), stack, cfg,
+                           audit=audit)
+        assert r.enrolled == ["obama"] and (tmp_path / "bundle.seq").read_text() == "5\n"
+
+
 def test_apply_enrolls_refuses_removes_and_audits(tmp_path, keys, stack):
     priv, pub, _ = keys
     cfg = gate_config(tmp_path)
@@ -624,3 +660,48 @@ def test_enroll_and_forget_with_an_audit_log_that_takes_no_rows_change_nothing(t
     err = capsys.readouterr().err
     assert err.count(f"error: {tmp_path / 'a.sqlite3'}: cannot write the audit log: attempt to write a readonly database") == 2
     assert (tmp_path / "g.fgg").read_bytes() == before
+
+
+HIDDEN_LABELS = {"bidi override": "alice\u202egpj.exe", "zero-width space": "ali\u200bce",
+                 "line separator": "alice\u2028bob", "newline": "alice\nbob", "zero-width joiner": "al\u200dice"}
+
+
+@pytest.mark.parametrize("field", ["name", "id"])
+@pytest.mark.parametrize("label", list(HIDDEN_LABELS.values()), ids=list(HIDDEN_LABELS))
+def test_names_and_ids_with_invisible_or_control_characters_are_refused_when_made_and_when_applied(tmp_path, keys, field, label):
+    priv, pub, _ = keys
+    person = {"name": "alice", "id": "E1", "photo": "alice.jpg", field: label}
+    (tmp_path / "made").mkdir()
+    with pytest.raises(BundleError, match=f"people.0.{field}: .*U\\+"):
+        make_bundle(tmp_path / "made", priv, people=[person])
+    out = make_bundle(tmp_path, priv)
+    m = json.loads((out / B.MANIFEST).read_bytes())
+    m["people"][0][field] = label
+    resign(out, priv, m)
+    with pytest.raises(BundleError, match="malformed manifest"):
+        B.verify_bundle(out, pub)
+
+
+def test_a_removal_with_a_control_character_is_refused(tmp_path, keys):
+    priv, _, _ = keys
+    with pytest.raises(BundleError, match="removal.*U\\+2028"):
+        make_bundle(tmp_path, priv, removals=["E1\u2028"])
+
+
+def test_enrolling_a_photo_whose_name_hides_characters_is_refused(tmp_path):
+    from edge.enroll import enroll_folder
+
+    folder = tmp_path / "people"
+    folder.mkdir()
+    (folder / "ali\u200bce.jpg").write_bytes(b"not read")
+    (folder / "bob\u202e.jpg").write_bytes(b"not read")
+    results = enroll_folder(None, None, folder)
+    assert [r.ok for r in results] == [False, False]
+    assert all("U+" in r.reason and "file name" in r.reason for r in results)
+
+
+def test_a_signing_key_named_like_its_public_key_is_refused(tmp_path):
+    with pytest.raises(BundleError, match="must not end in .pub") as e:
+        B.generate_signing_key(tmp_path / "site.pub")
+    assert str(tmp_path / "site.pub") in str(e.value)
+    assert not (tmp_path / "site.pub").exists()

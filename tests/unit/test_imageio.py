@@ -215,3 +215,28 @@ def test_mutated_images_decode_or_raise_image_error(seed, cuts, keep):
     except ImageError:
         return
     assert out.dtype == np.uint8 and out.ndim == 3 and out.shape[2] == 3
+
+
+def test_a_device_is_refused_before_a_byte_is_read():
+    """/dev/zero reports size 0 and never ends: reading it whole ran the machine out of memory.
+    Run in a child with its address space capped, so a regression fails instead of exhausting memory."""
+    import resource
+    import subprocess
+    import sys
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    code = "from edge.imageio import load_image\ntry:\n    load_image('/dev/zero')\nexcept Exception as e:\n    print(e)\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, preexec_fn=cap)
+    assert "/dev/zero: is not a regular file" in out.stdout, (out.returncode, out.stdout, out.stderr[-500:])
+
+
+def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path):
+    import os
+
+    fifo = tmp_path / "photo.jpg"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageError, match="not a regular file") as e:
+        load_image(fifo)
+    assert str(fifo) in str(e.value)

@@ -86,7 +86,12 @@ class TrustedClock:
     def enrolment_time(self, wall: float) -> float:
         """When an enrolment made now starts: the wall clock, never below the floor (a clock at
         1970 must not make enrolments that end once it is set). An untrusted clock ahead would
-        make them last too long: refused."""
+        make them last too long: refused, as is a clock never set on a gate that has audited nothing."""
+        if self._floor is None:
+            if wall < WALL_CLOCK_EPOCH:
+                raise FacegateError(None, "enrolment refused: the wall clock was never set and nothing has been "
+                                          "audited yet to tell the time by: set the clock")
+            return wall
         if reading(wall, self.floor) == "ahead":
             raise FacegateError(None, f"enrolment refused: the wall clock is {(wall - self.floor) / 86400:.1f} days beyond the newest audited "
                              f"time: set the clock, or vouch for it with `python -m edge trust-clock`")

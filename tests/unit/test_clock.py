@@ -66,6 +66,9 @@ def test_an_enrolment_at_1970_is_stamped_with_the_floor_and_one_far_ahead_is_ref
 
     now = time.time()
     with AuditLog(tmp_path / "audit.sqlite3") as a:
+        assert a.clock.enrolment_time(now) == now  # nothing audited yet: a set clock is taken as it is
+        with pytest.raises(FacegateError, match="never set"):
+            a.clock.enrolment_time(1000.0)
         a.record_event("service", "started", t_wall=now)
     with AuditLog(tmp_path / "audit.sqlite3") as a:
         at = a.clock.enrolment_time(1000.0)

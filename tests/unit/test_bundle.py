@@ -281,42 +281,6 @@ def photo_bundle(tmp_path, priv, people, removals=(), sequence=1, name="bundle",
     return tmp_path / name
 
 
-def test_a_lost_or_copied_back_gallery_does_not_let_an_old_bundle_apply_again(tmp_path, keys, stack):
-    """The highest applied sequence is kept beside the gallery key (bundle.seq), apart from the
-    gallery: with the gallery lost, or an older copy put back, sequences up to it stay refused."""
-    priv, pub, _ = keys
-    cfg = gate_config(tmp_path)
-    G.new_key_file(cfg.storage.key_file)
-    key = G.load_key(cfg.storage.key_file)
-    empty = G.Gallery(stack.encoder.sha256, stack.encoder.card.embedding.dim)
-    G.save(empty, cfg.storage.gallery, key)
-    backup = (tmp_path / "gallery.fgg").read_bytes()  # an old copy, before anyone was enrolled
-    b1 = photo_bundle(tmp_path, priv, [("obama", "E1", "obama.jpg")], sequence=3, name="b1")
-    b2 = photo_bundle(tmp_path, priv, [], removals=["E1"], sequence=4, name="b2")
-    with AuditLog(cfg.storage.audit) as audit:
-        B.apply_bundle(b1, pub, G.load(cfg.storage.gallery, key), stack, cfg, audit=audit)
-        B.apply_bundle(b2, pub, G.load(cfg.storage.gallery, key), stack, cfg, audit=audit)  # obama revoked
-        assert (tmp_path / "bundle.seq").read_text() == "4\n" and B.sequence_path(cfg.storage) == tmp_path / "bundle.seq"
-        (tmp_path / "gallery.fgg").write_bytes(backup)  # copied back ...
-        with pytest.raises(BundleError, match="sequence 3, this gate has applied 4"):
-            B.apply_bundle(b1, pub, G.load(cfg.storage.gallery, key), stack, cfg, audit=audit)
-        (tmp_path / "gallery.fgg").unlink()  # ... or lost
-        with pytest.raises(BundleError, match="replayed"):
-            B.apply_bundle(b1, pub, G.Gallery(stack.encoder.sha256, stack.encoder.card.embedding.dim), stack, cfg,
-                           audit=audit)
-        assert audit.tail(1)[0]["reason"] == "bundle_refused"
-        (tmp_path / "bundle.seq").write_text("garbage\n")  # a store that says nothing refuses, never lets through
-        with pytest.raises(BundleError, match="does not hold a bundle sequence number"):
-            B.apply_bundle(b1, pub, G.Gallery(stack.encoder.sha256, stack.encoder.card.embedding.dim), stack, cfg,
-                           audit=audit)
-        # recovery when store and gallery are both lost: a freshly signed bundle with a higher sequence
-        (tmp_path / "bundle.seq").unlink()
-        b5 = photo_bundle(tmp_path, priv, [("obama", "E1", "obama.jpg")], sequence=5, name="b5")
-        r = B.apply_bundle(b5, pub, G.Gallery(stack.encoder.sha256, stack.encoder.card.embedding.dim), stack, cfg,
-                           audit=audit)
-        assert r.enrolled == ["obama"] and (tmp_path / "bundle.seq").read_text() == "5\n"
-
-
 def test_apply_enrolls_refuses_removes_and_audits(tmp_path, keys, stack):
     priv, pub, _ = keys
     cfg = gate_config(tmp_path)

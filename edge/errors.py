@@ -60,3 +60,14 @@ def run_cli(fn, args) -> int:
     except FacegateError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_status
+
+
+def lazy_command(package: str, module: str):
+    """A CLI subcommand whose module (and its heavy imports) loads only when it runs: building the
+    parser imports nothing else. The module's `main(args)` runs it."""
+    def run(args) -> int:
+        import importlib
+
+        return importlib.import_module(f".{module}", package).main(args)
+
+    return run

@@ -2,24 +2,15 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from pathlib import Path
 
-from edge.errors import run_cli
+from edge.errors import lazy_command, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 MODELS = REPO / "models"
 CACHE = REPO / "out" / "eval_cache"
-
-
-def _lazy(module: str):
-    """A subcommand whose module (and its heavy imports) loads only when it runs."""
-    def run(args) -> int:
-        return importlib.import_module(f".{module}", __package__).main(args)
-
-    return run
 
 
 def main(argv=None) -> int:
@@ -52,7 +43,7 @@ def main(argv=None) -> int:
     s.add_argument("--probes-json", help="write the first row's per-probe results (identity, best match, score) as JSON")
     s.add_argument("--det-png", help="write the 1:N DET curves as PNG (needs matplotlib)")
     s.add_argument("--quiet", action="store_true")
-    s.set_defaults(fn=_lazy("one_to_n"))
+    s.set_defaults(fn=lazy_command(__package__, "one_to_n"))
     s = sub.add_parser("verify", help="LFW 10-fold verification of every encoder artifact (needs ../shared)")
     s.add_argument("--lfw", default=str(SHARED / "data" / "lfw"))
     s.add_argument("--models", default=str(MODELS))
@@ -62,13 +53,13 @@ def main(argv=None) -> int:
     s.add_argument("--pairs-per-fold", type=int, default=0, help="SUBSET: first N pairs of each kind per fold")
     s.add_argument("--json")
     s.add_argument("--quiet", action="store_true")
-    s.set_defaults(fn=_lazy("verify"))
+    s.set_defaults(fn=lazy_command(__package__, "verify"))
     s = sub.add_parser("bench", help="per-stage and end-to-end latency per 640x480 frame, gallery search, peak RSS")
     s.add_argument("--config", "-c", help="gate config YAML (default: built-in defaults)")
     s.add_argument("--frames", type=int, default=200)
     s.add_argument("--threads", default="1,2")
     s.add_argument("--gallery-size", type=int, default=100000)
-    s.set_defaults(fn=_lazy("bench"))
+    s.set_defaults(fn=lazy_command(__package__, "bench"))
     s = sub.add_parser("encoders", help="per-face latency (1 and 2 threads) and file size of every encoder artifact")
     s.add_argument("--models", default=str(MODELS))
     s.add_argument("--detector", default=str(MODELS / "yunet_fp32.card.json"))
@@ -76,7 +67,7 @@ def main(argv=None) -> int:
     s.add_argument("--runs", type=int, default=100)
     s.add_argument("--threads", default="1,2")
     s.add_argument("--json")
-    s.set_defaults(fn=_lazy("encoders"))
+    s.set_defaults(fn=lazy_command(__package__, "encoders"))
     s = sub.add_parser("detectors", help="detector speed per 640x480 frame and faces found on LFW, to pick the default")
     s.add_argument("--models", default=str(MODELS))
     s.add_argument("--detectors", help="card names in --models, comma-separated (default: the YuNet and BlazeFace cards built)")
@@ -86,7 +77,7 @@ def main(argv=None) -> int:
     s.add_argument("--threads", default="1")
     s.add_argument("--limit", type=int, default=0, help="SUBSET: first N LFW images (0 = all)")
     s.add_argument("--json")
-    s.set_defaults(fn=_lazy("detectors"))
+    s.set_defaults(fn=lazy_command(__package__, "detectors"))
     s = sub.add_parser("liveness", help="APCER / BPCER / ACER on the NUAA test split, simulated print and screen attacks",
                        description="Per-frame and per-sequence APCER (print), BPCER and ACER at the operating point "
                                    "for the shipped PAD model, its members and any other PAD card; the gate's liveness "
@@ -99,7 +90,7 @@ def main(argv=None) -> int:
     s.add_argument("--no-cues", action="store_true", help="skip the passive+blink policy (the face mesh)")
     s.add_argument("--samples", default=str(MODELS / "raw" / "images"), help="registry photos for the simulated attacks")
     s.add_argument("--out", default="out/liveness", help="folder for det.png and eval.json")
-    s.set_defaults(fn=_lazy("liveness"))
+    s.set_defaults(fn=lazy_command(__package__, "liveness"))
     s = sub.add_parser("fairness", help="quality refusals per skin-tone (ITA) band on CelebA and LFW, a graded "
                                        "synthetic exposure set, LFW 1:N FNIR / FPIR per band")
     s.add_argument("--celeba", default=str(SHARED / "data" / "celeba" / "images"))
@@ -108,7 +99,7 @@ def main(argv=None) -> int:
     s.add_argument("--per-band", type=int, default=40, help="CelebA faces per band in the graded exposure set")
     s.add_argument("--probes", help="per-probe 1:N results of the default (python -m evaluation one-to-n --probes-json FILE)")
     s.add_argument("--out", default="out/fairness")
-    s.set_defaults(fn=_lazy("fairness"))
+    s.set_defaults(fn=lazy_command(__package__, "fairness"))
     args = p.parse_args(argv)
     return run_cli(args.fn, args)
 

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from pathlib import Path
 
-from edge.errors import run_cli
+from edge.errors import lazy_command, run_cli
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
 
@@ -40,14 +39,6 @@ def cmd_setup(args) -> int:
     return 0
 
 
-def _lazy(module: str):
-    """A subcommand whose module (and its heavy imports) loads only when it runs."""
-    def run(args) -> int:
-        return importlib.import_module(f".{module}", __package__).main(args)
-
-    return run
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m export", description="facegate model export")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -66,7 +57,7 @@ def main(argv=None) -> int:
     s.add_argument("--models", default="sface,yunet", help="which of sface, dlib, yunet to calibrate (dlib: build --dlib first)")
     s.add_argument("--limit", type=int, default=400, help="crops used for the activation ranges")
     s.add_argument("--thresholds-only", action="store_true", help="only the impostor-score tables (and the cards)")
-    s.set_defaults(fn=_lazy("calibrate_cmd"))
+    s.set_defaults(fn=lazy_command(__package__, "calibrate_cmd"))
     models = Path(__file__).resolve().parent.parent / "models"
     s = sub.add_parser("cohort", help="AS-norm cohort file and its calibration from a face folder (never LFW)")
     s.add_argument("--encoder", default=str(models / "sface_int8.card.json"))
@@ -77,7 +68,7 @@ def main(argv=None) -> int:
     s.add_argument("--fusion-with", help="second encoder card: choose the score-fusion weight on the calibration half")
     s.add_argument("--out", help="default: <model>.cohort.npz beside the encoder")
     s.add_argument("--cache-dir", default=str(models.parent / "out" / "eval_cache"))
-    s.set_defaults(fn=_lazy("cohort"))
+    s.set_defaults(fn=lazy_command(__package__, "cohort"))
     s = sub.add_parser("fuse", help="two encoders as one fused encoder (weight and thresholds from a face folder, never LFW)")
     s.add_argument("--members", default=f"{models / 'sface_int8.card.json'},{models / 'dlib_int8.card.json'}",
                    help="two encoder cards, comma-separated, in one folder")
@@ -91,22 +82,22 @@ def main(argv=None) -> int:
     s.add_argument("--detector", default=str(models / "yunet_fp32.card.json"))
     s.add_argument("--faces", default=str(SHARED / "data" / "celeba" / "images"), help="one sub-folder per identity")
     s.add_argument("--cache-dir", default=str(models.parent / "out" / "eval_cache"))
-    s.set_defaults(fn=_lazy("fusion"))
+    s.set_defaults(fn=lazy_command(__package__, "fusion"))
     s = sub.add_parser("tflite", help="INT8 TFLite encoders (dlib, SFace) with cards; needs the .venv-tflite of requirements-tflite.txt")
     from .tflite import add_arguments as tflite_arguments
 
     tflite_arguments(s, models, SHARED)
-    s.set_defaults(fn=_lazy("tflite"))
+    s.set_defaults(fn=lazy_command(__package__, "tflite"))
     s = sub.add_parser("pad", help="cards of the shipped PAD models in edge/assets/pad (threshold from the NUAA train split)")
     s.add_argument("--nuaa", default=str(SHARED / "data" / "nuaa"))
     s.add_argument("--detector", default=str(models / "yunet_fp32.card.json"))
     s.add_argument("--frames", type=int, default=3, help="the liveness window the threshold is set for (liveness.frames)")
-    s.set_defaults(fn=_lazy("pad"))
+    s.set_defaults(fn=lazy_command(__package__, "pad"))
     s = sub.add_parser("import-onnx", help="a user's ONNX face encoder -> clean fp32 + INT8 ONNX with cards")
     from .import_user import add_arguments
 
     add_arguments(s)
-    s.set_defaults(fn=_lazy("import_user"))
+    s.set_defaults(fn=lazy_command(__package__, "import_user"))
     args = p.parse_args(argv)
     return run_cli(args.fn, args)
 

@@ -147,6 +147,17 @@ def enrolled_config(tmp_path, frames, people):
     return cfg, stack
 
 
+def run_while(cfg, systemd, admin) -> int:
+    """The real service loop on this thread (signals reach only the main thread) while `admin`
+    acts on the running gate from another; `admin` ends it with SIGTERM."""
+    t = threading.Thread(target=admin)
+    t.start()
+    try:
+        return run_service(cfg, max_frames=2000, verbose=False, notifier=Notifier(systemd.path))
+    finally:
+        t.join()
+
+
 def audit_rows(cfg):
     with AuditLog(cfg.storage.audit, readonly=True) as a:
         return a.tail(1000)
@@ -243,12 +254,7 @@ def test_sighup_reloads_gallery_while_running(tmp_path, systemd, faces):
         finally:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    t = threading.Thread(target=admin)
-    t.start()
-    try:
-        assert run_service(cfg, max_frames=2000, verbose=False, notifier=Notifier(systemd.path)) == 0
-    finally:
-        t.join()
+    assert run_while(cfg, systemd, admin) == 0
     assert result["report"].enrolled == ["obama"]
     msgs = systemd.close()
     assert "RELOADING=1" in msgs
@@ -277,12 +283,7 @@ def test_bad_gallery_on_reload_keeps_the_old_one(tmp_path, systemd, faces):
         finally:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    t = threading.Thread(target=corrupt_and_hup)
-    t.start()
-    try:
-        run_service(cfg, max_frames=2000, verbose=False, notifier=Notifier(systemd.path))
-    finally:
-        t.join()
+    run_while(cfg, systemd, corrupt_and_hup)
     rows = audit_rows(cfg)
     refused = [r for r in rows if (r["kind"], r["reason"]) == ("gallery", "reload_refused")]
     assert len(refused) == 1 and "failed authentication" in refused[0]["details"]["error"]
@@ -347,12 +348,7 @@ def test_a_reload_that_grows_the_gallery_past_the_thresholds_bound_is_refused(tm
         finally:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    t = threading.Thread(target=enrol_obama_and_hup)
-    t.start()
-    try:
-        run_service(cfg, max_frames=2000, verbose=False, notifier=Notifier(systemd.path))
-    finally:
-        t.join()
+    run_while(cfg, systemd, enrol_obama_and_hup)
     rows = audit_rows(cfg)
     refused = [r for r in rows if (r["kind"], r["reason"]) == ("gallery", "reload_refused")]
     assert len(refused) == 1 and "above the bound 0.05" in refused[0]["details"]["error"]

@@ -154,6 +154,8 @@ def cmd_bundle(args) -> int:
         m = create_bundle(args.photos, args.manifest, load_private_key(args.key), args.out)
         print(f"{args.out}: bundle sequence {m.sequence}, {len(m.people)} people, {len(m.removals)} removal(s), signed")
         return 0
+    if args.action == "advance-sequence":
+        return _bundle_advance_sequence(args)
     pub = load_public_key(args.public_key)
     if args.action == "verify":
         vb = verify_bundle(args.bundle, pub)
@@ -200,6 +202,22 @@ def _bundle_apply(args, pub) -> int:
     print(f"bundle {report.sequence} applied: {len(report.enrolled)} enrolled, {len(report.refused)} refused, "
           f"{len(report.removed)} removed; gallery has {len(g)} people")
     return 0 if not report.refused else EXIT_PARTIAL
+
+
+def _bundle_advance_sequence(args) -> int:
+    """Root's half of `bundle apply` on a gate: the gate user cannot write the sequence store, so
+    deploy/enroll-usb runs this as root once apply reports the gallery saved. No audit log is
+    opened here: root would leave root-owned journal files the gate user then cannot write; the
+    apply's own rows already record the sequence, and enroll-usb logs this step to the journal."""
+    from . import gallery as G
+    from .bundle import advance_sequence, sequence_path
+
+    cfg = _cfg(args)
+    # no gallery lock: the gallery is replaced by rename, so a read sees one whole version
+    g = G.load(cfg.storage.gallery, G.load_key(cfg.storage.key_file))
+    before, after = advance_sequence(cfg.storage, g.bundle_sequence)
+    print(f"{sequence_path(cfg.storage)}: bundle sequence {before} -> {after}")
+    return 0
 
 
 def cmd_rekey(args) -> int:
@@ -321,6 +339,9 @@ def main(argv=None) -> int:
         b.add_argument("--public-key", default="/etc/facegate/bundle.pub", help="Ed25519 public key (PEM)")
         # SUPPRESS: an absent --config here must not overwrite one given before the action
         b.add_argument("--config", "-c", default=argparse.SUPPRESS, help="config YAML (default: built-in defaults)")
+    b = bsub.add_parser("advance-sequence", help="as root: record the gallery's applied bundle sequence in "
+                                                 "storage.sequence_file (deploy/enroll-usb runs it after apply)")
+    b.add_argument("--config", "-c", default=argparse.SUPPRESS, help="config YAML (default: built-in defaults)")
     s = add("rekey", cmd_rekey, "re-encrypt the gallery with a new key")
     s.add_argument("--old", required=True, help="current gallery key file")
     s.add_argument("--new", required=True, help="new gallery key file (python -m edge keygen --gallery NEW)")

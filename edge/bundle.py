@@ -10,9 +10,11 @@ one signature covers every byte of the bundle.
 
 On the gate the signature is checked over the raw manifest bytes before they are parsed, so an
 unsigned or forged manifest never reaches the JSON parser. Then: strict schema (unknown keys,
-duplicate keys, bad names refused), replay (sequence must exceed the gallery's), size limits,
+duplicate keys, bad names refused), replay (sequence must exceed the highest applied), size limits,
 each photo read once through O_NOFOLLOW (no symlinks, no path separators, no '..') and its sha256
-compared with the signed one. Any of these failing rejects the whole bundle and nothing changes.
+compared with the signed one. The replay check takes the higher of the gallery's sequence and the
+one kept in storage.sequence_file (root's, beside the gallery key), so a lost or copied-back gallery
+does not let an old bundle apply again. Any of these failing rejects the whole bundle and nothing changes.
 Photos that are intact but fail the quality gate (one face, size, blur, pose) refuse that person
 only. Ids are the stable key: two people under one id refuse the bundle, a person whose id
 changes under the same name is refused (the old id goes in the bundle's removals), a removal that
@@ -353,7 +355,7 @@ def verify_bundle(bundle_dir: str | Path, public_key: Ed25519PublicKey, min_sequ
     except (ValidationError, ValueError) as e:  # signed but malformed: a bug in the tool that made it
         raise BundleError(d / MANIFEST, f"malformed manifest: {_problem(e)}") from None
     if m.sequence <= min_sequence:
-        raise BundleError(d, f"replayed or old bundle: sequence {m.sequence}, the gallery has applied "
+        raise BundleError(d, f"replayed or old bundle: sequence {m.sequence}, this gate has applied "
                              f"{min_sequence}; make a new bundle with a higher sequence")
     photos = {}
     for p in m.people:
@@ -370,6 +372,51 @@ class BundleReport:
     enrolled: list[str] = field(default_factory=list)
     refused: dict[str, str] = field(default_factory=dict)  # name -> reason
     removed: list[str] = field(default_factory=list)
+
+
+def sequence_path(storage) -> Path:
+    """Where the highest applied bundle sequence is kept (storage.sequence_file): by default beside
+    the gallery key, which only root can write, never beside the gallery."""
+    if storage.sequence_file:
+        return Path(storage.sequence_file)
+    return Path(storage.key_file).with_name("bundle.seq") if storage.key_file else Path("/etc/facegate/bundle.seq")
+
+
+def read_sequence(path: Path) -> int:
+    """The sequence recorded at `path`, 0 when none was ever recorded; a file that does not hold
+    one refuses every bundle (BundleError) rather than letting replays through."""
+    try:
+        text = _read_small(path, 64, "bundle sequence file")
+    except BundleError as e:
+        if e.problem == "bundle sequence file not found":
+            return 0
+        raise
+    try:
+        value = int(text.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        value = -1
+    if value < 0:
+        raise BundleError(path, "does not hold a bundle sequence number: bundles are refused until it does "
+                                "(write the highest sequence ever applied here, or see README-deploy.md)")
+    return value
+
+
+def write_sequence(path: Path, sequence: int) -> None:
+    # 0644: the gate user reads it at every apply; only root (the file's owner) may write it
+    atomic_write_bytes(path, f"{sequence}\n".encode(), mode=0o644)
+
+
+def advance_sequence(storage, gallery_sequence: int) -> tuple[int, int]:
+    """Raise the recorded sequence to `gallery_sequence` (the one the saved gallery has applied);
+    never lowers it, so an old gallery copied back cannot reopen old sequences. Returns (before, after)."""
+    path = sequence_path(storage)
+    before = read_sequence(path)
+    if gallery_sequence > before:
+        try:
+            write_sequence(path, gallery_sequence)
+        except OSError as e:
+            raise StorageError(path, f"cannot write the bundle sequence file ({e.strerror}); run this as root") from None
+    return before, max(before, gallery_sequence)
 
 
 @contextmanager
@@ -447,7 +494,9 @@ def _apply(bundle_dir, public_key, gallery, stack, cfg, audit, key, now) -> Bund
     from .imageio import load_image
 
     key = key if key is not None else G.load_key(cfg.storage.key_file)  # before anything changes
-    vb = verify_bundle(bundle_dir, public_key, gallery.bundle_sequence)
+    seq_file = sequence_path(cfg.storage)
+    # The gallery's own record alone would let a lost or copied-back gallery reopen old sequences.
+    vb = verify_bundle(bundle_dir, public_key, max(gallery.bundle_sequence, read_sequence(seq_file)))
     now = audit.clock.enrolment_time(time.time()) if now is None else now
     m = vb.manifest
     report = BundleReport(m.sequence)
@@ -501,4 +550,14 @@ def _apply(bundle_dir, public_key, gallery, stack, cfg, audit, key, now) -> Bund
         **seq, "enrolled": len(report.enrolled), "refused": len(report.refused), "removed": len(report.removed),
         "people": len(gallery)}, {}))
     save_audited(gallery, cfg.storage.gallery, key, audit, events)
+    # Recorded once the gallery holds the change, so a gallery that cannot be written leaves the
+    # sequence free for the same stick; until this write the saved gallery refuses the replay. On a
+    # gate the store is root's and this runs as the gate user, so the write is refused and
+    # deploy/enroll-usb records the sequence as root (`bundle advance-sequence`) right after.
+    try:
+        write_sequence(seq_file, m.sequence)
+    except OSError as e:
+        audit.record_event("enroll", "sequence_not_saved", details={
+            "bundle_sequence": m.sequence, "file": str(seq_file), "error": str(e.strerror),
+            "next": "python -m edge bundle advance-sequence, as root"})
     return report

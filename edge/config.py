@@ -128,6 +128,7 @@ class StorageConfig(_Section):
     gallery: str = Field("var/gallery.fgg", description="encrypted gallery file")
     key_file: str | None = Field(None, description="32-byte gallery key; None = $CREDENTIALS_DIRECTORY/gallery.key")
     audit: str = Field("var/audit.sqlite3", description="audit database (SQLite, WAL)")
+    sequence_file: str | None = Field(None, description="the highest bundle sequence applied, kept apart from the gallery so that a lost or copied-back gallery cannot let an old bundle apply again; None = bundle.seq beside key_file, or /etc/facegate/bundle.seq when the key comes from systemd's credentials")
     retention_days: int = Field(1095, ge=1, le=36500, description="enrolments expire after this (BIPA: 3 years)")
 
 

@@ -298,7 +298,7 @@ def open_gallery(cfg: Config, encoder: Encoder, floor: float) -> gallery_io.Gall
 
 def resolve(cfg: Config, base: Path) -> Config:
     """Relative storage paths are relative to the config file's folder."""
-    for name in ("gallery", "key_file", "audit"):
+    for name in ("gallery", "key_file", "audit", "sequence_file"):
         v = getattr(cfg.storage, name)
         if v and not Path(v).is_absolute():
             setattr(cfg.storage, name, str((base / v).resolve()))

@@ -669,3 +669,66 @@ def test_a_signing_key_named_like_its_public_key_is_refused(tmp_path):
         B.generate_signing_key(tmp_path / "site.pub")
     assert str(tmp_path / "site.pub") in str(e.value)
     assert not (tmp_path / "site.pub").exists()
+
+
+# ------------------------------------------------------------------ the sequence store beside the gallery key
+def test_a_lost_or_copied_back_gallery_does_not_let_an_old_bundle_apply_again(tmp_path, keys, stack, monkeypatch,
+                                                                              capsys):
+    from edge.__main__ import main
+
+    cfg, opts = cli_gate(tmp_path, keys, stack, monkeypatch)
+    b1 = photo_bundle(tmp_path, keys[0], [("obama", "E1", "obama.jpg")], sequence=1, name="b1")
+    b2 = photo_bundle(tmp_path, keys[0], [], removals=["E1"], sequence=2, name="b2")
+    gallery, store = tmp_path / "gallery.fgg", tmp_path / "bundle.seq"  # the store defaults to beside the key
+    assert main(["bundle", "apply", str(b1), *opts]) == 0
+    backup = gallery.read_bytes()
+    assert main(["bundle", "apply", str(b2), *opts]) == 0
+    assert store.read_text() == "2\n" and oct(store.stat().st_mode & 0o777) == "0o644"
+    gallery.write_bytes(backup)  # an old backup copied back: the removal's stick must not apply twice...
+    assert main(["bundle", "apply", str(b2), *opts]) == 2
+    gallery.unlink()  # ...and with the gallery lost, neither may the first stick
+    assert main(["bundle", "apply", str(b1), *opts]) == 2
+    err = capsys.readouterr().err
+    assert err.count("replayed or old bundle") == 2 and "this gate has applied 2" in err
+    assert not gallery.exists()
+    with AuditLog(cfg.storage.audit, readonly=True) as a:
+        assert [r["reason"] for r in a.tail(2)] == ["bundle_refused", "bundle_refused"]
+
+
+def test_a_store_the_gate_user_cannot_write_is_advanced_by_root_afterwards(tmp_path, keys, stack, monkeypatch, capsys):
+    from edge.__main__ import main
+
+    cfg, opts = cli_gate(tmp_path, keys, stack, monkeypatch)
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    cfg.storage.sequence_file = str(etc / "bundle.seq")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump()))
+    b1 = photo_bundle(tmp_path, keys[0], [("obama", "E1", "obama.jpg")], sequence=3, name="b1")
+    with monkeypatch.context() as m:  # apply runs as the gate user: root's folder is not writable
+        read_only_folder(etc, m)
+        assert main(["bundle", "apply", str(b1), *opts]) == 0
+    assert not (etc / "bundle.seq").exists()
+    with AuditLog(cfg.storage.audit, readonly=True) as a:
+        row = a.tail(1)[0]
+    assert row["reason"] == "sequence_not_saved" and row["details"]["file"] == str(etc / "bundle.seq")
+    # root (deploy/enroll-usb) then records the sequence the saved gallery has applied
+    assert main(["bundle", "advance-sequence", "--config", str(tmp_path / "config.yaml")]) == 0
+    assert (etc / "bundle.seq").read_text() == "3\n"
+    (tmp_path / "gallery.fgg").unlink()
+    assert main(["bundle", "apply", str(b1), *opts]) == 2
+    # a gallery below the store never lowers it
+    enrolled_gallery(stack, cfg, [("biden", "E2")])  # bundle_sequence 0
+    assert main(["bundle", "advance-sequence", "--config", str(tmp_path / "config.yaml")]) == 0
+    assert (etc / "bundle.seq").read_text() == "3\n" and "bundle sequence 3 -> 3" in capsys.readouterr().out
+
+
+def test_a_store_that_holds_no_sequence_refuses_every_bundle(tmp_path, keys, stack, monkeypatch, capsys):
+    from edge.__main__ import main
+
+    _, opts = cli_gate(tmp_path, keys, stack, monkeypatch)
+    (tmp_path / "bundle.seq").write_text("garbage\n")
+    b = photo_bundle(tmp_path, keys[0], [("obama", "E1", "obama.jpg")], sequence=9)
+    assert main(["bundle", "apply", str(b), *opts]) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "bundle.seq") in err and "does not hold a bundle sequence number" in err
+    assert not (tmp_path / "gallery.fgg").exists()

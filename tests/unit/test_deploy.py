@@ -72,6 +72,8 @@ def test_enroll_unit_lint():
     assert one(svc, "ExecStart") == "/opt/facegate/deploy/enroll-usb /dev/%I"
     assert one(u["Unit"], "BindsTo") == "dev-%i.device"  # pulling the stick stops the unit
     assert one(svc, "PrivateMounts") == "yes" and one(svc, "PrivateNetwork") == "yes"
+    # enroll-usb writes the bundle sequence store in /etc/facegate as root (the gate user cannot)
+    assert set(one(svc, "ReadWritePaths").split()) == {"/var/lib/facegate", "/etc/facegate"}
     assert "Install" not in u  # started by udev only
 
 
@@ -222,20 +224,44 @@ STUBS = {
     (1, 0, [], "bundle apply failed unexpectedly (status 1); facegate.service left as it is"),
 ])
 def test_enroll_usb_reloads_the_gate_only_when_the_bundle_was_applied(tmp_path, status, active, calls, says):
+    r, made, _ = run_enroll_usb(tmp_path, status, active)
+    assert r.returncode == status, r.stderr
+    assert says in r.stderr
+    assert made == calls
+
+
+def run_enroll_usb(tmp_path, status, active, advance=0):
+    """enroll-usb on stub commands; `advance` is the status of the root `bundle advance-sequence`
+    (the venv's python, run without setpriv). Returns the run, the systemctl calls, the python calls."""
     stubs = tmp_path / "bin"
     stubs.mkdir()
     for name, body in STUBS.items():
         (stubs / name).write_text(f"#!/bin/bash\n{body}\n")
         (stubs / name).chmod(0o755)
-    log = tmp_path / "systemctl.log"
+    python = tmp_path / "prefix" / "venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    log, pylog = tmp_path / "systemctl.log", tmp_path / "python.log"
+    # run under `env -i`: what it needs is written into it, not passed in the environment
+    python.write_text(f'#!/bin/bash\necho "$*" >> "{pylog}"\nexit {advance}\n')
+    python.chmod(0o755)
     env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "RUNTIME_DIRECTORY": str(tmp_path),
            "FACEGATE_KEY": "/dev/null", "APPLY_STATUS": str(status), "SERVICE_ACTIVE": str(active),
-           "SYSTEMCTL_LOG": str(log)}
+           "SYSTEMCTL_LOG": str(log), "FACEGATE_PREFIX": str(tmp_path / "prefix")}
     r = subprocess.run(["bash", str(ENROLL), a_block_device()], capture_output=True, text=True, env=env, timeout=60)
-    assert r.returncode == status, r.stderr
-    assert says in r.stderr
     made = [c for c in (log.read_text().splitlines() if log.exists() else []) if not c.startswith("is-")]
-    assert made == calls
+    return r, made, pylog.read_text().splitlines() if pylog.exists() else []
+
+
+@pytest.mark.parametrize("status,advance,expect", [(0, 0, 0), (4, 0, 4), (0, 1, 6), (4, 1, 6), (2, 0, 2), (5, 0, 5), (1, 0, 1)])
+def test_enroll_usb_records_the_sequence_as_root_only_after_the_gallery_was_saved(tmp_path, status, advance, expect):
+    r, made, python = run_enroll_usb(tmp_path, status, 0, advance)
+    assert r.returncode == expect, r.stderr
+    if status in (0, 4):  # setpriv (the gate user) ran apply; the store is written by root, straight after
+        assert python == ["-m edge bundle advance-sequence --config /etc/facegate/config.yaml"]
+        assert made == ["kill -s HUP --kill-who=main facegate.service"]  # the changed gallery is loaded either way
+    else:
+        assert python == [] and made == []
+    assert ("sequence store NOT advanced (status 6)" in r.stderr) == (expect == 6)
 
 
 # What the installer wrote before liveness was on by default: no liveness section, YuNet INT8.

@@ -52,11 +52,11 @@ def choose_faces(dets: list[Detection], frame_shape, policy: str, max_faces: int
 
 
 class DecisionPolicy:
-    def __init__(self, cfg, valid: Callable[[str, float], bool]):
-        """`valid(identity, t_wall)`: True while that enrolment holds at that wall time, else False
-        (a grant becomes a denial, reason "expired") or the denial's reason ("clock_untrusted")."""
+    def __init__(self, cfg, refusal: Callable[[str, float], str | None]):
+        """`refusal(identity, t_wall)`: None while that enrolment holds at that wall time, else the
+        reason its grant becomes a denial ("expired", "clock_untrusted")."""
         self.cfg = cfg
-        self.valid = valid
+        self.refusal = refusal
         self.tracks: dict[int, Track] = {}
         self._next_id = 1
         self.last_grant: dict[str, float] = {}
@@ -99,9 +99,9 @@ class DecisionPolicy:
                 track.history.clear()
                 # Judged where the door would open, on this frame's wall time: votes cast before
                 # an expiry carry no grant after it.
-                why = self.valid(ident, t_wall)
-                if why is not True:
-                    return self._deny(why or "expired", now, {**base, "identity": ident})
+                why = self.refusal(ident, t_wall)
+                if why is not None:
+                    return self._deny(why, now, {**base, "identity": ident})
                 last = self.last_grant.get(ident)
                 if last is not None and now - last < self.cfg.cooldown_s:
                     return Decision(False, "cooldown", **{**base, "identity": ident})

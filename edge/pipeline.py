@@ -23,7 +23,7 @@ from .decide import DecisionPolicy, Observation, choose_faces
 from .detect import Detector, load_detector
 from .embed import Encoder, FusedEncoder, check_twin, enrollment_twin, load_encoder
 from .errors import GalleryError
-from .liveness import LivenessCheck, NoLiveness, make_liveness
+from .liveness import LivenessCheck, NoLiveness
 from .match import cosine_scores, fpir_at_threshold, identify, threshold_for_gallery, track_embedding, verify
 from .quality import assess_face
 from .records import Decision, Frame, Match
@@ -123,11 +123,11 @@ class Matcher:
         # only the plain cosine search uses the index's exact-top-two shortcut.
         self.index = GalleryIndex(g.matrix, stack.threads) if self._enrollees is None and len(g) else None
 
-    def valid(self, name: str, t_wall: float, floor: float) -> bool | str:
-        """True while `name` is enrolled and its enrolment holds at wall time t_wall judged
-        against the time floor (edge.clock), else False or the denial reason."""
+    def refusal(self, name: str, t_wall: float, floor: float) -> str | None:
+        """None while `name` is enrolled and its enrolment holds at wall time t_wall judged against
+        the time floor (edge.clock), else why its grant is refused."""
         p = self._people.get(name)
-        return p is not None and (validity(p.expires_at, t_wall, floor) or True)
+        return "expired" if p is None else validity(p.expires_at, t_wall, floor)
 
     def match(self, probe: np.ndarray, claim: str | None = None) -> Match:
         """1:N (claim None) or 1:1 against the claimed identity."""
@@ -175,7 +175,7 @@ class Gate:
         # Validity is judged at each grant on the frame's wall time: an enrolment that expires
         # while the gate runs ends then, not at the next start or reload.
         self.policy = DecisionPolicy(self.cfg.decision,
-                                     valid=lambda who, t_wall: self.matcher.valid(who, t_wall, self.wall.floor))
+                                     refusal=lambda who, t_wall: self.matcher.refusal(who, t_wall, self.wall.floor))
         if self.wall is None:
             self.wall = getattr(self.audit, "clock", None) or TrustedClock(None, time.monotonic())
         self._clock_audited = "ok"

@@ -15,10 +15,10 @@ def det(box=BOX):
     return Detection(box=box, keypoints=np.zeros((5, 2), np.float32), score=0.9)
 
 
-def policy(valid=lambda who, t_wall: True, **kw):
+def policy(refusal=lambda who, t_wall: None, **kw):
     base = dict(k=2, n=3, cooldown_s=5.0, backoff_after=5, backoff_s=30.0, backoff_max_s=100.0,
                 track_iou=0.3, track_timeout_s=1.5)
-    return DecisionPolicy(DecisionConfig(**{**base, **kw}), valid)
+    return DecisionPolicy(DecisionConfig(**{**base, **kw}), refusal)
 
 
 def match(name="alice"):
@@ -57,11 +57,11 @@ def test_a_grant_for_an_enrolment_no_longer_valid_is_denied_expired():
     cast before the expiry (frame 3, 1000.2) does not carry a grant after it (frame 4, 1000.3)."""
     asked = []
 
-    def valid(who, t_wall):
+    def refusal(who, t_wall):
         asked.append((who, t_wall))
-        return t_wall < 1000.25
+        return None if t_wall < 1000.25 else "expired"
 
-    p = policy(valid, cooldown_s=0.0, backoff_after=2)
+    p = policy(refusal, cooldown_s=0.0, backoff_after=2)
     d = feed(p, [match(), match(), match(), match(), match(), match()])
     assert reasons(d) == ["pending", "granted", "pending", "expired", "pending", "expired"]
     assert asked == [("alice", 1000.1), ("alice", 1000.3), ("alice", 1000.5)]

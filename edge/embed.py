@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .align import align
 from .errors import ModelError
-from .modelcard import Card, load_card
+from .modelcard import Card, load_card, load_member
 from .records import AlignedFace, Detection, Embedding
 from .runtime import open_model
 
@@ -89,14 +89,8 @@ class FusedEncoder:
         except (UnicodeDecodeError, json.JSONDecodeError, ValidationError) as e:
             raise ModelError(recipe_path, f"invalid fusion recipe: {e}") from None
         self.card, self.flip = card, flip
-        for m in recipe.members:  # a fusion of fusions (or of itself) would never end loading
-            if load_card(recipe_path.parent / m.card, verify_file=False)[0].runtime == "fusion":
-                raise ModelError(recipe_path, f"member {m.card} is itself a fusion; members must be plain encoders")
-        self.members = [load_encoder(recipe_path.parent / m.card, threads, flip or m.flip) for m in recipe.members]
-        for m, enc in zip(recipe.members, self.members):
-            if enc.sha256 != m.sha256:
-                raise ModelError(recipe_path, f"member {m.card} is not the model the recipe was made with "
-                                              f"(sha256 {enc.sha256[:12]}... vs {m.sha256[:12]}...)")
+        self.members = [Encoder(*load_member(recipe_path, m.card, m.sha256, "encoders"), threads, flip or m.flip)
+                        for m in recipe.members]
         self.scales = [m.scale for m in recipe.members]
         if sum(e.card.embedding.dim for e in self.members) != card.embedding.dim:
             raise ModelError(recipe_path, "the card's embedding size is not the sum of its members'")

@@ -296,6 +296,21 @@ def onnx_external_tensors(model: bytes | memoryview) -> list[str]:
     return found
 
 
+def load_member(recipe_path: Path, card_name: str, sha256: str, kind: str) -> tuple[Card, Path]:
+    """One member of a fusion recipe (encoders or PAD models): its card, in the recipe's folder,
+    with its file checked; refused when it is itself a fusion (a fusion of fusions, or of itself,
+    would never end loading) or is not the model the recipe was made with."""
+    # The runtime first, before any file check: a member that is itself a fusion is the fault to
+    # name, whatever else is wrong with it.
+    if load_card(recipe_path.parent / card_name, verify_file=False)[0].runtime == "fusion":
+        raise ModelError(recipe_path, f"member {card_name} is itself a fusion; members must be plain {kind}")
+    card, path = load_card(recipe_path.parent / card_name)
+    if card.sha256 != sha256:
+        raise ModelError(recipe_path, f"member {card_name} is not the model the recipe was made with "
+                                      f"(sha256 {card.sha256[:12]}... vs {sha256[:12]}...)")
+    return card, path
+
+
 def write_card(card: Card, model_path: str | Path) -> Path:
     from .atomic import atomic_write_bytes
 

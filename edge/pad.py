@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .config import MODELS
 from .errors import ConfigError, ModelError
-from .modelcard import Card, InputSpec, SourceSpec, load_card, sha256_file
+from .modelcard import Card, InputSpec, SourceSpec, load_card, load_member, sha256_file
 from .records import Detection, LivenessResult
 from .runtime import open_model
 
@@ -252,15 +252,8 @@ class PadFusion:
         except (UnicodeDecodeError, json.JSONDecodeError, ValidationError) as e:
             raise ModelError(recipe_path, f"invalid PAD fusion recipe: {e}") from None
         self.card, self.spec = card, card.liveness
-        self.members = []
-        for m in recipe.members:
-            mcard, mpath = load_card(recipe_path.parent / m.card)
-            if mcard.runtime == "fusion":  # a fusion of fusions (or of itself) would never end loading
-                raise ModelError(recipe_path, f"member {m.card} is itself a fusion; members must be plain models")
-            if mcard.sha256 != m.sha256:
-                raise ModelError(recipe_path, f"member {m.card} is not the model the recipe was made with "
-                                              f"(sha256 {mcard.sha256[:12]}... vs {m.sha256[:12]}...)")
-            self.members.append(PadModel(mcard, mpath, threads))
+        self.members = [PadModel(*load_member(recipe_path, m.card, m.sha256, "PAD models"), threads)
+                        for m in recipe.members]
         self.weights = np.array([m.weight for m in recipe.members])
 
     def member_scores(self, image: np.ndarray, box) -> np.ndarray:

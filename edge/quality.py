@@ -55,15 +55,18 @@ class Exposure:
     crushed: float  # share of the face at 5 or below
 
 
-def face_regions(gray_frame: np.ndarray, box) -> tuple[np.ndarray, np.ndarray]:
+def face_regions(frame: np.ndarray, box) -> tuple[np.ndarray, np.ndarray]:
     """(the face box doubled about its centre, clipped to the frame; its pixels outside the face
-    box itself), both as flat arrays of grey levels."""
-    h, w = gray_frame.shape[:2]
+    box itself), both as flat arrays of grey levels. `frame` BGR or grey: only the region is
+    converted, not the whole frame, since this runs on every judged frame."""
+    h, w = frame.shape[:2]
     x, y, bw, bh = (float(v) for v in box)
     cx, cy = x + bw / 2, y + bh / 2
     x0, y0 = int(max(0, np.floor(cx - bw))), int(max(0, np.floor(cy - bh)))
     x1, y1 = int(min(w, np.ceil(cx + bw))), int(min(h, np.ceil(cy + bh)))
-    region = gray_frame[y0:y1, x0:x1]
+    region = frame[y0:y1, x0:x1]
+    if region.ndim == 3:
+        region = cv2.cvtColor(region, cv2.COLOR_BGR2GRAY) if region.size else region[..., 0]
     inside = np.zeros(region.shape, bool)
     inside[int(max(0, y - y0)):int(max(0, y + bh - y0)), int(max(0, x - x0)):int(max(0, x + bw - x0))] = True
     return region.ravel(), region[~inside]
@@ -81,10 +84,10 @@ def in_frame(det: Detection, frame_shape, size: tuple[int, int] = QUALITY_SIZE) 
     return (fx >= 0) & (fx <= w - 1) & (fy >= 0) & (fy <= h - 1)
 
 
-def exposure(gray_frame: np.ndarray, box, face: np.ndarray) -> Exposure:
-    """The exposure measures of one face: `gray_frame` the whole frame, `box` the face box in it,
-    `face` the aligned face's grey levels (without the warp's border)."""
-    region, surround = face_regions(gray_frame, box)
+def exposure(frame: np.ndarray, box, face: np.ndarray) -> Exposure:
+    """The exposure measures of one face: `frame` the whole frame (BGR or grey), `box` the face
+    box in it, `face` the aligned face's grey levels (without the warp's border)."""
+    region, surround = face_regions(frame, box)
     if region.size == 0:
         region = face.ravel()
     hi = float(np.percentile(region, 99))
@@ -115,10 +118,9 @@ def assess(image: np.ndarray, det: Detection, aligned_bgr: np.ndarray, cfg) -> Q
     gray = cv2.cvtColor(aligned_bgr, cv2.COLOR_BGR2GRAY)
     h, w = gray.shape
     centre = gray[h // 8: h - h // 8, w // 8: w - w // 8]  # the face, not the warp's black border
-    frame_gray = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if image.ndim == 3 else image
     seen = in_frame(det, image.shape, (w, h))[h // 8: h - h // 8, w // 8: w - w // 8]
     # A face cut by the frame's edge is judged on the part the camera saw.
-    ex = exposure(frame_gray, det.box, centre[seen] if seen.sum() >= 64 else centre.ravel())
+    ex = exposure(image, det.box, centre[seen] if seen.sum() >= 64 else centre.ravel())
     sharp = detail(centre)
     yaw, roll = pose(det.keypoints)
     checks = [

@@ -181,7 +181,8 @@ def survey(root: Path, keys: list[str], detector, cfg) -> list[dict]:
             continue
         crop = align(img, det, QUALITY_TEMPLATE, QUALITY_SIZE).image
         enroll, door = assess(img, det, crop, cfg.enroll_quality), assess(img, det, crop, cfg.quality)
-        rows.append({"key": k, "ita": round(ita(crop), 2), "band": band_of(ita(crop)),
+        angle = ita(crop)
+        rows.append({"key": k, "ita": round(angle, 2), "band": band_of(angle),
                      "enroll": enroll.reason, "door": door.reason})
     return rows
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from edge.atomic import atomic_write_bytes
 from edge.modelcard import Card, InputSpec, LivenessSpec, SourceSpec, sha256_file, write_card
-from edge.pad import SHIPPED_PAD, PadMember, PadRecipe, load_pad
+from edge.pad import SHIPPED_PAD, PadFusion, PadMember, PadRecipe
 
 ASSETS = SHIPPED_PAD.parent
 RECIPE = ASSETS / "minifasnet.pad.json"
@@ -63,15 +63,17 @@ def write_cards(nuaa: Path, detector_card: str, frames: int) -> float:
     recipe = PadRecipe(members=[PadMember(card=Path(c.file).stem + ".card.json", sha256=c.sha256, weight=1 / len(members))
                                 for c in members])
     atomic_write_bytes(RECIPE, (json.dumps(recipe.model_dump(mode="json"), indent=2) + "\n").encode())
-    write_card(fusion_card(0.5, "provisional"), SHIPPED_PAD.with_name("minifasnet.onnx"))
     items = [it for it in nuaa_items(nuaa) if it.split == "train"]
     cache = Path("out/liveness")
     cache.mkdir(parents=True, exist_ok=True)
     faces = detect_all(nuaa, items, detector_card, cache / "faces_train.json")
-    scores = frame_scores(nuaa, items, faces, {"pad": load_pad(SHIPPED_PAD)})["pad"]
+    # The fusion scores without its card's threshold, which is what is being chosen here.
+    fusion = PadFusion(fusion_card(0.5, "not yet chosen"), RECIPE)
+    scores = frame_scores(nuaa, items, faces, {"pad": fusion})["pad"]
     t = train_threshold(scores, np.array([it.label for it in items]), sequences(items), frames)
     rule = (f"NUAA train split (sessions 1-2), YuNet fp32 boxes: the highest threshold that rejects at most "
             f"{OPERATING_BPCER:.0%} of the live {frames}-frame windows (`python -m export pad`)")
+    # write_card names the card after a model file; the fusion's card is named for the fusion
     write_card(fusion_card(t, rule), SHIPPED_PAD.with_name("minifasnet.onnx"))
     return t
 

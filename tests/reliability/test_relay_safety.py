@@ -117,12 +117,18 @@ SIGTERM_CHILD = textwrap.dedent("""
 """)
 
 
-def test_sigterm_mid_pulse_locks_and_exits_cleanly(tmp_path):
+def child_mid_pulse(tmp_path) -> subprocess.Popen:
+    """The service in a child process, 0.3 s into a long pulse."""
     proc = subprocess.Popen([sys.executable, "-c", SIGTERM_CHILD, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
                             text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
     line = proc.stdout.readline()
     assert line.startswith("UNLOCKED"), line
     time.sleep(0.3)
+    return proc
+
+
+def test_sigterm_mid_pulse_locks_and_exits_cleanly(tmp_path):
+    proc = child_mid_pulse(tmp_path)
     t_term = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
@@ -141,11 +147,7 @@ def test_any_signal_that_would_end_the_gate_mid_pulse_locks_first_and_asks_for_a
     """SIGABRT is systemd's default watchdog signal; the others end a process that does not handle them."""
     from edge.service import signal_name
 
-    proc = subprocess.Popen([sys.executable, "-c", SIGTERM_CHILD, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
-                            text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
-    line = proc.stdout.readline()
-    assert line.startswith("UNLOCKED"), line
-    time.sleep(0.3)
+    proc = child_mid_pulse(tmp_path)
     t_sig = time.monotonic()
     proc.send_signal(sig)
     out, _ = proc.communicate(timeout=60)

@@ -290,18 +290,26 @@ def test_bad_gallery_on_reload_keeps_the_old_one(tmp_path, systemd, faces):
     assert any(r["grant"] and r["identity"] == "obama" for r in rows)  # still recognised after the bad reload
 
 
+def refused_at_start(cfg, systemd, monkeypatch, error, match: str, kind: str) -> dict:
+    """The service must refuse to start with `error`: never READY, the door never asked to open,
+    the audit holding the refusal (`kind` refused) and the stop. Returns the refusal's row."""
+    unlocks = []
+    monkeypatch.setattr("edge.relay.DoorRelay.unlock", lambda self, *a, **k: unlocks.append(a))
+    with pytest.raises(error, match=match):
+        run_service(cfg, verbose=False, notifier=Notifier(systemd.path))
+    assert systemd.close() == ["STOPPING=1"]  # never READY: systemd sees a failed start
+    rows = audit_rows(cfg)
+    assert [(r["kind"], r["reason"]) for r in rows] == [(kind, "refused"), ("service", "stopped")]
+    assert unlocks == []
+    return rows[0]
+
+
 def test_refused_gallery_keeps_the_door_locked_and_says_why(tmp_path, systemd, faces, monkeypatch):
     cfg, _ = enrolled_config(tmp_path, faces, {"obama": "obama.jpg"})
     G.new_key_file(tmp_path / "other.key")
     cfg.storage.key_file = str(tmp_path / "other.key")  # the wrong key
-    unlocks = []
-    monkeypatch.setattr("edge.relay.DoorRelay.unlock", lambda self, *a, **k: unlocks.append(a))
-    with pytest.raises(GalleryError, match="failed authentication"):
-        run_service(cfg, verbose=False, notifier=Notifier(systemd.path))
-    assert systemd.close() == ["STOPPING=1"]  # never READY: systemd sees a failed start
-    rows = audit_rows(cfg)
-    assert [(r["kind"], r["reason"]) for r in rows] == [("gallery", "refused"), ("service", "stopped")]
-    assert "wrong key" in rows[0]["details"]["error"] and unlocks == []
+    refused = refused_at_start(cfg, systemd, monkeypatch, GalleryError, "failed authentication", "gallery")
+    assert "wrong key" in refused["details"]["error"]
 
 
 def threshold_at_fmr(stack, fmr):
@@ -317,15 +325,8 @@ def test_a_fixed_threshold_too_loose_for_the_gallery_size_keeps_the_door_locked_
     (1 - 0.97^2 = 0.0591 > 0.05): with two enrolled the gate does not start, and says why."""
     cfg, stack = enrolled_config(tmp_path, faces, {"obama": "obama.jpg", "astronaut": "astronaut.png"})
     cfg.match.threshold = threshold_at_fmr(stack, 0.03)
-    unlocks = []
-    monkeypatch.setattr("edge.relay.DoorRelay.unlock", lambda self, *a, **k: unlocks.append(a))
-    with pytest.raises(GalleryError, match="above the bound 0.05"):
-        run_service(cfg, verbose=False, notifier=Notifier(systemd.path))
-    assert systemd.close() == ["STOPPING=1"]  # never READY: systemd sees a failed start
-    rows = audit_rows(cfg)
-    assert [(r["kind"], r["reason"]) for r in rows] == [("gallery", "refused"), ("service", "stopped")]
-    assert "against 2 enrolled" in rows[0]["details"]["error"] and "0.0591" in rows[0]["details"]["error"]
-    assert unlocks == []
+    refused = refused_at_start(cfg, systemd, monkeypatch, GalleryError, "above the bound 0.05", "gallery")
+    assert "against 2 enrolled" in refused["details"]["error"] and "0.0591" in refused["details"]["error"]
 
 
 def test_a_reload_that_grows_the_gallery_past_the_thresholds_bound_is_refused(tmp_path, systemd, faces):
@@ -375,14 +376,8 @@ def test_a_missing_or_altered_pad_model_keeps_the_door_locked_and_says_why(tmp_p
         data[len(data) // 2] ^= 0x01
         weights.write_bytes(bytes(data))
     cfg.models.liveness = str(pad / SHIPPED_PAD.name)
-    unlocks = []
-    monkeypatch.setattr("edge.relay.DoorRelay.unlock", lambda self, *a, **k: unlocks.append(a))
-    with pytest.raises(ModelError, match="MiniFASNetV2.onnx"):
-        run_service(cfg, verbose=False, notifier=Notifier(systemd.path))
-    assert systemd.close() == ["STOPPING=1"]  # never READY: systemd sees a failed start
-    rows = audit_rows(cfg)
-    assert [(r["kind"], r["reason"]) for r in rows] == [("liveness", "refused"), ("service", "stopped")]
-    assert "MiniFASNetV2.onnx" in rows[0]["details"]["error"] and unlocks == []
+    refused = refused_at_start(cfg, systemd, monkeypatch, ModelError, "MiniFASNetV2.onnx", "liveness")
+    assert "MiniFASNetV2.onnx" in refused["details"]["error"]
 
 
 def test_liveness_off_written_explicitly_runs_without_a_pad_model(tmp_path, systemd, faces):

@@ -75,6 +75,11 @@ def test_enroll_unit_lint():
     # enroll-usb writes the bundle sequence store in /etc/facegate as root (the gate user cannot)
     assert set(one(svc, "ReadWritePaths").split()) == {"/var/lib/facegate", "/etc/facegate"}
     assert "Install" not in u  # started by udev only
+    # root with mount rights: the stick is the only device it may open, and no address family but AF_UNIX
+    expected = {"NoNewPrivileges": "yes", "DevicePolicy": "closed", "DeviceAllow": "/dev/%I r",
+                "RestrictAddressFamilies": "AF_UNIX", "RestrictNamespaces": "yes",
+                "SystemCallFilter": "@system-service @mount", "SystemCallErrorNumber": "EPERM"}
+    assert {k: one(svc, k) for k in expected} == expected
 
 
 def test_udev_rule_starts_the_template_for_fat_sticks_only():
@@ -102,6 +107,27 @@ def test_systemd_analyze_verify(tmp_path):
         pytest.skip(f"systemd-analyze cannot run here: {r.stderr.strip()[:200]}")
     # unknown keys and bad values are only warnings (exit 0): any output is a failure
     assert (r.returncode, r.stdout + r.stderr) == (0, "")
+
+
+# `systemd-analyze security` exposure the enrollment unit reaches (10 = unrestricted); it runs as
+# root to mount the stick, so User=, PrivateUsers=, PrivateDevices= and its capabilities stay exposed
+ENROLL_EXPOSURE_MAX = 2.2
+
+
+def test_enroll_unit_security_exposure(tmp_path):
+    exe = shutil.which("systemd-analyze")
+    if exe is None:
+        pytest.skip("systemd-analyze not installed (apt-get install systemd); the lint tests above still ran")
+    # a template is scored as one of its instances, as udev starts it
+    instance = tmp_path / "facegate-enroll@sda1.service"
+    instance.write_text(ENROLL_UNIT.read_text())
+    r = subprocess.run([exe, "security", "--offline=yes", str(instance)], capture_output=True, text=True, timeout=60)
+    if r.returncode != 0 and "offline" in r.stderr:
+        pytest.skip(f"this systemd-analyze cannot score a unit file offline (systemd 250 or later can): "
+                    f"{r.stderr.strip()[:200]}")
+    found = re.search(r"Overall exposure level for facegate-enroll@sda1\.service: (\d+\.\d)", r.stdout)
+    assert r.returncode == 0 and found, r.stdout + r.stderr
+    assert float(found.group(1)) <= ENROLL_EXPOSURE_MAX, r.stdout
 
 
 @pytest.mark.parametrize("script", [INSTALL, ENROLL, REPO / "deploy" / "aarch64-check.sh"])

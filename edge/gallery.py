@@ -4,12 +4,18 @@ File layout: MAGIC, then a 12-byte nonce, then AES-256-GCM(JSON payload) with MA
 data. The payload is plain JSON (embeddings as base64 float32), so loading never runs code: no
 pickle anywhere. A flipped byte or a wrong key fails authentication and the gallery is refused.
 Saving is atomic (temp file, fsync, rename, folder fsync): a crash leaves the old or the new file.
+A killed save also leaves its temp file, encrypted but holding whoever the save was about to
+remove; the next save, and each load no writer is in the middle of, deletes such leftovers.
 """
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
+import logging
 import os
+import re
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +31,8 @@ MAGIC = b"FACEGATE-GALLERY\x01"
 FORMAT = "facegate-gallery"
 VERSION = 1
 KEY_BYTES = 32
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -160,15 +168,66 @@ def from_bytes(data: bytes, key: bytes, path: str | Path | None = None, encoder_
     return g
 
 
+def _temp_files(path: Path) -> list[Path]:
+    """The gallery's own temp files in its folder: edge.atomic.atomic_write_bytes names them
+    .<name>.<random>.tmp (tests/unit/test_gallery.py checks the two agree)."""
+    pattern = re.compile(re.escape(f".{path.name}.") + r"[A-Za-z0-9_]+\.tmp")
+    try:
+        names = os.listdir(path.parent)
+    except OSError:
+        return []
+    return [path.parent / n for n in names if pattern.fullmatch(n)]
+
+
+def remove_temp_files(path: str | Path) -> list[Path]:
+    """Delete the temp files killed saves of the gallery at `path` left (regular files and links,
+    never a folder); returns those deleted. Only while no save of this gallery is running: writers
+    hold edge.bundle.gallery_lock, and save() calls this under it. One that cannot be deleted is
+    logged and left: a save, a revocation above all, must not fail for it."""
+    gone = []
+    for p in _temp_files(Path(path)):
+        try:
+            if stat.S_ISDIR(os.lstat(p).st_mode):
+                continue
+            os.unlink(p)
+            gone.append(p)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.warning("%s: cannot delete this temp file a killed gallery save left: %s", p, e.strerror)
+    return gone
+
+
+def _remove_temp_files_if_no_writer(path: Path) -> None:
+    """remove_temp_files, when the writers' lock (edge.bundle.gallery_lock's <gallery>.lock) is
+    free: a held lock means a save may be writing its temp file right now. A missing or unreadable
+    lock file is left alone (no lock is created here: a root-owned one would shut the gate user out)."""
+    try:
+        fd = os.open(path.with_name(path.name + ".lock"), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return  # held by a writer, which cleans up at its own save
+    try:
+        remove_temp_files(path)
+    finally:
+        os.close(fd)
+
+
 def save(g: Gallery, path: str | Path, key: bytes, _hook=None) -> None:
     g.revision += 1
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_temp_files(path)
     atomic_write_bytes(path, to_bytes(g, key), mode=0o600, _hook=_hook)
 
 
 def load(path: str | Path, key: bytes, encoder_sha256: str | None = None) -> Gallery:
     path = Path(path)
+    _remove_temp_files_if_no_writer(path)  # the gate's start and each reload come through here
     try:
         data = path.read_bytes()
     except FileNotFoundError:

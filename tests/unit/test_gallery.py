@@ -118,3 +118,48 @@ def test_each_save_uses_a_fresh_nonce(tmp_path):
     n = len(G.MAGIC)
     assert first[n:n + 12] != second[n:n + 12]  # a reused GCM nonce would leak the key stream
     assert G.load(tmp_path / "a.fgg", KEY).revision == 2
+
+
+def killed_save_leftover(path, g) -> tuple[str, bytes]:
+    """The temp file a save of `g` killed after its fsync leaves: its real name and bytes, kept as
+    the save writes them (a kill runs no cleanup; this save's own error path then deletes it)."""
+    left = {}
+
+    def hook(step):
+        if step == "synced":
+            tmp = next(p for p in path.parent.iterdir() if p.name.endswith(".tmp"))
+            left.update(name=tmp.name, data=tmp.read_bytes())
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        G.save(g, path, KEY, _hook=hook)
+    (path.parent / left["name"]).write_bytes(left["data"])
+    return left["name"], left["data"]
+
+
+def test_save_deletes_the_temp_file_a_killed_save_left(saved):
+    g = G.load(saved, KEY)
+    name, data = killed_save_leftover(saved, g)  # still holds bob, whom the next save removes
+    assert G.from_bytes(data, KEY).names == ["alice", "bob"]
+    others = [".other.fgg.abc123.tmp", "gallery.fgg.tmp", ".gallery.fgg.abc123.tmp.bak"]
+    for other in others:
+        (saved.parent / other).write_bytes(b"not the gallery's")
+    (saved.parent / ".gallery.fgg.folder1.tmp").mkdir()
+    g.remove("bob")
+    G.save(g, saved, KEY)
+    assert not (saved.parent / name).exists()
+    assert sorted(p.name for p in saved.parent.iterdir()) == sorted(others + [".gallery.fgg.folder1.tmp", "gallery.fgg"])
+    assert G.load(saved, KEY).names == ["alice"]
+
+
+def test_load_deletes_leftover_temp_files_unless_a_writer_holds_the_lock(saved):
+    """The gate's start loads the gallery: leftovers go then, unless a writer (holding the writers'
+    lock) may be saving right now, whose temp file is not a leftover."""
+    from edge.bundle import gallery_lock
+
+    name, _ = killed_save_leftover(saved, G.load(saved, KEY))
+    with gallery_lock(saved):  # creates the lock file, as every writer on a gate has
+        G.load(saved, KEY)
+        assert (saved.parent / name).exists()
+    assert G.load(saved, KEY).names == ["alice", "bob"]
+    assert not (saved.parent / name).exists()

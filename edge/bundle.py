@@ -24,6 +24,7 @@ memory only, are dropped: nothing from the stick is written to the gate or execu
 from __future__ import annotations
 
 import base64
+import errno
 import fcntl
 import hashlib
 import json
@@ -47,6 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .atomic import atomic_write_bytes
 from .enroll import label_problem
 from .errors import AuditError, BundleError, FacegateError, StorageError
+from .imageio import FileTooLarge, NotARegularFile, read_regular_file
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
@@ -211,28 +213,23 @@ def generate_signing_key(out: str | Path) -> tuple[Path, Path]:
 
 
 def _read_small(path: Path, limit: int, what: str) -> bytes:
+    """A file of the bundle (or a key, or the sequence store): a regular file, never a symlink, read
+    whole up to `limit`. A FIFO or a device is refused before any read, so a hostile stick cannot
+    hold `bundle apply`, and the gallery lock it holds, waiting on one."""
     try:
-        # O_NONBLOCK: opening a FIFO must not wait for a writer that never comes
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        return read_regular_file(path, limit, follow_symlinks=False)
     except FileNotFoundError:
         raise BundleError(path, f"{what} not found") from None
-    except OSError as e:
-        raise BundleError(path, f"cannot open {what} (symlinks are refused): {e.strerror}") from None
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):  # checked before reading: a folder or a device cannot be read as a file
-            kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
-            raise BundleError(path, f"{what} is {kind}")
-        os.set_blocking(fd, True)
-        with os.fdopen(os.dup(fd), "rb") as f:
-            data = f.read(limit + 1)
+    except IsADirectoryError:
+        raise BundleError(path, f"{what} is a folder") from None
+    except NotARegularFile:
+        raise BundleError(path, f"{what} is not a regular file (a device, FIFO or socket)") from None
+    except FileTooLarge:
+        raise BundleError(path, f"{what} is larger than {limit} bytes") from None
     except OSError as e:  # a failing stick: EIO and the like
+        if e.errno == errno.ELOOP:
+            raise BundleError(path, f"{what} is a symbolic link: symlinks are refused") from None
         raise BundleError(path, f"cannot read {what}: {e.strerror}") from None
-    finally:
-        os.close(fd)
-    if len(data) > limit:
-        raise BundleError(path, f"{what} is larger than {limit} bytes")
-    return data
 
 
 def load_private_key(path: str | Path) -> Ed25519PrivateKey:

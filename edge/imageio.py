@@ -10,6 +10,7 @@ the EXIF orientation, and (OpenCV 5) refuses truncated files instead of padding 
 """
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import struct
@@ -23,6 +24,41 @@ from .errors import ImageError
 MAX_PIXELS = 40_000_000
 MAX_FILE_BYTES = 64 * 1024 * 1024
 FORMATS = "JPEG, PNG, BMP or WebP"
+
+
+class NotARegularFile(OSError):
+    """A device, FIFO or socket where a file was expected."""
+
+
+class FileTooLarge(OSError):
+    def __init__(self, size: int):
+        super().__init__(errno.EFBIG, os.strerror(errno.EFBIG))
+        self.size = size  # as the file reported it, or as many bytes as were read when it grew
+
+
+def read_regular_file(path: str | Path, limit: int, follow_symlinks: bool = True) -> bytes:
+    """The bytes of the regular file at `path`, at most `limit` of them. The opened file is checked,
+    not its name, and before any read: opened non-blocking, so a FIFO does not wait for a writer
+    that never comes, then fstat'd, so a device such as /dev/zero (endless, size 0) is refused.
+    Raises FileNotFoundError, IsADirectoryError, NotARegularFile, FileTooLarge, or the OSError the
+    system gave (ELOOP: a symlink, with follow_symlinks False; EIO: a failing disk or stick)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        if not stat.S_ISREG(st.st_mode):
+            raise NotARegularFile(errno.EINVAL, "not a regular file", str(path))
+        if st.st_size > limit:
+            raise FileTooLarge(st.st_size)
+        with open(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)  # bounded even if the file grows after fstat
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise FileTooLarge(len(data))
+    return data
 
 # JPEG start-of-frame markers (C0-CF) minus DHT (C4), JPG (C8) and DAC (CC), which share the range
 _SOF = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
@@ -122,23 +158,15 @@ def load_image(src: str | Path | bytes, max_pixels: int = MAX_PIXELS, name: str 
     else:
         label = str(src)
         try:
-            # O_NONBLOCK: opening a FIFO must not wait for a writer. The opened file is checked, not
-            # its name, so a device such as /dev/zero (endless, size 0) is refused before any read.
-            fd = os.open(src, os.O_RDONLY | os.O_NONBLOCK)
-            try:
-                st = os.fstat(fd)
-                if stat.S_ISDIR(st.st_mode):
-                    raise ImageError(label, "is a folder, not an image")
-                if not stat.S_ISREG(st.st_mode):
-                    raise ImageError(label, "is not a regular file (a device, FIFO or socket), not an image")
-                if st.st_size > MAX_FILE_BYTES:
-                    raise ImageError(label, f"file of {st.st_size} bytes is larger than {MAX_FILE_BYTES}")
-                with open(fd, "rb", closefd=False) as f:
-                    data = f.read(MAX_FILE_BYTES + 1)  # bounded even if the file grows after fstat
-            finally:
-                os.close(fd)
+            data = read_regular_file(src, MAX_FILE_BYTES)
         except FileNotFoundError:
             raise ImageError(label, "file not found") from None
+        except IsADirectoryError:
+            raise ImageError(label, "is a folder, not an image") from None
+        except NotARegularFile:
+            raise ImageError(label, "is not a regular file (a device, FIFO or socket), not an image") from None
+        except FileTooLarge as e:
+            raise ImageError(label, f"file of {e.size} bytes is larger than {MAX_FILE_BYTES}") from None
         except OSError as e:
             raise ImageError(label, f"cannot read: {e.strerror or e}") from None
     if not data:

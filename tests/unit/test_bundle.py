@@ -498,6 +498,36 @@ def test_a_stick_whose_manifest_signature_or_photo_is_a_folder_is_refused_audite
     assert (row["reason"], row["details"]["bundle"]) == ("bundle_refused", str(b)) and "is a folder" in row["details"]["error"]
 
 
+@pytest.mark.parametrize("what", [B.MANIFEST, B.SIGNATURE, "obama.jpg"])
+def test_a_fifo_on_the_stick_is_refused_without_waiting_for_a_writer(tmp_path, keys, stack, monkeypatch, capsys, what):
+    """A FIFO opened for reading waits for a writer: `bundle apply` would hang holding the gallery
+    lock. SIGALRM ends the test instead of hanging it."""
+    import signal
+
+    from edge.__main__ import main
+
+    cfg, opts = cli_gate(tmp_path, keys, stack, monkeypatch)
+    b = photo_bundle(tmp_path, keys[0], [("obama", "E1", "obama.jpg")])
+    (b / what).unlink()
+    os.mkfifo(b / what)
+
+    def hung(signum, frame):
+        raise TimeoutError(f"bundle apply waited on the FIFO {what}")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(60)
+    try:
+        status = main(["bundle", "apply", str(b), *opts])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    err = capsys.readouterr().err
+    assert status == 2 and f"{b / what}: " in err and "is not a regular file (a device, FIFO or socket)" in err, err
+    assert not (tmp_path / "gallery.fgg").exists()
+    with AuditLog(cfg.storage.audit, readonly=True) as a:
+        assert [r["reason"] for r in a.tail(5)] == ["bundle_refused"]
+
+
 def read_only_folder(folder, monkeypatch):
     """Every open for writing in `folder` fails as on a read-only filesystem (root ignores modes)."""
     import errno

@@ -275,8 +275,14 @@ def create_bundle(photos_dir: str | Path, manifest_yaml: str | Path, private_key
     raw = _admin_manifest(manifest_yaml)
     if out.exists():
         raise BundleError(out, "output folder already exists")
+    listed = raw.get("people") or []
+    if not isinstance(listed, list):
+        raise BundleError(manifest_yaml, "people: a list of people expected")
+    if len(listed) > MAX_PEOPLE:  # before any photo is read: the cap bounds the work as well as the bundle
+        raise BundleError(manifest_yaml, f"people: {len(listed)} listed, at most {MAX_PEOPLE} in one bundle; "
+                                         f"split them over several bundles")
     people, blobs = [], {}
-    for i, p in enumerate(raw.get("people") or []):
+    for i, p in enumerate(listed):
         if not isinstance(p, dict) or set(p) - {"name", "id", "photo", "valid_from", "valid_until"}:
             raise BundleError(manifest_yaml, f"people[{i}]: a mapping with name, id, photo, valid_from, valid_until")
         try:

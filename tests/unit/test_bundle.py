@@ -241,6 +241,24 @@ def test_admin_manifest_rules(tmp_path, keys):
         make_bundle(tmp_path, priv, sequence=0, name="b4")
 
 
+def test_create_refuses_more_people_than_a_bundle_holds_before_reading_a_photo(tmp_path, keys, monkeypatch):
+    priv, _, _ = keys
+    people = [{"name": f"p{i}", "photo": f"p{i}.jpg"} for i in range(4)]
+    write_photos(tmp_path / "photos", [p["photo"] for p in people])
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump({"sequence": 1, "people": people}))
+    read = B._read_small
+
+    def no_photos(path, limit, what):
+        assert what != "photo", f"{path} read before the people count was checked"
+        return read(path, limit, what)
+
+    monkeypatch.setattr(B, "_read_small", no_photos)
+    monkeypatch.setattr(B, "MAX_PEOPLE", 3)
+    with pytest.raises(BundleError, match="people: 4 listed, at most 3 in one bundle") as e:
+        B.create_bundle(tmp_path / "photos", tmp_path / "m.yaml", priv, tmp_path / "out")
+    assert str(tmp_path / "m.yaml") in str(e.value) and not (tmp_path / "out").exists()
+
+
 def test_admin_manifest_yaml_tags_refused(tmp_path, keys):
     priv, _, _ = keys
     m = tmp_path / "evil.yaml"

@@ -19,6 +19,7 @@ import time
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -269,6 +270,121 @@ class Picamera2Camera(_ThreadedCamera):
         super().__init__(grab, release, source="picamera2")
 
 
+def _gst():
+    """GStreamer through PyGObject, imported on first use: only this source needs it, and the gate
+    takes it from the system (apt), as picamera2, so that the venv needs no GLib build."""
+    try:
+        import gi
+
+        gi.require_version("Gst", "1.0")
+        gi.require_version("GstApp", "1.0")
+        from gi.repository import GLib, Gst, GstApp
+    except (ImportError, ValueError) as e:  # require_version raises ValueError for a missing typelib
+        raise CameraError(None, f"camera.source gstreamer needs PyGObject and GStreamer's introspection data ({e}): "
+                                "install python3-gi, gir1.2-gstreamer-1.0 and gir1.2-gst-plugins-base-1.0 with apt "
+                                "and create the venv with --system-site-packages") from None
+    Gst.init(None)
+    return GLib, Gst, GstApp
+
+
+def _bus_error(msg) -> str:
+    err, debug = msg.parse_error()
+    # debug text is "file(line): function (): /element/path:" then, on a line of its own, why
+    # (e.g. "streaming stopped, reason not-negotiated (-4)"), when the element said why
+    lines = (debug or "").strip().splitlines()
+    why = lines[-1].strip() if len(lines) > 1 else ""
+    return f"{msg.src.get_name()}: {err.message}" + (f" ({why[:200]})" if why else "")
+
+
+class GStreamerCamera(_ThreadedCamera):
+    """A GStreamer pipeline run through PyGObject, so a Jetson CSI camera (nvarguscamerasrc) needs
+    no OpenCV built with GStreamer. Frames come from the appsink named "sink", which is asked for
+    BGR and keeps only the newest frame. An ERROR or end of stream on the pipeline's bus makes the
+    source dead (the monitor reconnects with a new pipeline); release stops the pipeline (NULL)."""
+
+    PULL_S = 0.1  # how long one wait for a sample lasts before the bus and close() are looked at
+
+    def __init__(self, pipeline: str):
+        GLib, Gst, GstApp = _gst()
+        try:
+            pipe = Gst.parse_launch(pipeline)
+        except GLib.Error as e:
+            raise CameraError("camera.pipeline", f"GStreamer cannot build it: {e.message}") from None
+        sink = pipe.get_by_name("sink") if isinstance(pipe, Gst.Bin) else None
+        if not isinstance(sink, GstApp.AppSink):
+            raise CameraError("camera.pipeline", "it has no `appsink name=sink` to take frames from")
+        sink.set_property("caps", Gst.Caps.from_string("video/x-raw,format=BGR"))
+        sink.set_property("max-buffers", 1)  # the newest frame, not one queued seconds ago
+        sink.set_property("drop", True)
+        bus = pipe.get_bus()
+        if pipe.set_state(Gst.State.PLAYING) == Gst.StateChangeReturn.FAILURE:
+            msg = bus.pop_filtered(Gst.MessageType.ERROR)
+            pipe.set_state(Gst.State.NULL)
+            raise CameraError("camera.pipeline", "GStreamer cannot start it: "
+                              + (_bus_error(msg) if msg is not None else "no element said why"))
+        self._pipe = pipe
+        self._closing = threading.Event()
+        closing = self._closing
+        source = "gstreamer:" + pipeline.split("!")[0].strip()
+
+        def grab():
+            while not closing.is_set():
+                sample = sink.try_pull_sample(int(self.PULL_S * Gst.SECOND))
+                ended = sample is None and sink.is_eos()
+                # after the pull: an element posts its error before the end of stream it causes, so
+                # a failed pipeline is reported by its error; popping also drops the other messages,
+                # which nobody reads and which would pile up on the bus
+                msg = bus.pop_filtered(Gst.MessageType.ERROR)
+                if msg is not None:
+                    raise RuntimeError(_bus_error(msg))
+                if sample is not None:
+                    return _sample_bgr(Gst, sample)
+                if ended:
+                    raise RuntimeError("end of stream")
+            return None
+
+        super().__init__(grab, lambda: pipe.set_state(Gst.State.NULL), source=source)
+
+    def close(self) -> None:
+        self._closing.set()  # a grab waiting for a sample returns within PULL_S, then the pipeline stops
+        super().close()
+
+
+def _sample_bgr(Gst, sample) -> np.ndarray:
+    s = sample.get_caps().get_structure(0)
+    w, h = s.get_value("width"), s.get_value("height")
+    buf = sample.get_buffer()
+    ok, info = buf.map(Gst.MapFlags.READ)
+    if not ok:
+        raise RuntimeError("cannot map a frame buffer")
+    try:
+        data = np.frombuffer(info.data, np.uint8)
+        stride = data.size // h  # GStreamer pads each row of packed BGR to a multiple of 4 bytes
+        if stride < 3 * w or stride * h != data.size:
+            raise RuntimeError(f"a {w}x{h} BGR frame in a buffer of {data.size} bytes")
+        # a copy: the buffer goes back to the pipeline at unmap
+        return data.reshape(h, stride)[:, :3 * w].reshape(h, w, 3).copy()
+    finally:
+        buf.unmap(info)
+
+
+def gstreamer_pipeline(cfg: CameraConfig) -> str:
+    """The configured pipeline, or the Jetson CSI camera's at the configured size and rate."""
+    if cfg.pipeline is not None:
+        return cfg.pipeline
+    rate = Fraction(cfg.fps).limit_denominator(1001)
+    return (f"nvarguscamerasrc sensor-id=0 ! video/x-raw(memory:NVMM),width={cfg.width},height={cfg.height},"
+            f"framerate={rate.numerator}/{rate.denominator} ! nvvidconv ! video/x-raw,format=BGRx ! "
+            "videoconvert ! video/x-raw,format=BGR ! appsink name=sink max-buffers=1 drop=true sync=false")
+
+
+def needs_argus_socket(cfg: CameraConfig) -> bool:
+    """Whether the camera talks to nvargus-daemon (nvarguscamerasrc, a Jetson CSI camera), whose
+    socket in /tmp the installer then binds into the service's private /tmp."""
+    pipeline = {"gstreamer": gstreamer_pipeline(cfg), "opencv": cfg.path}.get(cfg.source, "")
+    return any(element.split()[:1] == ["nvarguscamerasrc"] for element in pipeline.split("!"))
+
+
 def make_camera(cfg: CameraConfig) -> Camera:
     if cfg.source == "replay":
         path = cfg.path
@@ -279,6 +395,8 @@ def make_camera(cfg: CameraConfig) -> Camera:
         return ReplayCamera(path, cfg.fps, cfg.loop)
     if cfg.source == "opencv":
         return OpenCVCamera(cfg.path, cfg.width, cfg.height, cfg.fps)
+    if cfg.source == "gstreamer":
+        return GStreamerCamera(gstreamer_pipeline(cfg))
     return Picamera2Camera(cfg.width, cfg.height, cfg.fps)
 
 

@@ -32,8 +32,9 @@ class _Section(BaseModel):
 
 
 class CameraConfig(_Section):
-    source: Literal["replay", "opencv", "picamera2"] = Field("replay", description="frame source")
-    path: str = Field("demo", description="replay: folder of images, video file, or 'demo'; opencv: device index or GStreamer pipeline")
+    source: Literal["replay", "opencv", "picamera2", "gstreamer"] = Field("replay", description="frame source")
+    path: str = Field("demo", description="replay: folder of images, video file, or 'demo'; opencv: device index or GStreamer pipeline (needs an OpenCV built with GStreamer)")
+    pipeline: str | None = Field(None, description="gstreamer: a GStreamer pipeline with an `appsink name=sink` (asked for BGR, newest frame only); None = the Jetson CSI camera: nvarguscamerasrc sensor-id=0 at width x height and fps")
     fps: float = Field(15.0, gt=0, le=120, description="replay rate, and the rate asked of real cameras")
     width: int = Field(640, ge=64, le=4096)
     height: int = Field(480, ge=64, le=4096)
@@ -42,6 +43,18 @@ class CameraConfig(_Section):
     loop: bool = Field(False, description="replay: start again at the end")
     reconnect_backoff_s: float = Field(1.0, gt=0, le=60)
     reconnect_backoff_max_s: float = Field(30.0, gt=0, le=600)
+
+    @model_validator(mode="after")
+    def _pipeline(self):
+        if self.pipeline is None:
+            return self
+        if self.source != "gstreamer":
+            raise ValueError(f"camera.pipeline is read only with camera.source gstreamer, not {self.source}")
+        # the string only, so that checking a config needs no GStreamer; the camera parses the rest
+        elements = [e.split() for e in self.pipeline.split("!")]
+        if not any(e and e[0] == "appsink" and {"name=sink", 'name="sink"', "name='sink'"} & set(e) for e in elements):
+            raise ValueError("camera.pipeline has no `appsink name=sink`, the element the gate takes its frames from")
+        return self
 
 
 class ModelsConfig(_Section):

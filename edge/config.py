@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -129,12 +129,23 @@ class LivenessConfig(_Section):
 
 
 class RelayConfig(_Section):
-    pin: str = Field("GPIO17", description="gpiozero pin name")
-    active_high: bool = Field(True)
+    backend: Literal["gpiozero", "gpiod"] = Field("gpiozero", description="what drives the relay line: gpiozero = Raspberry Pi pins by name (relay.pin, relay.pin_factory); gpiod = a line of any Linux GPIO chip through libgpiod (relay.chip, relay.line): Jetson, Raspberry Pi 5, others")
+    pin: str = Field("GPIO17", description="gpiozero: pin name")
+    chip: str | None = Field(None, description="gpiod: GPIO chip device, e.g. /dev/gpiochip0 (gpiodetect lists them); None = the one chip with a line named relay.line")
+    line: Annotated[int, Field(ge=0)] | Annotated[str, Field(min_length=1, max_length=64)] | None = Field(None, description="gpiod: the line's offset on relay.chip (a number) or its name as gpioinfo lists it (text)")
+    active_high: bool = Field(True, description="false: the relay board switches on a low line (locked = line high)")
     pulse_s: float = Field(3.0, gt=0, le=30)
     max_hold_s: float = Field(5.0, gt=0, le=60, description="hard ceiling on one unlock, overlapping grants included")
     min_locked_s: float = Field(1.0, ge=0.5, le=60, description="after each opening the door stays locked at least this long, grants in that time open nothing: back-to-back grants (decision.cooldown_s 0, or people granted in turn) cannot hold it open, and the strike re-engages between openings; with max_hold_s it bounds the unlocked share of any stretch of time (MAX_UNLOCKED_SHARE)")
-    pin_factory: Literal["default", "mock"] = Field("default", description="mock = simulated pins (demo, tests)")
+    pin_factory: Literal["default", "lgpio", "rpigpio", "native", "mock"] = Field("default", description="gpiozero: pin factory; default = gpiozero's own choice ($GPIOZERO_PIN_FACTORY, else the first of lgpio, rpigpio, pigpio, native that loads); mock = simulated pins, for camera.source replay only (demo, tests)")
+
+    def missing(self) -> str | None:
+        """What the chosen backend needs and this section lacks, naming the field; None = nothing."""
+        if self.backend == "gpiod" and self.line is None:
+            return "relay.line: relay.backend gpiod needs the line's offset (with relay.chip) or its name"
+        if self.backend == "gpiod" and isinstance(self.line, int) and self.chip is None:
+            return f"relay.chip: relay.line {self.line} is an offset, which means nothing without the chip it is on"
+        return None
 
 
 class StorageConfig(_Section):
@@ -199,6 +210,12 @@ def load_config(path: str | Path | None) -> Config:
         raise ConfigError(path, "decision.k must not exceed decision.n")
     if cfg.relay.pulse_s > cfg.relay.max_hold_s:
         raise ConfigError(path, "relay.pulse_s must not exceed relay.max_hold_s")
+    if cfg.relay.missing():
+        raise ConfigError(path, cfg.relay.missing())
+    if cfg.relay.backend == "gpiozero" and cfg.relay.pin_factory == "mock" and cfg.camera.source != "replay":
+        raise ConfigError(path, f"relay.pin_factory mock drives simulated pins, not a door: with camera.source "
+                                f"{cfg.camera.source} the gate would grant real faces and open nothing (mock is for "
+                                f"camera.source replay)")
     for section, first, ceiling in (("camera", "reconnect_backoff_s", "reconnect_backoff_max_s"),
                                     ("decision", "backoff_s", "backoff_max_s")):
         lo, hi = getattr(getattr(cfg, section), first), getattr(getattr(cfg, section), ceiling)

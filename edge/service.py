@@ -12,7 +12,7 @@ import socket
 import time
 
 from .config import Config
-from .errors import AuditError, FacegateError
+from .errors import AuditError, ConfigError, FacegateError
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +88,16 @@ def run_service(cfg: Config, max_frames: int | None = None, verbose: bool = True
     from .camera import CameraMonitor, make_camera
     from .liveness import make_liveness
     from .pipeline import Gate, Stack, open_gallery
-    from .relay import DoorRelay, make_pin_factory
+    from .relay import DoorRelay
 
     notifier = notifier or Notifier()
-    relay = DoorRelay(cfg.relay, make_pin_factory(cfg.relay.pin_factory))  # locked from the first instant
+    try:
+        relay = DoorRelay(cfg.relay)  # locked from the first instant, before anything slower runs
+    except ConfigError as e:  # no line the gate can hold locked (chip, line, pin, no GPIO): it does not start
+        with AuditLog(cfg.storage.audit) as audit:
+            audit.record_events([("relay", "refused", {"error": str(e)}, {}), ("service", "stopped", None, {})])
+        notifier.stopping()
+        raise
     audit = AuditLog(cfg.storage.audit)
     stop = {"flag": False, "reload": False, "signal": None}
 

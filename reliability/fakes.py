@@ -24,6 +24,7 @@ from edge.camera import _ThreadedCamera
 from edge.config import Config
 from edge.pipeline import Stack
 from edge.records import AlignedFace, Detection, Embedding
+from reliability import fake_gpiod
 
 EMPTY, ALICE, STRANGER = 60, 120, 180  # marker values; all far from black
 DIM = 8
@@ -217,10 +218,13 @@ class NotifySocket:
 
 # ------------------------------------------------------------------ the relay line as wired
 def line_history(pin) -> list[tuple[float, bool]]:
-    """(time.monotonic(), level) of every change of a gpiozero MockPin, oldest first.
+    """(time.monotonic(), level) of every change of a gpiozero MockPin or of the line of a fake
+    gpiod request (reliability.fake_gpiod, which keeps it so), oldest first.
 
     MockPin stores each state with the time since the previous change; the last change happened
     at its `_last_change`, so absolute times are rebuilt backwards from there."""
+    if isinstance(pin, fake_gpiod.LineRequest):
+        return pin.history
     states = list(pin.states)
     t = pin._last_change
     out = []

@@ -151,16 +151,19 @@ def cmd_bundle(args) -> int:
     from .bundle import create_bundle, load_private_key, load_public_key, verify_bundle
 
     if args.action == "create":
-        m = create_bundle(args.photos, args.manifest, load_private_key(args.key), args.out)
-        print(f"{args.out}: bundle sequence {m.sequence}, {len(m.people)} people, {len(m.removals)} removal(s), signed")
+        validity = {} if args.valid_days is None else {"valid_days": args.valid_days}
+        m = create_bundle(args.photos, args.manifest, load_private_key(args.key), args.out, args.audience, **validity)
+        print(f"{args.out}: bundle sequence {m.sequence} for {m.audience}, {len(m.people)} people, {len(m.removals)} "
+              f"removal(s), signed; applies until {m.not_after}")
         return 0
     if args.action == "advance-sequence":
         return _bundle_advance_sequence(args)
     pub = load_public_key(args.public_key)
     if args.action == "verify":
-        vb = verify_bundle(args.bundle, pub)
-        print(f"{args.bundle}: signature OK, sequence {vb.manifest.sequence}, {len(vb.manifest.people)} people, "
-              f"{len(vb.manifest.removals)} removal(s)")
+        m = verify_bundle(args.bundle, pub).manifest
+        scope = f"for {m.audience} until {m.not_after}" if m.version >= 2 else "version 1: any gate, no expiry"
+        print(f"{args.bundle}: signature OK, sequence {m.sequence} ({scope}), {len(m.people)} people, "
+              f"{len(m.removals)} removal(s)")
         return 0
     return _bundle_apply(args, pub)
 
@@ -176,13 +179,16 @@ def _bundle_apply(args, pub) -> int:
 
     from . import gallery as G
     from .audit import AuditLog
-    from .bundle import apply_bundle, gallery_lock
+    from .bundle import admit_bundle, apply_bundle, gallery_lock, record_refusal
     from .pipeline import Stack
 
     cfg = _cfg(args)
     with AuditLog(cfg.storage.audit) as audit, ExitStack() as held:
         try:
             held.enter_context(gallery_lock(cfg.storage.gallery))
+            # Signature, audience and expiry first: loading the models takes seconds on a Pi, and a
+            # forged, foreign or expired stick is refused without them.
+            bundle = admit_bundle(args.bundle, pub, cfg.enrollment, lambda: audit.clock.enrolment_time(time.time()))
             stack = Stack.from_config(cfg)
             key = G.load_key(cfg.storage.key_file)
             if Path(cfg.storage.gallery).exists():
@@ -190,9 +196,9 @@ def _bundle_apply(args, pub) -> int:
             else:
                 g = G.Gallery(stack.encoder.sha256, stack.encoder.card.embedding.dim)
         except FacegateError as e:
-            audit.record_event("enroll", "bundle_refused", details={"bundle": str(args.bundle), "error": str(e)[:900]})
+            record_refusal(audit, args.bundle, e)
             raise
-        report = apply_bundle(args.bundle, pub, g, stack, cfg, audit=audit, key=key)  # audits its own outcome
+        report = apply_bundle(bundle, g, stack, cfg, audit=audit, key=key)  # audits its own outcome
     for name in report.enrolled:
         print(f"OK      {name}")
     for name, why in report.refused.items():
@@ -332,6 +338,9 @@ def main(argv=None) -> int:
     b.add_argument("--manifest", required=True, help="manifest.yaml: sequence, created, people, removals")
     b.add_argument("--key", required=True, help="Ed25519 signing key (PEM)")
     b.add_argument("--out", required=True, help="bundle folder to write (must not exist)")
+    b.add_argument("--audience", required=True, help="the gate or site it is for: a name in that gate's enrollment.audience")
+    b.add_argument("--valid-days", type=float, default=None,
+                   help="the gate refuses it once this many days from now have passed (default 7)")
     for action, help_ in (("verify", "check a bundle's signature and photos"),
                           ("apply", "verify, quality-gate and apply a bundle to the gallery")):
         b = bsub.add_parser(action, help=help_)

@@ -3,14 +3,17 @@ the gate from a USB stick.
 
 A bundle is a folder holding `manifest.json`, `manifest.sig` and the photos it lists, flat (no
 sub-folders). `manifest.json` is canonical JSON (sorted keys, no spaces) with the sequence number,
-the creation time, each person (name, id, validity, photo file name, its sha256 and size) and the
-removals (names or ids). `manifest.sig` is the base64 Ed25519 signature of
+the creation time, the audience (the gate or site it is for) and not_after (when it expires), each
+person (name, id, validity, photo file name, its sha256 and size) and the removals (names or ids). `manifest.sig` is the base64 Ed25519 signature of
 SIGNING_DOMAIN + sha256(manifest.json bytes); since the manifest lists every photo's sha256, the
 one signature covers every byte of the bundle.
 
 On the gate the signature is checked over the raw manifest bytes before they are parsed, so an
 unsigned or forged manifest never reaches the JSON parser. Then: strict schema (unknown keys,
-duplicate keys, bad names refused), replay (sequence must exceed the highest applied), size limits,
+duplicate keys, bad names refused), version (1, which has no audience and never expires, only with
+enrollment.accept_v1_bundles), audience (one of enrollment.audience), expiry (not_after judged at the
+gate's trusted time, edge.clock, so a clock set back revives no stick); all of these before the
+gate loads its gallery or a model. Then replay (sequence must exceed the highest applied), size limits,
 each photo read once through O_NOFOLLOW (no symlinks, no path separators, no '..') and its sha256
 compared with the signed one. The replay check takes the higher of the gallery's sequence and the
 one kept in storage.sequence_file (root's, beside the gallery key), so a lost or copied-back gallery
@@ -35,6 +38,7 @@ import stat
 import time
 from collections import Counter
 from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -43,9 +47,10 @@ import yaml
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .atomic import atomic_write_bytes
+from .config import AUDIENCE_NAME, EnrollmentConfig
 from .enroll import label_problem
 from .errors import AuditError, BundleError, FacegateError, StorageError
 from .imageio import FileTooLarge, NotARegularFile, read_regular_file
@@ -53,13 +58,16 @@ from .imageio import FileTooLarge, NotARegularFile, read_regular_file
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 FORMAT = "facegate-bundle"
-VERSION = 1
+VERSION = 2  # 2 added audience and not_after; the gate takes 1 only with enrollment.accept_v1_bundles
 SIGNING_DOMAIN = b"facegate-bundle-v1\0"  # a signature over a bundle can never pass for anything else
 MAX_MANIFEST_BYTES = 1 << 20
 MAX_SIGNATURE_BYTES = 1024
 MAX_PHOTO_BYTES = 20 << 20
 MAX_BUNDLE_BYTES = 512 << 20
 MAX_PEOPLE = 2000
+# A stick lost or kept back is a key to the door until it expires: days, not years.
+DEFAULT_VALID_DAYS = 7.0
+MAX_VALID_DAYS = 90.0
 # A photo is one plain file name: no separators, no leading dot (so no '.', '..' or hidden files).
 _PHOTO_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -138,17 +146,29 @@ class BundlePerson(_Strict):
 
 class Manifest(_Strict):
     format: str = Field(pattern=f"^{FORMAT}$")
-    version: int = Field(ge=VERSION, le=VERSION)
+    version: int = Field(ge=1, le=VERSION)
     sequence: int = Field(ge=1, lt=2**53)
     created: str
+    audience: str | None = Field(None, pattern=AUDIENCE_NAME)
+    not_after: str | None = None
     people: list[BundlePerson] = Field(default_factory=list, max_length=MAX_PEOPLE)
     removals: list[str] = Field(default_factory=list, max_length=MAX_PEOPLE)
 
-    @field_validator("created")
+    @field_validator("created", "not_after")
     @classmethod
-    def _created(cls, v: str) -> str:
-        to_epoch(v, "created")
+    def _time(cls, v: str | None, info) -> str | None:
+        if v is not None:
+            to_epoch(v, info.field_name)
         return v
+
+    @model_validator(mode="after")
+    def _fields_of_version(self):
+        given = [k for k in ("audience", "not_after") if getattr(self, k) is not None]
+        if self.version >= 2 and len(given) < 2:
+            raise ValueError(f"version {self.version} needs audience and not_after")
+        if self.version == 1 and given:
+            raise ValueError(f"version 1 has no {' or '.join(given)}")
+        return self
 
     @field_validator("removals")
     @classmethod
@@ -173,6 +193,8 @@ class Manifest(_Strict):
         for p in self.people:
             if p.valid_from and p.valid_until and to_epoch(p.valid_until, "") <= to_epoch(p.valid_from, ""):
                 raise ValueError(f"{p.name}: valid_until is not after valid_from")
+        if self.not_after and to_epoch(self.not_after, "") <= to_epoch(self.created, ""):
+            raise ValueError("not_after is not after created")
 
 
 def canonical_json(obj) -> bytes:
@@ -269,9 +291,13 @@ def _admin_manifest(path: Path) -> dict:
 
 
 def create_bundle(photos_dir: str | Path, manifest_yaml: str | Path, private_key: Ed25519PrivateKey,
-                  out: str | Path, now: float | None = None) -> Manifest:
-    """Admin side: the YAML manifest + photos -> a signed bundle folder `out` (must not exist)."""
+                  out: str | Path, audience: str, valid_days: float = DEFAULT_VALID_DAYS,
+                  now: float | None = None) -> Manifest:
+    """Admin side: the YAML manifest + photos -> a signed bundle folder `out` (must not exist), for
+    the gates whose enrollment.audience holds `audience`, applicable for `valid_days` from now."""
     photos_dir, manifest_yaml, out = Path(photos_dir), Path(manifest_yaml), Path(out)
+    if not 0 < valid_days <= MAX_VALID_DAYS:
+        raise BundleError(None, f"validity of {valid_days:g} days: give more than 0 and at most {MAX_VALID_DAYS:g}")
     raw = _admin_manifest(manifest_yaml)
     if out.exists():
         raise BundleError(out, "output folder already exists")
@@ -296,11 +322,12 @@ def create_bundle(photos_dir: str | Path, manifest_yaml: str | Path, private_key
         data = _read_small(photos_dir / photo, MAX_PHOTO_BYTES, "photo")
         blobs[photo] = data
         people.append({**rec, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)})
+    now = time.time() if now is None else now
     try:
-        created = iso(to_epoch(raw["created"], "created")) if raw.get("created") is not None \
-            else iso(time.time() if now is None else now)
+        created = iso(to_epoch(raw["created"], "created")) if raw.get("created") is not None else iso(now)
         m = Manifest.model_validate({
             "format": FORMAT, "version": VERSION, "sequence": raw.get("sequence"), "created": created,
+            "audience": audience, "not_after": iso(now + valid_days * 86400.0),
             "people": people, "removals": [str(r) for r in raw.get("removals") or []]})
         m.check_consistent()
     except (ValidationError, ValueError) as e:
@@ -332,10 +359,48 @@ class VerifiedBundle:
     photos: dict[str, bytes] = field(repr=False)
 
 
+@dataclass(frozen=True)
+class AdmittedBundle:
+    """A bundle whose signed manifest passed every check that needs neither the gallery nor a model."""
+    path: Path
+    manifest: Manifest
+    now: float  # the gate's trusted time it was judged at; the enrolments it makes start then
+
+
 def verify_bundle(bundle_dir: str | Path, public_key: Ed25519PublicKey, min_sequence: int = 0) -> VerifiedBundle:
     """Signature, schema, replay (sequence must exceed `min_sequence`), names, sizes and photo hashes.
     Raises BundleError naming the first problem; returns the manifest and the photo bytes."""
     d = Path(bundle_dir)
+    return _read_photos(d, _signed_manifest(d, public_key), min_sequence)
+
+
+def admit_bundle(bundle_dir: str | Path, public_key: Ed25519PublicKey, enrollment: EnrollmentConfig,
+                 trusted_now: Callable[[], float]) -> AdmittedBundle:
+    """The gate's checks that need neither its gallery nor a model: signature, schema, version,
+    audience and expiry, in that order. `trusted_now` gives the gate's trusted time (on a gate:
+    AuditLog.clock.enrolment_time, never below the time floor, refusing a clock far ahead); it is
+    asked only once the signature holds. Raises BundleError (or the clock's FacegateError)."""
+    d = Path(bundle_dir)
+    m = _signed_manifest(d, public_key)
+    where = d / MANIFEST
+    if m.version == 1 and not enrollment.accept_v1_bundles:
+        raise BundleError(where, "version 1 bundle, which names no audience and never expires: refused; make it "
+                                 "again with `bundle create`, or set enrollment.accept_v1_bundles: true while old "
+                                 "sticks are still in use")
+    if m.version >= 2 and m.audience not in enrollment.audience:
+        gate = ", ".join(enrollment.audience) if enrollment.audience else "no name (set enrollment.audience)"
+        raise BundleError(where, f"bundle is for audience {m.audience!r}; this gate answers to {gate} "
+                                 f"(enrollment.audience): refused")
+    now = trusted_now()
+    if m.not_after is not None and to_epoch(m.not_after, "not_after") <= now:
+        raise BundleError(where, f"bundle expired at {m.not_after} (not_after); the gate's trusted time is {iso(now)}, "
+                                 f"never below the newest time it has audited: refused; make a new bundle")
+    return AdmittedBundle(d, m, now)
+
+
+def _signed_manifest(d: Path, public_key: Ed25519PublicKey) -> Manifest:
+    """The manifest of the bundle folder `d`, its signature checked over the raw bytes before
+    they are parsed, then parsed strictly."""
     try:
         st = os.lstat(d)
     except OSError:
@@ -357,6 +422,12 @@ def verify_bundle(bundle_dir: str | Path, public_key: Ed25519PublicKey, min_sequ
         m.check_consistent()
     except (ValidationError, ValueError) as e:  # signed but malformed: a bug in the tool that made it
         raise BundleError(d / MANIFEST, f"malformed manifest: {_problem(e)}") from None
+    return m
+
+
+def _read_photos(d: Path, m: Manifest, min_sequence: int) -> VerifiedBundle:
+    """Replay (the sequence must exceed `min_sequence`), then every photo, read once and checked
+    against its signed size and sha256."""
     if m.sequence <= min_sequence:
         raise BundleError(d, f"replayed or old bundle: sequence {m.sequence}, this gate has applied "
                              f"{min_sequence}; make a new bundle with a higher sequence")
@@ -454,21 +525,25 @@ def save_audited(gallery, path: str | Path, key: bytes, audit, events: list) -> 
                                  f"audit log just before did not take effect") from None
 
 
-def apply_bundle(bundle_dir: str | Path, public_key: Ed25519PublicKey, gallery, stack, cfg,
-                 audit=None, key: bytes | None = None, now: float | None = None) -> BundleReport:
-    """Verify the bundle, quality-gate its photos, update `gallery` in place and save it atomically
-    to cfg.storage.gallery. Every outcome, a refused bundle included, is written to `audit`
-    (an edge.audit.AuditLog; default: the one at cfg.storage.audit)."""
+def record_refusal(audit, bundle_dir: str | Path, error: FacegateError) -> None:
+    audit.record_event("enroll", "bundle_refused", details={"bundle": str(bundle_dir), "error": str(error)[:900]})
+
+
+def apply_bundle(bundle: AdmittedBundle, gallery, stack, cfg, audit=None, key: bytes | None = None) -> BundleReport:
+    """Check a bundle admit_bundle let through for replay, read and check its photos, quality-gate
+    them, update `gallery` in place and save it atomically to cfg.storage.gallery. Every outcome, a
+    refused bundle included, is written to `audit` (an edge.audit.AuditLog; default: the one at
+    cfg.storage.audit); a refusal by admit_bundle is its caller's to audit (record_refusal)."""
     from .audit import AuditLog
 
     own_audit = audit is None
     audit = AuditLog(cfg.storage.audit) if own_audit else audit
     try:
-        return _apply(bundle_dir, public_key, gallery, stack, cfg, audit, key, now)
+        return _apply(bundle, gallery, stack, cfg, audit, key)
     except AuditError:
         raise  # the audit log itself refuses rows: nothing changed, and no row can say so
     except FacegateError as e:
-        audit.record_event("enroll", "bundle_refused", details={"bundle": str(bundle_dir), "error": str(e)[:900]})
+        record_refusal(audit, bundle.path, e)
         raise
     finally:
         if own_audit:
@@ -490,7 +565,7 @@ def _removal_victims(gallery, removals: list[str], manifest: Path) -> list[str]:
     return victims
 
 
-def _apply(bundle_dir, public_key, gallery, stack, cfg, audit, key, now) -> BundleReport:
+def _apply(bundle: AdmittedBundle, gallery, stack, cfg, audit, key) -> BundleReport:
     from . import gallery as G
     from .enroll import embed_photo
     from .gallery import Person
@@ -499,8 +574,8 @@ def _apply(bundle_dir, public_key, gallery, stack, cfg, audit, key, now) -> Bund
     key = key if key is not None else G.load_key(cfg.storage.key_file)  # before anything changes
     seq_file = sequence_path(cfg.storage)
     # The gallery's own record alone would let a lost or copied-back gallery reopen old sequences.
-    vb = verify_bundle(bundle_dir, public_key, max(gallery.bundle_sequence, read_sequence(seq_file)))
-    now = audit.clock.enrolment_time(time.time()) if now is None else now
+    vb = _read_photos(bundle.path, bundle.manifest, max(gallery.bundle_sequence, read_sequence(seq_file)))
+    now = bundle.now
     m = vb.manifest
     report = BundleReport(m.sequence)
     victims = _removal_victims(gallery, m.removals, vb.path / MANIFEST)
@@ -550,8 +625,8 @@ def _apply(bundle_dir, public_key, gallery, stack, cfg, audit, key, now) -> Bund
     events += [("enroll", "refused", {**seq, "why": why[:900]}, {"identity": name}) for name, why in report.refused.items()]
     events += [("enroll", "revoked", seq, {"identity": name}) for name in report.removed]
     events.append(("enroll", "bundle_applied", {
-        **seq, "enrolled": len(report.enrolled), "refused": len(report.refused), "removed": len(report.removed),
-        "people": len(gallery)}, {}))
+        **seq, "version": m.version, "enrolled": len(report.enrolled), "refused": len(report.refused),
+        "removed": len(report.removed), "people": len(gallery)}, {}))
     save_audited(gallery, cfg.storage.gallery, key, audit, events)
     # Recorded once the gallery holds the change, so a gallery that cannot be written leaves the
     # sequence free for the same stick; until this write the saved gallery refuses the replay. On a

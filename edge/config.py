@@ -3,6 +3,7 @@
 `python -m edge check-config FILE` validates a file and prints the effective config."""
 from __future__ import annotations
 
+import re
 from collections.abc import Hashable
 from pathlib import Path
 from typing import Annotated, Literal
@@ -156,6 +157,24 @@ class StorageConfig(_Section):
     retention_days: int = Field(1095, ge=1, le=36500, description="enrolments expire after this (BIPA: 3 years)")
 
 
+# A gate's or site's name in a signed bundle's audience (edge.bundle) and in enrollment.audience:
+# plain letters, digits, '.', '_' and '-', so the name a log shows is the name that was signed.
+AUDIENCE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class EnrollmentConfig(_Section):
+    audience: list[str] = Field(default_factory=list, max_length=16, description="the names this gate answers to in a signed bundle's audience, e.g. its own and its site's ([hq-door-3, hq]); a bundle for any other audience is refused; empty = every bundle of version 2 is refused")
+    accept_v1_bundles: bool = Field(False, description="also apply version 1 bundles, made before bundles named an audience and expired: such a stick applies at any gate, at any time, until a higher sequence passes it; for a transition only")
+
+    @model_validator(mode="after")
+    def _names(self):
+        bad = [a for a in self.audience if not re.fullmatch(AUDIENCE_NAME, a)]
+        if bad:
+            raise ValueError(f"enrollment.audience {bad[0]!r}: a name of letters, digits, '.', '_' and '-' (max 64, "
+                             f"starting with a letter or digit)")
+        return self
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """safe_load keeps the last of two equal keys, so a second `threshold:` lower in the file would
     silently override the one a reviewer read; refuse it instead, naming the key and its line."""
@@ -184,6 +203,7 @@ class Config(_Section):
     liveness: LivenessConfig = LivenessConfig()
     relay: RelayConfig = RelayConfig()
     storage: StorageConfig = StorageConfig()
+    enrollment: EnrollmentConfig = EnrollmentConfig()
 
 
 def load_config(path: str | Path | None) -> Config:

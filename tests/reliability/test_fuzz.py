@@ -106,7 +106,7 @@ def test_fuzz_gallery_parser(data):
 def _manifest(draw):
     person = {"name": "alice", "id": "A1", "photo": "alice.jpg", "sha256": "0" * 64, "size": 3}
     m = {"format": B.FORMAT, "version": B.VERSION, "sequence": 2, "created": "2026-01-01T00:00:00Z",
-         "people": [person], "removals": []}
+         "audience": "gate", "not_after": "2026-01-08T00:00:00Z", "people": [person], "removals": []}
     for _ in range(draw(st.integers(0, 3))):
         d = draw(st.sampled_from([m, person]))
         d[draw(st.sampled_from(sorted(d)) | st.text(max_size=6))] = draw(JSONISH | st.text(max_size=40))

@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 
 import cv2
 import numpy as np
@@ -15,7 +16,17 @@ from edge import gallery as G
 from edge.audit import AuditLog
 from edge.errors import BundleError
 
-from _stack import gate_config, sample
+from _stack import gate_config as stack_gate_config
+from _stack import sample
+
+AUDIENCE = "test-gate"
+
+
+def gate_config(tmp_path):
+    """The deploy tests' gate config, answering to the audience the bundles here are made for."""
+    cfg = stack_gate_config(tmp_path)
+    cfg.enrollment.audience = [AUDIENCE]
+    return cfg
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +51,7 @@ def make_bundle(tmp_path, priv, people=None, removals=(), sequence=5, name="bund
     manifest = tmp_path / f"{name}.yaml"
     manifest.write_text(yaml.safe_dump({"sequence": sequence, "people": people, "removals": list(removals)}))
     out = tmp_path / name
-    B.create_bundle(photos, manifest, priv, out, now=1.7e9)
+    B.create_bundle(photos, manifest, priv, out, AUDIENCE, now=1.7e9)
     return out
 
 
@@ -58,6 +69,7 @@ def test_create_and_verify_round_trip(tmp_path, keys):
     vb = B.verify_bundle(out, pub)
     m = vb.manifest
     assert m.sequence == 5 and m.created == "2023-11-14T22:13:20Z"
+    assert (m.version, m.audience, m.not_after) == (2, AUDIENCE, "2023-11-21T22:13:20Z")  # 7 days by default
     assert [(p.name, p.id) for p in m.people] == [("alice", "E1"), ("bob", "E2")]
     alice = m.people[0]
     assert alice.valid_from == "2024-01-01T00:00:00Z" and alice.valid_until == "2099-01-01T00:00:00Z"
@@ -255,7 +267,7 @@ def test_create_refuses_more_people_than_a_bundle_holds_before_reading_a_photo(t
     monkeypatch.setattr(B, "_read_small", no_photos)
     monkeypatch.setattr(B, "MAX_PEOPLE", 3)
     with pytest.raises(BundleError, match="people: 4 listed, at most 3 in one bundle") as e:
-        B.create_bundle(tmp_path / "photos", tmp_path / "m.yaml", priv, tmp_path / "out")
+        B.create_bundle(tmp_path / "photos", tmp_path / "m.yaml", priv, tmp_path / "out", AUDIENCE)
     assert str(tmp_path / "m.yaml") in str(e.value) and not (tmp_path / "out").exists()
 
 
@@ -264,7 +276,7 @@ def test_admin_manifest_yaml_tags_refused(tmp_path, keys):
     m = tmp_path / "evil.yaml"
     m.write_text("sequence: 1\npeople: !!python/object/apply:os.system ['touch pwned']\n")
     with pytest.raises(BundleError, match="not valid YAML"):
-        B.create_bundle(tmp_path, m, priv, tmp_path / "out")
+        B.create_bundle(tmp_path, m, priv, tmp_path / "out", AUDIENCE)
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "out").exists()
 
 
@@ -283,7 +295,8 @@ def stack(tmp_path_factory):
     return Stack.from_config(gate_config(tmp_path_factory.mktemp("cfg")))
 
 
-def photo_bundle(tmp_path, priv, people, removals=(), sequence=1, name="bundle", extra=None):
+def photo_bundle(tmp_path, priv, people, removals=(), sequence=1, name="bundle", extra=None, audience=AUDIENCE,
+                 valid_days=B.DEFAULT_VALID_DAYS, now=None):
     """A bundle of real photos: people = [(name, id, sample file)]; extra = {file: image array}."""
     photos = tmp_path / f"{name}-photos"
     photos.mkdir()
@@ -295,8 +308,14 @@ def photo_bundle(tmp_path, priv, people, removals=(), sequence=1, name="bundle",
     manifest = tmp_path / f"{name}.yaml"
     manifest.write_text(yaml.safe_dump({"sequence": sequence, "removals": list(removals),
                                         "people": [{"name": n, "id": i, "photo": f} for n, i, f in people]}))
-    B.create_bundle(photos, manifest, priv, tmp_path / name)
+    B.create_bundle(photos, manifest, priv, tmp_path / name, audience, valid_days, now=now)
     return tmp_path / name
+
+
+def apply(bundle_dir, pub, gallery, stack, cfg, audit=None, now=None):
+    """Admit, then apply, as `bundle apply` does; `now` (default: the wall clock) the gate's trusted time."""
+    admitted = B.admit_bundle(bundle_dir, pub, cfg.enrollment, lambda: time.time() if now is None else now)
+    return B.apply_bundle(admitted, gallery, stack, cfg, audit=audit)
 
 
 def test_apply_enrolls_refuses_removes_and_audits(tmp_path, keys, stack):
@@ -309,7 +328,7 @@ def test_apply_enrolls_refuses_removes_and_audits(tmp_path, keys, stack):
     b1 = photo_bundle(tmp_path, priv, [("obama", "E1", "obama.jpg"), ("astronaut", "E2", "astronaut.png"),
                                        ("nobody", "E3", "suit.png")], sequence=3, name="b1", extra={"suit.png": suit})
     with AuditLog(cfg.storage.audit) as audit:
-        r = B.apply_bundle(b1, pub, g, stack, cfg, audit=audit)
+        r = apply(b1, pub, g, stack, cfg, audit=audit)
         assert r.enrolled == ["obama", "astronaut"] and list(r.refused) == ["nobody"]
         assert r.refused["nobody"] == "no face found"
         on_disk = G.load(cfg.storage.gallery, key, stack.encoder.sha256)
@@ -320,11 +339,11 @@ def test_apply_enrolls_refuses_removes_and_audits(tmp_path, keys, stack):
         # replaying the same bundle changes nothing and is audited
         before = (tmp_path / "gallery.fgg").read_bytes()
         with pytest.raises(BundleError, match="replayed"):
-            B.apply_bundle(b1, pub, on_disk, stack, cfg, audit=audit)
+            apply(b1, pub, on_disk, stack, cfg, audit=audit)
         assert (tmp_path / "gallery.fgg").read_bytes() == before
 
         b2 = photo_bundle(tmp_path, priv, [], removals=["E2"], sequence=4, name="b2")
-        r2 = B.apply_bundle(b2, pub, on_disk, stack, cfg, audit=audit)
+        r2 = apply(b2, pub, on_disk, stack, cfg, audit=audit)
         assert r2.removed == ["astronaut"]
         after = G.load(cfg.storage.gallery, key, stack.encoder.sha256)
         assert after.names == ["obama"] and after.bundle_sequence == 4
@@ -337,7 +356,7 @@ def test_apply_enrolls_refuses_removes_and_audits(tmp_path, keys, stack):
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix in (".jpg", ".png")) == []
     # the same id under a new name replaces the old entry
     b3 = photo_bundle(tmp_path, priv, [("Barack Obama", "E1", "obama2.jpg")], sequence=5, name="b3")
-    B.apply_bundle(b3, pub, after, stack, cfg)
+    apply(b3, pub, after, stack, cfg)
     assert G.load(cfg.storage.gallery, key).names == ["Barack Obama"]
 
 
@@ -354,10 +373,10 @@ def test_apply_validity_window(tmp_path, keys, stack):
         {"name": "early", "photo": "obama.jpg", "valid_from": "2030-01-01"},
         {"name": "late", "photo": "astronaut.png", "valid_until": "2020-01-01"},
         {"name": "short", "photo": "biden.jpg", "valid_until": "2026-01-01"}]}))
-    B.create_bundle(photos, m, priv, tmp_path / "b")
+    B.create_bundle(photos, m, priv, tmp_path / "b", AUDIENCE)
     g = G.Gallery(stack.encoder.sha256, stack.encoder.card.embedding.dim)
     now = B.to_epoch("2025-06-01", "")
-    r = B.apply_bundle(tmp_path / "b", pub, g, stack, cfg, now=now)
+    r = apply(tmp_path / "b", pub, g, stack, cfg, now=now)
     assert r.enrolled == ["short"]
     assert r.refused["early"].startswith("not valid before 2030-01-01")
     assert r.refused["late"].startswith("validity ended 2020-01-01")
@@ -376,7 +395,7 @@ def test_cli_keygen_create_verify_apply(tmp_path, stack, capsys):
     shutil.copy(sample("obama.jpg"), photos / "obama.jpg")
     (tmp_path / "m.yaml").write_text("sequence: 1\ncreated: 2025-01-01\npeople:\n  - {name: obama, id: E1, photo: obama.jpg}\n")
     assert main(["bundle", "create", "--photos", str(photos), "--manifest", str(tmp_path / "m.yaml"),
-                 "--key", str(tmp_path / "admin.key"), "--out", str(tmp_path / "b")]) == 0
+                 "--key", str(tmp_path / "admin.key"), "--out", str(tmp_path / "b"), "--audience", AUDIENCE]) == 0
     pub = str(tmp_path / "admin.pub")
     assert main(["bundle", "verify", str(tmp_path / "b"), "--public-key", pub]) == 0
     assert main(["bundle", "apply", str(tmp_path / "b"), "--public-key", pub, "--config", str(tmp_path / "config.yaml")]) == 0
@@ -455,7 +474,7 @@ def test_a_name_enrolled_under_another_id_is_not_replaced(tmp_path, keys, stack)
     before = {p.name: p.embedding.copy() for p in g.people}
     b = photo_bundle(tmp_path, priv, [("obama", "E9", "obama2.jpg"), ("biden", "E7", "biden.jpg")], sequence=2)
     with AuditLog(cfg.storage.audit) as audit:
-        r = B.apply_bundle(b, pub, g, stack, cfg, audit=audit)
+        r = apply(b, pub, g, stack, cfg, audit=audit)
         rows = [(x["reason"], x["identity"]) for x in audit.tail(5)]
     assert r.enrolled == [] and sorted(r.refused) == ["biden", "obama"]
     assert "enrolled under id E1" in r.refused["obama"] and "id (none)" in r.refused["biden"]
@@ -465,7 +484,7 @@ def test_a_name_enrolled_under_another_id_is_not_replaced(tmp_path, keys, stack)
     assert ("refused", "obama") in rows and ("refused", "biden") in rows
     # removing the old id in the same bundle is how a name moves to a new id
     b2 = photo_bundle(tmp_path, priv, [("obama", "E9", "obama2.jpg")], removals=["E1"], sequence=3, name="b2")
-    r2 = B.apply_bundle(b2, pub, on_disk, stack, cfg)
+    r2 = apply(b2, pub, on_disk, stack, cfg)
     assert r2.removed == ["obama"] and r2.enrolled == ["obama"]
     assert [(p.name, p.person_id) for p in G.load(cfg.storage.gallery, G.load_key(cfg.storage.key_file)).people] == \
         [("biden", ""), ("obama", "E9")]
@@ -479,11 +498,11 @@ def test_a_removal_matching_two_people_refuses_the_bundle(tmp_path, keys, stack)
     b = photo_bundle(tmp_path, priv, [], removals=["alice"], sequence=2)
     with AuditLog(cfg.storage.audit) as audit:
         with pytest.raises(BundleError, match="removal 'alice' is ambiguous: it matches alice .id E1., carol .id alice."):
-            B.apply_bundle(b, pub, g, stack, cfg, audit=audit)
+            apply(b, pub, g, stack, cfg, audit=audit)
         assert [(x["reason"], x["identity"]) for x in audit.tail(5)] == [("bundle_refused", None)]
     assert (tmp_path / "gallery.fgg").read_bytes() == before
     b2 = photo_bundle(tmp_path, priv, [], removals=["E1"], sequence=3, name="b2")
-    assert B.apply_bundle(b2, pub, g, stack, cfg).removed == ["alice"]
+    assert apply(b2, pub, g, stack, cfg).removed == ["alice"]
 
 
 # ------------------------------------------------------------------ a stick or a gate that cannot be read or written
@@ -621,8 +640,11 @@ def fake_enroll_stack(monkeypatch, results):
     import edge.enroll
     from edge.pipeline import Stack
 
-    encoder = SimpleNamespace(sha256="e" * 64, card=SimpleNamespace(embedding=SimpleNamespace(dim=4)))
-    monkeypatch.setattr(Stack, "from_config", classmethod(lambda cls, c: SimpleNamespace(encoder=encoder)))
+    # enroll screens for duplicate faces at the gate's threshold: this table puts it near 1, so only
+    # (near) identical fake embeddings are one face
+    calibration = SimpleNamespace(fmr=[1.0, 1e-12], threshold=[0.9999, 1.0])
+    encoder = SimpleNamespace(sha256="e" * 64, card=SimpleNamespace(embedding=SimpleNamespace(dim=4), calibration=calibration))
+    monkeypatch.setattr(Stack, "from_config", classmethod(lambda cls, c: Stack(None, encoder)))
     monkeypatch.setattr(edge.enroll, "enroll_folder", lambda stack, cfg, folder: results)
 
 
@@ -665,7 +687,7 @@ def test_enroll_and_forget_with_an_audit_log_that_takes_no_rows_change_nothing(t
     G.save(g, tmp_path / "g.fgg", G.load_key(tmp_path / "k"))
     before = (tmp_path / "g.fgg").read_bytes()
     (tmp_path / "c.yaml").write_text("storage: {gallery: g.fgg, audit: a.sqlite3, key_file: k}\n")
-    fake_enroll_stack(monkeypatch, [EnrollResult("b", "b.jpg", True, "enrolled", np.ones(4, np.float32))])
+    fake_enroll_stack(monkeypatch, [EnrollResult("b", "b.jpg", True, "enrolled", np.array([1, -1, 1, -1], np.float32))])
     read_only_audit(monkeypatch)
     assert main(["forget", "a", "--config", str(tmp_path / "c.yaml")]) == 5
     assert main(["enroll", str(tmp_path), "--config", str(tmp_path / "c.yaml")]) == 5
@@ -780,3 +802,130 @@ def test_a_store_that_holds_no_sequence_refuses_every_bundle(tmp_path, keys, sta
     err = capsys.readouterr().err
     assert str(tmp_path / "bundle.seq") in err and "does not hold a bundle sequence number" in err
     assert not (tmp_path / "gallery.fgg").exists()
+
+
+# ------------------------------------------------------------------ audience, expiry and version
+DAY = 86400.0
+
+
+def as_version_1(bundle_dir, priv):
+    """The bundle as `bundle create` wrote it before version 2: no audience, no expiry, validly signed."""
+    m = json.loads((bundle_dir / B.MANIFEST).read_bytes())
+    del m["audience"], m["not_after"]
+    resign(bundle_dir, priv, {**m, "version": 1})
+    return bundle_dir
+
+
+def refused_bundle(tmp_path, keys, fault):
+    """A bundle the gate must refuse for `fault`, and the words its refusal must carry."""
+    priv, _, _ = keys
+    people = [("obama", "E1", "obama.jpg")]
+    if fault == "signature":
+        b = photo_bundle(tmp_path, priv, people)
+        (b / B.SIGNATURE).write_bytes(base64.b64encode(b"\0" * 64))
+        return b, "signature does not verify"
+    if fault == "audience":
+        return (photo_bundle(tmp_path, priv, people, audience="other-site"),
+                f"bundle is for audience 'other-site'; this gate answers to {AUDIENCE} (enrollment.audience): refused")
+    if fault == "expired":
+        return photo_bundle(tmp_path, priv, people, now=time.time() - 10 * DAY), "bundle expired at"
+    return as_version_1(photo_bundle(tmp_path, priv, people), priv), "version 1 bundle, which names no audience"
+
+
+@pytest.mark.parametrize("fault", ["signature", "audience", "expired", "version 1"])
+def test_a_bundle_is_refused_for_its_signature_audience_expiry_or_version_before_any_model_loads(
+        tmp_path, keys, stack, monkeypatch, capsys, fault):
+    from edge.__main__ import main
+    from edge.pipeline import Stack
+
+    cfg, opts = cli_gate(tmp_path, keys, stack, monkeypatch)
+    b, reason = refused_bundle(tmp_path, keys, fault)
+
+    def no_models(cls, c):
+        raise AssertionError("models loaded for a bundle the gate refuses without them")
+
+    monkeypatch.setattr(Stack, "from_config", classmethod(no_models))
+    assert main(["bundle", "apply", str(b), *opts]) == 2
+    err = capsys.readouterr().err
+    assert reason in err and "Traceback" not in err, err
+    assert not (tmp_path / "gallery.fgg").exists()
+    with AuditLog(cfg.storage.audit, readonly=True) as a:
+        (row,) = a.tail(5)
+    assert row["reason"] == "bundle_refused" and reason in row["details"]["error"]
+
+
+def test_a_gate_with_no_audience_refuses_every_version_2_bundle_naming_the_setting(tmp_path, keys, stack, monkeypatch,
+                                                                                   capsys):
+    from edge.__main__ import main
+
+    cfg, opts = cli_gate(tmp_path, keys, stack, monkeypatch)
+    cfg.enrollment.audience = []
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump()))
+    b = photo_bundle(tmp_path, keys[0], [("obama", "E1", "obama.jpg")])
+    assert main(["bundle", "apply", str(b), *opts]) == 2
+    assert "this gate answers to no name (set enrollment.audience)" in capsys.readouterr().err
+
+
+def test_an_expired_bundle_stays_expired_with_the_clock_set_back(tmp_path, keys, stack, monkeypatch, capsys):
+    """Valid from ten days ago for seven: expired. Setting the wall clock back five days, inside its
+    validity, does not revive it: the gate judges at its time floor, the newest time it has audited."""
+    from edge.__main__ import main
+
+    cfg, opts = cli_gate(tmp_path, keys, stack, monkeypatch)
+    real = time.time()
+    b = photo_bundle(tmp_path, keys[0], [("obama", "E1", "obama.jpg")], now=real - 10 * DAY, valid_days=7)
+    assert main(["bundle", "apply", str(b), *opts]) == 2  # its refusal is audited at the true time
+    true_time = time.time
+    monkeypatch.setattr(time, "time", lambda: true_time() - 5 * DAY)  # inside its validity
+    assert main(["bundle", "apply", str(b), *opts]) == 2
+    err = capsys.readouterr().err
+    assert err.count(f"bundle expired at {B.iso(real - 3 * DAY)}") == 2, err
+    assert not (tmp_path / "gallery.fgg").exists()
+    with AuditLog(cfg.storage.audit, readonly=True) as a:
+        assert [r["reason"] for r in a.tail(5)] == ["bundle_refused", "bundle_refused"]
+
+
+def test_a_version_1_bundle_applies_only_with_the_transition_switch(tmp_path, keys, stack, monkeypatch, capsys):
+    from edge.__main__ import main
+
+    cfg, opts = cli_gate(tmp_path, keys, stack, monkeypatch)
+    b = as_version_1(photo_bundle(tmp_path, keys[0], [("obama", "E1", "obama.jpg")]), keys[0])
+    assert main(["bundle", "apply", str(b), *opts]) == 2
+    assert "enrollment.accept_v1_bundles: true" in capsys.readouterr().err
+    cfg.enrollment.accept_v1_bundles = True
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump()))
+    assert main(["bundle", "apply", str(b), *opts]) == 0
+    assert G.load(cfg.storage.gallery, G.load_key(cfg.storage.key_file)).names == ["obama"]
+    with AuditLog(cfg.storage.audit, readonly=True) as a:
+        row = a.tail(1)[0]
+    assert (row["reason"], row["details"]["version"]) == ("bundle_applied", 1)
+
+
+def test_a_version_2_bundle_for_this_gate_applies(tmp_path, keys, stack, monkeypatch, capsys):
+    from edge.__main__ import main
+
+    cfg, opts = cli_gate(tmp_path, keys, stack, monkeypatch)
+    cfg.enrollment.audience = ["hq-door-3", "hq"]  # the gate's own name and its site's
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump()))
+    b = photo_bundle(tmp_path, keys[0], [("obama", "E1", "obama.jpg")], audience="hq", valid_days=0.5)
+    assert main(["bundle", "apply", str(b), *opts]) == 0
+    assert G.load(cfg.storage.gallery, G.load_key(cfg.storage.key_file)).names == ["obama"]
+    with AuditLog(cfg.storage.audit, readonly=True) as a:
+        row = a.tail(1)[0]
+    assert (row["reason"], row["details"]["version"]) == ("bundle_applied", 2)
+
+
+@pytest.mark.parametrize("days", [0, -1, 90.5])
+def test_create_refuses_a_validity_outside_its_bounds(tmp_path, keys, days):
+    with pytest.raises(BundleError, match=f"validity of {days:g} days: give more than 0 and at most 90"):
+        B.create_bundle(tmp_path, tmp_path / "m.yaml", keys[0], tmp_path / "out", AUDIENCE, days)
+
+
+@pytest.mark.parametrize("manifest", [{"audience": None}, {"not_after": None}, {"version": 1}])
+def test_a_signed_manifest_missing_what_its_version_needs_is_malformed(tmp_path, keys, manifest):
+    priv, pub, _ = keys
+    out = make_bundle(tmp_path, priv)
+    m = {k: v for k, v in {**json.loads((out / B.MANIFEST).read_bytes()), **manifest}.items() if v is not None}
+    resign(out, priv, m)
+    with pytest.raises(BundleError, match="malformed manifest: .*version [12] (needs audience and not_after|has no audience or not_after)"):
+        B.verify_bundle(out, pub)

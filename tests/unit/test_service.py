@@ -238,7 +238,8 @@ def test_sighup_reloads_gallery_while_running(tmp_path, systemd, faces):
     photos.mkdir()
     (photos / "obama.jpg").write_bytes(sample("obama.jpg").read_bytes())
     (tmp_path / "m.yaml").write_text("sequence: 1\npeople:\n  - {name: obama, id: E1, photo: obama.jpg}\n")
-    B.create_bundle(photos, tmp_path / "m.yaml", B.load_private_key(priv), tmp_path / "bundle")
+    B.create_bundle(photos, tmp_path / "m.yaml", B.load_private_key(priv), tmp_path / "bundle", "gate")
+    cfg.enrollment.audience = ["gate"]
     result = {}
 
     def admin():
@@ -246,7 +247,8 @@ def test_sighup_reloads_gallery_while_running(tmp_path, systemd, faces):
             assert systemd.wait_for(lambda m: m.count("WATCHDOG=1") >= 3)  # the loop is running, obama denied
             key = G.load_key(cfg.storage.key_file)
             g = G.load(cfg.storage.gallery, key, stack.encoder.sha256)
-            result["report"] = B.apply_bundle(tmp_path / "bundle", B.load_public_key(pub), g, stack, cfg)
+            bundle = B.admit_bundle(tmp_path / "bundle", B.load_public_key(pub), cfg.enrollment, time.time)
+            result["report"] = B.apply_bundle(bundle, g, stack, cfg)
             os.kill(os.getpid(), signal.SIGHUP)
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and not any(r["grant"] for r in audit_rows(cfg)):

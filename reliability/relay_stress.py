@@ -1,9 +1,10 @@
 """Relay safety under load: the enrolled person stays in view (a grant on nearly every frame, so
 grants overlap), while the frame loop stalls at random (sleeps, and busy loops that hold the GIL)
-for up to twice the hard maximum. The unlocked time is read from the mock pin's own history (the
-line as wired), not from the relay's bookkeeping. The run ends with SIGTERM, as systemd stops it.
+for up to twice the hard maximum. The unlocked time is read from the simulated line's own history
+(the line as wired: gpiozero's mock pin, or a fake gpiod chip's line), not from the relay's
+bookkeeping. The run ends with SIGTERM, as systemd stops it.
 
-    python -m reliability.relay_stress --seconds 300
+    python -m reliability.relay_stress --seconds 300 [--backend gpiod]
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from reliability.fake_gpiod import BACKENDS, simulated_relay
 from reliability.fakes import (ALICE, Device, RelaySpy, fake_config, fake_models, patched, sigterm_after,
                                unlocked_intervals, write_gallery)
 
@@ -35,7 +37,8 @@ def stall_injector(rng: random.Random, max_hold_s: float, p_stall: float = 0.15)
     return stall
 
 
-def stress(seconds: float, folder: str | Path, pulse_s: float = 0.5, max_hold_s: float = 1.0, seed: int = 0) -> dict:
+def stress(seconds: float, folder: str | Path, pulse_s: float = 0.5, max_hold_s: float = 1.0, seed: int = 0,
+           backend: str = "gpiozero") -> dict:
     import edge.camera as camera_mod
     from edge.service import run_service
 
@@ -45,7 +48,7 @@ def stress(seconds: float, folder: str | Path, pulse_s: float = 0.5, max_hold_s:
     write_gallery(cfg)
     device = Device([(0.0, "ok", ALICE)], fps=30.0)
     rng = random.Random(seed)
-    with RelaySpy() as spy, fake_models(stall_injector(rng, max_hold_s)), \
+    with simulated_relay(backend, cfg.relay), RelaySpy() as spy, fake_models(stall_injector(rng, max_hold_s)), \
             patched(camera_mod, "make_camera", lambda c: device.open()):
         timer = sigterm_after(seconds)
         rc = run_service(cfg, verbose=False)
@@ -53,9 +56,10 @@ def stress(seconds: float, folder: str | Path, pulse_s: float = 0.5, max_hold_s:
     relay = spy.relay
     intervals = unlocked_intervals(relay.line)
     longest = max((d for _, d in intervals), default=0.0)
-    return {"seconds": seconds, "rc": rc, "openings": len(intervals), "longest_unlocked_s": round(longest, 3),
-            "relay_longest_s": round(relay.stats.longest_unlocked_s, 3), "pulse_s": pulse_s,
-            "max_hold_s": max_hold_s, "locked_at_exit": not relay.is_unlocked and not relay.line.state}
+    return {"backend": backend, "seconds": seconds, "rc": rc, "openings": len(intervals),
+            "longest_unlocked_s": round(longest, 3), "relay_longest_s": round(relay.stats.longest_unlocked_s, 3),
+            "pulse_s": pulse_s, "max_hold_s": max_hold_s,
+            "locked_at_exit": not relay.is_unlocked and not relay.line.state}
 
 
 def main(argv=None) -> int:
@@ -63,10 +67,12 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=300.0)
     p.add_argument("--pulse", type=float, default=0.5)
     p.add_argument("--max-hold", type=float, default=1.0)
+    p.add_argument("--backend", choices=BACKENDS, default="gpiozero",
+                   help="the simulated relay line: gpiozero's mock pins or a fake gpiod chip")
     p.add_argument("--json")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as d:
-        r = stress(args.seconds, d, args.pulse, args.max_hold)
+        r = stress(args.seconds, d, args.pulse, args.max_hold, backend=args.backend)
     print(json.dumps(r, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=2))

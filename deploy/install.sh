@@ -3,12 +3,15 @@
 # from a checkout of the repository. Idempotent: run it again to upgrade; config, keys, gallery and
 # audit are kept.
 #
-#   sudo deploy/install.sh [--models DIR] [--public-key FILE] [--board pi|jetson|generic] [--dry-run]
+#   sudo deploy/install.sh [--models DIR] [--public-key FILE] [--board pi|jetson|generic]
+#                          [--camera picamera2|gstreamer|opencv] [--dry-run]
 #   sudo deploy/install.sh --uninstall [--purge] [--dry-run]
 #
 #   --models DIR       copy prebuilt models (*_int8.onnx + cards) instead of building them here
 #   --public-key FILE  the admins' Ed25519 bundle public key (python -m edge keygen --signing ...)
 #   --board B          skip detection (generic = any other Debian/Ubuntu box, USB camera)
+#   --camera C         the camera a new config.yaml names, and the packages it needs (default:
+#                      picamera2 on a Pi, gstreamer = the CSI camera on a Jetson, opencv = USB otherwise)
 #   --dry-run          print every action, change nothing (needs no root)
 #   --uninstall        stop and remove the service, units, udev rule and /opt/facegate;
 #                      --purge also removes /etc/facegate, /var/lib/facegate (gallery, audit) and the user
@@ -28,7 +31,7 @@ USER_NAME=facegate
 # Only board detection reads through this, so tests can fake a Pi or a Jetson.
 SYSROOT=${FACEGATE_SYSROOT:-}
 
-dry=0 uninstall=0 purge=0 models="" pubkey="" board=""
+dry=0 uninstall=0 purge=0 models="" pubkey="" board="" camera=""
 while [ $# -gt 0 ]; do
     case $1 in
         --dry-run) dry=1 ;;
@@ -37,7 +40,8 @@ while [ $# -gt 0 ]; do
         --models) models=${2:?--models needs a folder}; shift ;;
         --public-key) pubkey=${2:?--public-key needs a file}; shift ;;
         --board) board=${2:?--board needs pi, jetson or generic}; shift ;;
-        -h | --help) sed -n '2,20p' "$0"; exit 0 ;;
+        --camera) camera=${2:?--camera needs picamera2, gstreamer or opencv}; shift ;;
+        -h | --help) sed -n '2,21p' "$0"; exit 0 ;;
         *) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -77,7 +81,8 @@ detect_board() {
 uninstall() {
     say "uninstalling facegate"
     run systemctl disable --now facegate.service || true
-    run rm -f "$UNITS/facegate.service" "$UNITS/facegate-enroll@.service" "$RULES/99-facegate-enroll.rules"
+    run rm -f "$UNITS/facegate.service" "$UNITS/facegate-enroll@.service" "$UNITS/facegate.service.d/argus-socket.conf" \
+        "$RULES/99-facegate-enroll.rules"
     run systemctl daemon-reload
     run udevadm control --reload
     run rm -rf "$PREFIX"
@@ -104,18 +109,31 @@ say "board: $board"
 # ------------------------------------------------------------------ packages
 packages=(python3 python3-venv util-linux)
 venv_flags=()
-camera_source=opencv
 case $board in
-    pi)
+    pi) camera_source=${camera:-picamera2} ;;
+    jetson)
+        # nvarguscamerasrc and nvvidconv, the CSI camera's elements, come with JetPack
+        packages+=(gstreamer1.0-tools gstreamer1.0-plugins-good gstreamer1.0-plugins-bad)
+        camera_source=${camera:-gstreamer}
+        ;;
+    generic) camera_source=${camera:-opencv} ;;
+esac
+case $camera_source in
+    picamera2)
         # picamera2 comes from apt (it binds libcamera), so the venv sees the system packages.
         packages+=(python3-picamera2)
         venv_flags=(--system-site-packages)
-        camera_source=picamera2
         ;;
-    jetson)
-        packages+=(gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad)
+    gstreamer)
+        # PyGObject and GStreamer's introspection data come from apt too (PyPI's pygobject builds
+        # against the system's GLib), so the venv sees the system packages.
+        packages+=(python3-gi gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0 gstreamer1.0-plugins-base)
+        venv_flags=(--system-site-packages)
         ;;
+    opencv) ;;
+    *) die "unknown camera '$camera_source' (picamera2, gstreamer or opencv)" ;;
 esac
+say "camera: $camera_source"
 say "apt packages: ${packages[*]}"
 run apt-get update
 run env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${packages[@]}"
@@ -140,7 +158,9 @@ run rm -rf "$PREFIX/app"
 run mv "$PREFIX/app.new" "$PREFIX/app"
 run install -m 0755 "$REPO/deploy/enroll-usb" "$PREFIX/deploy/enroll-usb"
 run install -m 0644 "$REPO/deploy/README-deploy.md" "$PREFIX/README-deploy.md"
-if [ ! -x "$PREFIX/venv/bin/python" ]; then
+# made again, packages kept, over a venv made before its camera needed the system's packages
+if [ ! -x "$PREFIX/venv/bin/python" ] || { [ ${#venv_flags[@]} -gt 0 ] &&
+    grep -qx "include-system-site-packages = false" "$PREFIX/venv/pyvenv.cfg"; }; then
     run python3 -m venv "${venv_flags[@]}" "$PREFIX/venv"
 fi
 run "$PREFIX/venv/bin/pip" install --quiet --disable-pip-version-check -r "$PREFIX/app/requirements.txt"
@@ -182,7 +202,8 @@ if [ ! -e "$ETC/config.yaml" ]; then
 # facegate gate config; every key: python -m edge check-config --describe
 camera:
   source: $camera_source
-  path: "0"          # opencv: device index or a GStreamer pipeline
+  path: "0"          # opencv: device index or /dev/video*
+  # pipeline: "v4l2src ! videoconvert ! appsink name=sink"   # gstreamer: another camera than the CSI one
 models:
   detector: $PREFIX/models/yunet_fp32.card.json
   encoder: $PREFIX/models/sface_dlib_int8.fusion.card.json
@@ -213,7 +234,31 @@ elif [ ! -e "$ETC/bundle.pub" ]; then
 fi
 
 # ------------------------------------------------------------------ systemd and udev
+# Prints True when the config's camera talks to nvargus-daemon (a Jetson CSI camera).
+ARGUS_QUERY='import sys; from edge.camera import needs_argus_socket; from edge.config import load_config; print(needs_argus_socket(load_config(sys.argv[1]).camera))'
+camera_needs_argus() {
+    if [ ! -e "$ETC/config.yaml" ]; then  # only in a dry run, which wrote none: the camera it would name
+        [ "$camera_source" = gstreamer ]  # whose default pipeline is the CSI camera's
+        return
+    fi
+    local app=$PREFIX/app
+    if [ "$dry" = 1 ]; then
+        app=$REPO  # nothing was installed: ask the code that would be
+        if [ ! -x "$PREFIX/venv/bin/python" ]; then
+            say "cannot read $ETC/config.yaml without $PREFIX/venv: the argus drop-in is decided when run for real"
+            return 1
+        fi
+    fi
+    [ "$(cd "$app" && "$PREFIX/venv/bin/python" -c "$ARGUS_QUERY" "$ETC/config.yaml")" = True ]
+}
 run install -m 0644 "$REPO/systemd/facegate.service" "$REPO/systemd/facegate-enroll@.service" "$UNITS/"
+# PrivateTmp= hides nvargus-daemon's socket in /tmp: the drop-in binds it in, for that camera only
+if camera_needs_argus; then
+    run install -d -m 0755 "$UNITS/facegate.service.d"
+    run install -m 0644 "$REPO/systemd/facegate-argus-socket.conf" "$UNITS/facegate.service.d/argus-socket.conf"
+else
+    run rm -f "$UNITS/facegate.service.d/argus-socket.conf"
+fi
 run install -m 0644 "$REPO/deploy/99-facegate-enroll.rules" "$RULES/"
 run systemctl daemon-reload
 run udevadm control --reload

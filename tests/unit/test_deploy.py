@@ -17,6 +17,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "systemd" / "facegate.service"
+ARGUS_DROPIN = REPO / "systemd" / "facegate-argus-socket.conf"
+INSTALLED_DROPIN = "/etc/systemd/system/facegate.service.d/argus-socket.conf"
 ENROLL_UNIT = REPO / "systemd" / "facegate-enroll@.service"
 INSTALL = REPO / "deploy" / "install.sh"
 ENROLL = REPO / "deploy" / "enroll-usb"
@@ -65,7 +67,12 @@ def test_gate_unit_lint():
     assert one(u["Install"], "WantedBy") == "multi-user.target"
 
 
-def test_enroll_unit_lint():
+def test_argus_drop_in_binds_only_the_camera_sockets_into_the_private_tmp():
+    d = parse_unit(ARGUS_DROPIN)
+    assert set(d) == {"Unit", "Service"} and d["Unit"] == {"After": ["nvargus-daemon.service"]}
+    # the sockets and nothing else: PrivateTmp= and the rest of the hardening stay as the unit has them
+    assert d["Service"] == {"BindPaths": ["/tmp/argus_socket", "-/tmp/nvscsock"]}
+
     u = parse_unit(ENROLL_UNIT)
     svc = u["Service"]
     assert one(svc, "Type") == "oneshot"
@@ -91,7 +98,8 @@ def test_udev_rule_starts_the_template_for_fat_sticks_only():
     assert "RUN" not in lines[0]  # udev starts a unit; it never runs a program itself
 
 
-def test_systemd_analyze_verify(tmp_path):
+@pytest.mark.parametrize("argus", [False, True])
+def test_systemd_analyze_verify(tmp_path, argus):
     exe = shutil.which("systemd-analyze")
     if exe is None:
         pytest.skip("systemd-analyze not installed (apt-get install systemd); the lint tests above still ran")
@@ -101,12 +109,19 @@ def test_systemd_analyze_verify(tmp_path):
         text = unit.read_text()
         assert old in text
         (tmp_path / unit.name).write_text(text.replace(old, new))
+    if argus:  # read with the unit, as systemd reads /etc/systemd/system/facegate.service.d/
+        (tmp_path / f"{UNIT.name}.d").mkdir()
+        (tmp_path / f"{UNIT.name}.d" / "argus-socket.conf").write_text(ARGUS_DROPIN.read_text() + "\nNotAKey=1\n")
     r = subprocess.run([exe, "verify", str(tmp_path / UNIT.name), str(tmp_path / ENROLL_UNIT.name)],
                        capture_output=True, text=True, timeout=60)
     if r.returncode != 0 and "Failed to initialize" in r.stderr + r.stdout:
         pytest.skip(f"systemd-analyze cannot run here: {r.stderr.strip()[:200]}")
     # unknown keys and bad values are only warnings (exit 0): any output is a failure
-    assert (r.returncode, r.stdout + r.stderr) == (0, "")
+    if argus:  # the key planted in the drop-in shows that verify did read it
+        assert r.returncode == 0 and "argus-socket.conf:" in r.stderr and "NotAKey" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    else:
+        assert (r.returncode, r.stdout + r.stderr) == (0, "")
 
 
 # `systemd-analyze security` exposure the enrollment unit reaches (10 = unrestricted); it runs as
@@ -169,14 +184,18 @@ def test_install_dry_run_on_a_pi(tmp_path):
     assert "edge keygen --gallery '/etc/facegate/gallery.key'" in out and "chmod 0600 /etc/facegate/gallery.key" in out
     assert "facegate.service" in out and "99-facegate-enroll.rules /etc/udev/rules.d/" in out
     assert "systemctl enable facegate.service" in out
-    assert "torch" not in out and "gstreamer" not in out
+    assert "torch" not in out
+    assert not re.search(r"apt-get install .*(gstreamer|python3-gi)", out)
 
 
 def test_install_dry_run_on_a_jetson_with_prebuilt_models(tmp_path):
     out = dry_run(tmp_path, "--models", "/srv/models", tegra=True)
     assert "== board: jetson" in out
     assert re.search(r"apt-get install .*gstreamer1.0-tools.*gstreamer1.0-plugins-good", out)
-    assert "python3-picamera2" not in out and "--system-site-packages" not in out
+    # the CSI camera through PyGObject, which comes from apt: the venv sees the system's packages
+    assert re.search(r"apt-get install .*python3-gi gir1.2-gstreamer-1.0 gir1.2-gst-plugins-base-1.0 gstreamer1.0-plugins-base", out)
+    assert "python3 -m venv --system-site-packages /opt/facegate/venv" in out
+    assert "python3-picamera2" not in out
     assert "export setup" not in out
     assert "install -m 0644 /srv/models/sface_int8.onnx /srv/models/sface_int8.card.json /opt/facegate/models/" in out
     assert "install -m 0644 /srv/models/dlib_int8.onnx /srv/models/dlib_int8.card.json /opt/facegate/models/" in out
@@ -184,7 +203,45 @@ def test_install_dry_run_on_a_jetson_with_prebuilt_models(tmp_path):
     assert "/srv/models/sface_dlib_fp32.fusion.json /srv/models/sface_dlib_fp32.fusion.card.json /opt/facegate/models/" in out
     assert "install -m 0644 /srv/models/dlib_fp32.onnx /srv/models/dlib_fp32.card.json /opt/facegate/models/" in out
     assert "encoder: /opt/facegate/models/sface_dlib_int8.fusion.card.json" in out
-    assert "source: opencv" in out
+    assert "source: gstreamer" in out
+
+
+@pytest.mark.parametrize("where,args,dropin", [
+    ({"tegra": True}, [], True),  # the CSI camera, the Jetson's default
+    ({"tegra": True}, ["--camera", "opencv"], False),  # a USB webcam on a Jetson
+    ({"model": "Raspberry Pi 5 Model B Rev 1.0"}, [], False),
+    ({}, ["--board", "generic"], False),
+    ({}, ["--board", "generic", "--camera", "gstreamer"], True),  # its default pipeline is nvarguscamerasrc's
+])
+def test_the_argus_socket_drop_in_is_installed_only_for_the_csi_camera(tmp_path, where, args, dropin):
+    if Path("/etc/facegate/config.yaml").exists():
+        pytest.skip("this machine has /etc/facegate/config.yaml, which a dry run keeps and reads instead")
+    out = dry_run(tmp_path, "--models", "/srv/models", *args, **where)
+    installed = f"install -m 0644 {ARGUS_DROPIN} {INSTALLED_DROPIN}" in out
+    assert installed is dropin
+    assert (f"rm -f {INSTALLED_DROPIN}" in out) is not dropin  # one left by an earlier camera goes
+    if dropin:  # ahead of the reload that reads it
+        assert out.index(INSTALLED_DROPIN) < out.index("systemctl daemon-reload\n+ udevadm")
+
+
+@pytest.mark.parametrize("camera,needs", [
+    ("source: gstreamer\n", "True"),
+    ("source: gstreamer\n  pipeline: v4l2src ! videoconvert ! appsink name=sink\n", "False"),
+    ("source: opencv\n  path: '0'\n", "False"),
+])
+def test_the_installers_argus_query_reads_the_config(tmp_path, camera, needs):
+    """The one line of Python install.sh runs against a kept config to decide the drop-in."""
+    query = re.search(r"^ARGUS_QUERY='([^']+)'$", INSTALL.read_text(), re.M).group(1)
+    (tmp_path / "config.yaml").write_text("camera:\n  " + camera)
+    r = subprocess.run([sys.executable, "-c", query, str(tmp_path / "config.yaml")], capture_output=True,
+                       text=True, cwd=REPO, timeout=60)
+    assert (r.returncode, r.stdout.strip()) == (0, needs), r.stderr
+
+
+def test_install_refuses_an_unknown_camera(tmp_path):
+    r = subprocess.run(["bash", str(INSTALL), "--dry-run", "--board", "generic", "--camera", "webcam"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "unknown camera 'webcam'" in r.stderr
 
 
 def test_install_dry_run_changes_nothing(tmp_path):
@@ -199,6 +256,7 @@ def test_install_dry_run_changes_nothing(tmp_path):
 def test_uninstall_dry_run_keeps_data_unless_purged(tmp_path):
     out = dry_run(tmp_path, "--uninstall")
     assert "systemctl disable --now facegate.service" in out and "rm -rf /opt/facegate" in out
+    assert INSTALLED_DROPIN in out
     assert "rm -rf /etc/facegate /var/lib/facegate" not in out
     assert "rm -rf /etc/facegate /var/lib/facegate" in dry_run(tmp_path, "--uninstall", "--purge")
 

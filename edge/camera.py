@@ -299,8 +299,8 @@ def _bus_error(msg) -> str:
 class GStreamerCamera(_ThreadedCamera):
     """A GStreamer pipeline run through PyGObject, so a Jetson CSI camera (nvarguscamerasrc) needs
     no OpenCV built with GStreamer. Frames come from the appsink named "sink", which is asked for
-    BGR and keeps only the newest frame. An ERROR or end of stream on the pipeline's bus makes the
-    source dead (the monitor reconnects with a new pipeline); release stops the pipeline (NULL)."""
+    BGR and keeps only the newest frame. An ERROR on the pipeline's bus, or the end of its stream,
+    makes the source dead (the monitor reconnects with a new pipeline); release stops it (NULL)."""
 
     PULL_S = 0.1  # how long one wait for a sample lasts before the bus and close() are looked at
 

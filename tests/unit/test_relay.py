@@ -328,6 +328,7 @@ def test_a_pin_gpiozero_refuses_is_refused_naming_the_field():
 
 def test_a_pin_factory_this_machine_lacks_is_refused_naming_the_field(monkeypatch):
     monkeypatch.setitem(sys.modules, "lgpio", None)  # the lgpio library is not installed
+    monkeypatch.delitem(sys.modules, "gpiozero.pins.lgpio", raising=False)  # nor loaded before
     with pytest.raises(ConfigError, match=r"^relay\.pin_factory lgpio: cannot be used on this machine \(ModuleNotFoundError"):
         DoorRelay(RelayConfig(pin_factory="lgpio"))
 

@@ -17,7 +17,8 @@ gate loads its gallery or a model. Then replay (sequence must exceed the highest
 each photo read once through O_NOFOLLOW (no symlinks, no path separators, no '..') and its sha256
 compared with the signed one. The replay check takes the higher of the gallery's sequence and the
 one kept in storage.sequence_file (root's, beside the gallery key), so a lost or copied-back gallery
-does not let an old bundle apply again. Any of these failing rejects the whole bundle and nothing changes.
+does not let an old bundle apply again; the gate itself refuses to load a gallery that records a
+lower sequence than that store (check_gallery_current). Any of these failing rejects the whole bundle and nothing changes.
 Photos that are intact but fail the quality gate (one face, size, blur, pose) refuse that person
 only. Ids are the stable key: two people under one id refuse the bundle, a person whose id
 changes under the same name is refused (the old id goes in the bundle's removals), a removal that
@@ -52,7 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .atomic import atomic_write_bytes
 from .config import AUDIENCE_NAME, EnrollmentConfig
 from .enroll import label_problem
-from .errors import AuditError, BundleError, FacegateError, StorageError
+from .errors import AuditError, BundleError, FacegateError, GalleryError, StorageError
 from .imageio import FileTooLarge, NotARegularFile, read_regular_file
 
 MANIFEST = "manifest.json"
@@ -480,6 +481,20 @@ def write_sequence(path: Path, sequence: int) -> None:
     atomic_write_bytes(path, f"{sequence}\n".encode(), mode=0o644)
 
 
+def check_gallery_current(gallery, storage, path: str | Path) -> None:
+    """Refuse (GalleryError) a gallery that records a lower bundle sequence than the store: an
+    old copy put back (a backup, a cloned card) would let in everyone revoked since it was saved.
+    A gallery `edge enroll` made records 0, which any store above 0 refuses likewise. A store that
+    holds no number refuses every gallery (BundleError, naming it): which is current cannot be told."""
+    applied = read_sequence(sequence_path(storage))
+    if gallery.bundle_sequence < applied:
+        raise GalleryError(path, f"gallery older than applied bundle {applied}: it records bundle "
+                                 f"{gallery.bundle_sequence or 'none'} as its last ({sequence_path(storage)} "
+                                 f"holds {applied}), so it is an old copy that would let in people revoked "
+                                 f"since; refused. Apply a new signed bundle with a sequence above {applied} "
+                                 f"(README-deploy.md)")
+
+
 def advance_sequence(storage, gallery_sequence: int) -> tuple[int, int]:
     """Raise the recorded sequence to `gallery_sequence` (the one the saved gallery has applied);
     never lowers it, so an old gallery copied back cannot reopen old sequences. Returns (before, after)."""
@@ -574,7 +589,11 @@ def _apply(bundle: AdmittedBundle, gallery, stack, cfg, audit, key) -> BundleRep
     key = key if key is not None else G.load_key(cfg.storage.key_file)  # before anything changes
     seq_file = sequence_path(cfg.storage)
     # The gallery's own record alone would let a lost or copied-back gallery reopen old sequences.
-    vb = _read_photos(bundle.path, bundle.manifest, max(gallery.bundle_sequence, read_sequence(seq_file)))
+    applied = read_sequence(seq_file)
+    vb = _read_photos(bundle.path, bundle.manifest, max(gallery.bundle_sequence, applied))
+    # An old copy of the gallery, refused at the gate's start, is brought forward by a newer bundle:
+    # on record, since whoever the copy holds and the bundle does not remove is let in again.
+    stale = {"stale_gallery_sequence": gallery.bundle_sequence} if gallery.bundle_sequence < applied else {}
     now = bundle.now
     m = vb.manifest
     report = BundleReport(m.sequence)
@@ -626,7 +645,7 @@ def _apply(bundle: AdmittedBundle, gallery, stack, cfg, audit, key) -> BundleRep
     events += [("enroll", "revoked", seq, {"identity": name}) for name in report.removed]
     events.append(("enroll", "bundle_applied", {
         **seq, "version": m.version, "enrolled": len(report.enrolled), "refused": len(report.refused),
-        "removed": len(report.removed), "people": len(gallery)}, {}))
+        "removed": len(report.removed), "people": len(gallery), **stale}, {}))
     save_audited(gallery, cfg.storage.gallery, key, audit, events)
     # Recorded once the gallery holds the change, so a gallery that cannot be written leaves the
     # sequence free for the same stick; until this write the saved gallery refuses the replay. On a

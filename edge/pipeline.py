@@ -16,6 +16,7 @@ from typing import Protocol
 import numpy as np
 
 from . import gallery as gallery_io
+from .bundle import check_gallery_current
 from .clock import TrustedClock, expiry_time, validity
 from .cohort import Cohort, as_norm_matrix, load_cohort
 from .config import MAX_TARGET_FPIR, Config, MatchConfig
@@ -287,9 +288,11 @@ def _finite(x: float) -> float | None:
 
 def open_gallery(cfg: Config, encoder: Encoder, floor: float) -> gallery_io.Gallery:
     """The gallery without the enrolments that have ended at trusted time (edge.clock, `floor`
-    the time floor): a clock far ahead drops no one, each grant then judges them."""
+    the time floor): a clock far ahead drops no one, each grant then judges them. A gallery older
+    than the last bundle applied (edge.bundle.check_gallery_current) is refused."""
     key = gallery_io.load_key(cfg.storage.key_file)
     g = gallery_io.load(cfg.storage.gallery, key, encoder.sha256)
+    check_gallery_current(g, cfg.storage, cfg.storage.gallery)
     expired = g.expire(expiry_time(time.time(), floor))
     if expired:
         log.warning("enrolments expired and ignored: %s", ", ".join(expired))

@@ -929,3 +929,100 @@ def test_a_signed_manifest_missing_what_its_version_needs_is_malformed(tmp_path,
     resign(out, priv, m)
     with pytest.raises(BundleError, match="malformed manifest: .*version [12] (needs audience and not_after|has no audience or not_after)"):
         B.verify_bundle(out, pub)
+
+
+# ------------------------------------------------------------------ a gallery older than the store
+def gallery_put_back(tmp_path, keys, stack, monkeypatch):
+    """Bundle 1 enrolls obama, bundle 2 revokes him and enrolls biden. Returns the config (for
+    run_service: an empty scene replayed in a loop, no liveness model), the CLI options, the
+    gallery as bundle 1 left it (a backup) and as bundle 2 left it."""
+    from edge.__main__ import main
+
+    cfg, opts = cli_gate(tmp_path, keys, stack, monkeypatch)
+    b1 = photo_bundle(tmp_path, keys[0], [("obama", "E1", "obama.jpg")], sequence=1, name="b1")
+    b2 = photo_bundle(tmp_path, keys[0], [("biden", "E2", "biden.jpg")], removals=["E1"], sequence=2, name="b2")
+    assert main(["bundle", "apply", str(b1), *opts]) == 0
+    backup = (tmp_path / "gallery.fgg").read_bytes()
+    assert main(["bundle", "apply", str(b2), *opts]) == 0
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    cv2.imwrite(str(frames / "000_empty.png"), cv2.imread(str(sample("astronaut.png")))[300:512, 0:180])
+    cfg.camera.path, cfg.camera.fps, cfg.camera.loop = str(frames), 30.0, True
+    cfg.liveness.mode = "off"
+    return cfg, opts, backup, (tmp_path / "gallery.fgg").read_bytes()
+
+
+def gate_rows(cfg) -> list[dict]:
+    with AuditLog(cfg.storage.audit, readonly=True) as a:
+        return [r for r in a.tail(100) if r["kind"] in ("gallery", "service")]
+
+
+def test_a_gallery_older_than_the_last_applied_bundle_does_not_start_the_gate(tmp_path, keys, stack, monkeypatch):
+    from edge.__main__ import main
+    from edge.errors import GalleryError
+    from edge.service import Notifier, run_service
+
+    cfg, opts, backup, _ = gallery_put_back(tmp_path, keys, stack, monkeypatch)
+    gallery = tmp_path / "gallery.fgg"
+    gallery.write_bytes(backup)  # obama, revoked by bundle 2, would be let in again
+    with pytest.raises(GalleryError, match="gallery older than applied bundle 2: it records bundle 1 as its last"):
+        run_service(cfg, max_frames=3, verbose=False, notifier=Notifier(""))
+    # a gallery `edge enroll` made afresh records no bundle: below the store, it is refused too
+    fresh = G.Gallery(stack.encoder.sha256, stack.encoder.card.embedding.dim)
+    fresh.add(G.Person("carol", np.ones(fresh.dim, np.float32)))
+    G.save(fresh, gallery, G.load_key(cfg.storage.key_file))
+    with pytest.raises(GalleryError, match="gallery older than applied bundle 2: it records bundle none as its last"):
+        run_service(cfg, max_frames=3, verbose=False, notifier=Notifier(""))
+    rows = gate_rows(cfg)
+    assert [(r["kind"], r["reason"]) for r in rows] == [("gallery", "refused"), ("service", "stopped")] * 2
+    assert str(tmp_path / "bundle.seq") in rows[0]["details"]["error"]
+    # recovery: a newer signed bundle brings the old gallery forward, on record, and the gate starts
+    gallery.write_bytes(backup)
+    b3 = photo_bundle(tmp_path, keys[0], [("biden", "E2", "biden.jpg")], removals=["E1"], sequence=3, name="b3")
+    assert main(["bundle", "apply", str(b3), *opts]) == 0
+    with AuditLog(cfg.storage.audit, readonly=True) as a:
+        applied = a.tail(1)[0]
+    assert (applied["reason"], applied["details"]["stale_gallery_sequence"]) == ("bundle_applied", 1)
+    assert run_service(cfg, max_frames=3, verbose=False, notifier=Notifier("")) == 0
+    started = [r for r in gate_rows(cfg) if r["reason"] == "started"]
+    assert len(started) == 1 and started[0]["details"]["people"] == 1
+
+
+def test_a_reload_of_a_gallery_older_than_the_last_applied_bundle_is_refused_and_the_gallery_kept(
+        tmp_path, keys, stack, monkeypatch):
+    import signal
+    import threading
+
+    from edge.service import Notifier, run_service
+
+    cfg, _, backup, current = gallery_put_back(tmp_path, keys, stack, monkeypatch)
+    gallery = tmp_path / "gallery.fgg"
+
+    def wait_for(reason):
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and reason not in [r["reason"] for r in gate_rows(cfg)]:
+            time.sleep(0.05)
+
+    def admin():  # on the running gate: the backup copied back, then the current gallery again
+        try:
+            wait_for("started")
+            gallery.write_bytes(backup)
+            os.kill(os.getpid(), signal.SIGHUP)
+            wait_for("reload_refused")
+            gallery.write_bytes(current)
+            os.kill(os.getpid(), signal.SIGHUP)
+            wait_for("reloaded")
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    t = threading.Thread(target=admin)
+    t.start()
+    try:
+        assert run_service(cfg, max_frames=100_000, verbose=False, notifier=Notifier("")) == 0
+    finally:
+        t.join()
+    rows = gate_rows(cfg)
+    assert [(r["kind"], r["reason"]) for r in rows] == [("service", "started"), ("gallery", "reload_refused"),
+                                                        ("gallery", "reloaded"), ("service", "stopped")]
+    assert "gallery older than applied bundle 2: it records bundle 1 as its last" in rows[1]["details"]["error"]
+    assert rows[2]["details"]["people"] == 1

@@ -4,26 +4,28 @@ the gate from a USB stick.
 A bundle is a folder holding `manifest.json`, `manifest.sig` and the photos it lists, flat (no
 sub-folders). `manifest.json` is canonical JSON (sorted keys, no spaces) with the sequence number,
 the creation time, the audience (the gate or site it is for) and not_after (when it expires), each
-person (name, id, validity, photo file name, its sha256 and size) and the removals (names or ids). `manifest.sig` is the base64 Ed25519 signature of
-SIGNING_DOMAIN + sha256(manifest.json bytes); since the manifest lists every photo's sha256, the
-one signature covers every byte of the bundle.
+person (name, id, validity, photo file name, its sha256 and size) and the removals (names or ids).
+`manifest.sig` is the base64 Ed25519 signature of SIGNING_DOMAIN + sha256(manifest.json bytes);
+since the manifest lists every photo's sha256, the one signature covers every byte of the bundle.
 
 On the gate the signature is checked over the raw manifest bytes before they are parsed, so an
 unsigned or forged manifest never reaches the JSON parser. Then: strict schema (unknown keys,
-duplicate keys, bad names refused), version (1, which has no audience and never expires, only with
-enrollment.accept_v1_bundles), audience (one of enrollment.audience), expiry (not_after judged at the
-gate's trusted time, edge.clock, so a clock set back revives no stick); all of these before the
-gate loads its gallery or a model. Then replay (sequence must exceed the highest applied), size limits,
-each photo read once through O_NOFOLLOW (no symlinks, no path separators, no '..') and its sha256
-compared with the signed one. The replay check takes the higher of the gallery's sequence and the
-one kept in storage.sequence_file (root's, beside the gallery key), so a lost or copied-back gallery
-does not let an old bundle apply again; the gate itself refuses to load a gallery that records a
-lower sequence than that store (check_gallery_current). Any of these failing rejects the whole bundle and nothing changes.
+duplicate keys, bad names refused), version (1, which names no audience and never expires, only
+with enrollment.accept_v1_bundles), audience (one of enrollment.audience), expiry (not_after judged
+at the gate's trusted time, edge.clock, so a clock set back revives no stick); all of these before
+the gate loads its gallery or a model. Then replay (sequence must exceed the highest applied), size
+limits, each photo read once through O_NOFOLLOW (no symlinks, no path separators, no '..') and its
+sha256 compared with the signed one. The replay check takes the higher of the gallery's sequence
+and the one kept in storage.sequence_file (root's, beside the gallery key), so a lost or
+copied-back gallery does not let an old bundle apply again; the gate itself refuses to load a
+gallery that records a lower sequence than that store (check_gallery_current). Any of these
+failing rejects the whole bundle and nothing changes.
 Photos that are intact but fail the quality gate (one face, size, blur, pose) refuse that person
 only. Ids are the stable key: two people under one id refuse the bundle, a person whose id
 changes under the same name is refused (the old id goes in the bundle's removals), a removal that
-matches more than one enrolled person refuses the bundle. The gallery is then saved atomically, with bundle_sequence set, and the photos, held in
-memory only, are dropped: nothing from the stick is written to the gate or executed.
+matches more than one enrolled person refuses the bundle. The gallery is then saved atomically,
+with bundle_sequence set, and the photos, held in memory only, are dropped: nothing from the stick
+is written to the gate or executed.
 """
 from __future__ import annotations
 

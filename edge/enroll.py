@@ -1,6 +1,8 @@
 """Enrollment: one photo per person -> one embedding in the gallery. Photos are not kept."""
 from __future__ import annotations
 
+import os
+import stat
 import time
 import unicodedata
 from dataclasses import dataclass
@@ -67,20 +69,41 @@ def label_problem(value: str) -> str | None:
     return None
 
 
-def photos_in(folder: Path) -> list[Path]:
+def entries_in(folder: Path) -> list[Path]:
+    """Everything in the folder, each to be enrolled or reported: nothing is skipped unseen."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FacegateError(folder, "enrollment folder not found")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-    if not files:
+    entries = sorted(folder.iterdir())
+    if not entries:
         raise FacegateError(folder, "enrollment folder is empty")
-    return files
+    return entries
+
+
+def _not_a_photo(p: Path) -> str | None:
+    """Why the folder entry `p` is not read as a photo, judged on the entry itself (lstat), or None."""
+    if p.name.startswith("."):
+        return "hidden file (the name starts with '.'), not read"
+    try:
+        mode = os.lstat(p).st_mode
+    except OSError as e:
+        return f"cannot read: {e.strerror}"
+    if stat.S_ISLNK(mode):
+        return "is a symbolic link, not followed: copy the photo itself into the folder"
+    if stat.S_ISDIR(mode):
+        return "is a folder; sub-folders are not searched: put each photo directly in the enrollment folder"
+    return None  # a FIFO or device is refused by load_image, without waiting on it
 
 
 def enroll_folder(stack, cfg, folder: Path) -> list[EnrollResult]:
-    """File name (without extension) = person's name. Non-images are refused by content, not name."""
+    """File name (without extension) = person's name. Non-images are refused by content, not name;
+    every entry of the folder gets a result, so the operator sees each one not enrolled and why."""
     out = []
-    for p in photos_in(folder):
+    for p in entries_in(folder):
+        why = _not_a_photo(p)
+        if why:
+            out.append(EnrollResult(p.stem, str(p), False, why))
+            continue
         problem = label_problem(p.stem)
         if problem:
             out.append(EnrollResult(p.stem, str(p), False, f"the file name gives the person's name, which {problem}"))
@@ -103,3 +126,4 @@ def apply(g: Gallery, results: list[EnrollResult], retention_days: int, person_i
             g.add(Person(r.name, r.embedding, (person_ids or {}).get(r.name, ""), now, now + retention_days * 86400.0))
             n += 1
     return n
+

@@ -86,6 +86,67 @@ def test_hostile_photos_refused_at_enrollment_and_nothing_changes(tmp_path, gate
     assert (open(cfg.storage.gallery, "rb").read(), len(audit_rows(cfg.storage.audit))) == before
 
 
+def enroll_lines(out: str) -> dict:
+    """`edge enroll` output: each entry's name -> its OK / REFUSED / WARNING lines."""
+    lines = {}
+    for ln in out.splitlines():
+        if ln.split(" ", 1)[0] in ("OK", "REFUSED", "WARNING"):
+            lines.setdefault(ln.split()[1].rstrip(":"), []).append(ln)
+    return lines
+
+
+def no_hang(seconds: int = 60):
+    """Fail a call that blocks (a FIFO opened for reading waits for a writer) instead of hanging."""
+    import contextlib
+    import signal
+
+    @contextlib.contextmanager
+    def guard():
+        def hung(signum, frame):
+            raise TimeoutError(f"blocked for {seconds} s")
+
+        previous = signal.signal(signal.SIGALRM, hung)
+        signal.alarm(seconds)
+        try:
+            yield
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
+    return guard()
+
+
+def test_links_fifos_folders_and_hidden_files_in_an_enrollment_folder_are_each_reported(tmp_path, gate_config,
+                                                                                          samples, capsys):
+    """Nothing in the folder is skipped unseen or followed: a symlink (here to a real face) is not
+    followed, a FIFO is refused without waiting for a writer, a sub-folder is not searched; each is
+    named with why, the rest is enrolled and the exit status says not everything was."""
+    import os
+
+    path, cfg = gate_config
+    folder = tmp_path / "people"
+    folder.mkdir()
+    shutil.copy(samples / "biden.jpg", folder / "joe.jpg")
+    (folder / "alice.jpg").symlink_to(samples / "obama2.jpg")
+    os.mkfifo(folder / "bob.jpg")
+    (folder / "carol").mkdir()
+    shutil.copy(samples / "obama3.jpg", folder / "carol" / "carol.jpg")
+    (folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    capsys.readouterr()
+    with no_hang():
+        assert main(["enroll", str(folder), "--config", str(path)]) == 1
+    out = capsys.readouterr().out
+    lines = enroll_lines(out)
+    expect = {"joe": "OK      joe: enrolled", "alice": "is a symbolic link, not followed",
+              "bob": "is not a regular file (a device, FIFO or socket)", "carol": "is a folder; sub-folders are not searched",
+              ".DS_Store": "hidden file"}
+    assert set(lines) == set(expect), out
+    for name, words in expect.items():
+        assert len(lines[name]) == 1 and words in lines[name][0], lines[name]
+        assert f"({folder / name}" in lines[name][0] or name == "joe", lines[name]
+    assert "1 enrolled, 4 refused; gallery has 2 people" in out
+    assert G.load(cfg.storage.gallery, G.load_key(cfg.storage.key_file)).names == ["obama", "joe"]
+
+
 def test_cmyk_and_16_bit_photos_of_a_face_decode_to_the_same_person(real_stack, samples, tmp_path):
     """Not refused but decoded right: the embedding of a 16-bit copy matches the 8-bit original."""
     from edge.config import QualityConfig

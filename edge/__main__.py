@@ -80,7 +80,7 @@ def cmd_run(args) -> int:
 def cmd_enroll(args) -> int:
     from . import gallery as G
     from .audit import AuditLog
-    from .enroll import apply, enroll_folder
+    from .enroll import apply, enroll_folder, refuse_duplicates, screen_duplicates
     from .pipeline import Stack
 
     from .bundle import gallery_lock
@@ -89,8 +89,6 @@ def cmd_enroll(args) -> int:
     stack = Stack.from_config(cfg)
     key = G.load_key(cfg.storage.key_file)
     results = enroll_folder(stack, cfg, Path(args.folder))
-    for r in results:
-        print(f"{'OK     ' if r.ok else 'REFUSED'} {r.name}: {r.reason}  ({r.source})")
     # load-modify-save must not interleave with another writer
     with AuditLog(cfg.storage.audit) as audit, gallery_lock(cfg.storage.gallery):
         if Path(cfg.storage.gallery).exists():
@@ -102,10 +100,22 @@ def cmd_enroll(args) -> int:
         except FacegateError as e:
             audit.record_event("enroll", "clock_untrusted", details={"error": str(e)[:900]})
             raise
+        duplicates = {d.name: d for d in screen_duplicates(stack, cfg.match, g, results, cfg.storage.retention_days, now)}
+        if not args.allow_duplicate:
+            results = refuse_duplicates(results, list(duplicates.values()))
+        for r in results:
+            print(f"{'OK     ' if r.ok else 'REFUSED'} {r.name}: {r.reason}  ({r.source})")
+            if r.ok and r.name in duplicates:
+                print(f"WARNING {r.name}: {duplicates[r.name].problem()}; enrolled as --allow-duplicate asks")
         n = apply(g, results, cfg.storage.retention_days, now=now)
+        events = [("enroll", "enrolled", {"duplicate_of": duplicates[r.name].other} if r.name in duplicates else None,
+                   {"identity": r.name}) for r in results if r.ok]
+        events += [("enroll", "refused", {"why": r.reason[:900]}, {"identity": r.name})
+                   for r in results if not r.ok and r.name in duplicates]
         if n:
-            _save_audited(audit, "enroll", g, cfg.storage.gallery, key,
-                          [("enroll", "enrolled", None, {"identity": r.name}) for r in results if r.ok])
+            _save_audited(audit, "enroll", g, cfg.storage.gallery, key, events)
+        elif events:
+            audit.record_events(events)  # a duplicate refused is a security refusal: on record though nothing changed
     print(f"{n} enrolled, {len(results) - n} refused; gallery has {len(g)} people")
     return 0 if n == len(results) else 1
 
@@ -321,6 +331,9 @@ def main(argv=None) -> int:
     s.add_argument("--quiet", action="store_true")
     s = add("enroll", cmd_enroll, "enroll one photo per person from a folder (file name = person)")
     s.add_argument("folder")
+    s.add_argument("--allow-duplicate", action="store_true",
+                   help="enroll a face the gate would take for another enrolled person (twins), with a warning; "
+                        "without it such a person is refused")
     s = add("verify", cmd_verify, "1:1: does IMAGE show the claimed person?")
     s.add_argument("image")
     s.add_argument("--as", dest="as_name", required=True, help="claimed identity (name or badge id)")

@@ -5,7 +5,7 @@ import os
 import stat
 import time
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -127,3 +127,57 @@ def apply(g: Gallery, results: list[EnrollResult], retention_days: int, person_i
             n += 1
     return n
 
+
+@dataclass(frozen=True)
+class Duplicate:
+    """A person being enrolled whom the gate would take for another enrolled person."""
+    name: str
+    other: str  # already in the gallery, or enrolled in the same run
+    score: float  # as the gate scores the pair (AS-norm with a cohort, else cosine)
+    threshold: float  # the gate's 1:N threshold for the gallery with them in it
+
+    def problem(self) -> str:
+        return (f"the same face as {self.other!r} (score {self.score:.3f}, at or above the gate's threshold "
+                f"{self.threshold:.3f}): the gate could open for one as the other")
+
+
+def duplicate_faces(stack, match_cfg, g: Gallery, names: list[str]) -> list[Duplicate]:
+    """Those of `names` (people of g) whose gallery embedding the gate, searching g as it would
+    after a reload, scores at or above its threshold against another person of g."""
+    from .pipeline import Matcher
+
+    if not names:
+        return []
+    matcher = Matcher(match_cfg, stack, g)
+    embedding = {p.name: p.embedding for p in g.people}
+    out = []
+    for name in names:
+        best = matcher.match(embedding[name])
+        # the person themself is normally the best: the nearest other is whichever of the two is not
+        other = next((n for n in (best.identity, best.runner_up) if n not in (None, name)), None)
+        if other is None:
+            continue
+        score = matcher.match(embedding[name], claim=other).score
+        if score >= matcher.threshold_1n:
+            out.append(Duplicate(name, other, score, matcher.threshold_1n))
+    return out
+
+
+def screen_duplicates(stack, match_cfg, g: Gallery, results: list[EnrollResult], retention_days: int,
+                      now: float) -> list[Duplicate]:
+    """duplicate_faces for the people `results` would enroll into g, judged on a copy of g with
+    them in it (g itself is unchanged): against everyone already enrolled and still valid at
+    `now`, and against each other. A photo replacing a person's own entry is no duplicate."""
+    trial = Gallery(g.encoder_sha256, g.dim, list(g.people))
+    apply(trial, results, retention_days, now=now)
+    trial.expire(now)
+    return duplicate_faces(stack, match_cfg, trial, [r.name for r in results if r.ok])
+
+
+def refuse_duplicates(results: list[EnrollResult], duplicates: list[Duplicate]) -> list[EnrollResult]:
+    """`results` with each duplicate refused, naming the person it duplicates."""
+    why = {d.name: d for d in duplicates}
+    return [replace(r, ok=False, embedding=None,
+                    reason=f"{why[r.name].problem()}; if it is one person, keep one name (python -m edge forget "
+                           f"NAME); if not (twins), enroll with --allow-duplicate")
+            if r.ok and r.name in why else r for r in results]

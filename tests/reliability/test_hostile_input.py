@@ -147,6 +147,52 @@ def test_links_fifos_folders_and_hidden_files_in_an_enrollment_folder_are_each_r
     assert G.load(cfg.storage.gallery, G.load_key(cfg.storage.key_file)).names == ["obama", "joe"]
 
 
+def test_a_face_already_enrolled_under_another_name_is_refused_naming_both(tmp_path, gate_config, samples, capsys):
+    """The same photo under a second name is refused at the gate's own threshold, naming the person
+    it duplicates, and audited; another person's face is enrolled beside it. --allow-duplicate
+    enrolls it with a warning, the audit row saying whom it duplicates."""
+    path, cfg = gate_config  # obama is enrolled
+    folder = tmp_path / "people"
+    folder.mkdir()
+    shutil.copy(samples / "obama.jpg", folder / "barack.jpg")
+    shutil.copy(samples / "biden.jpg", folder / "joe.jpg")
+    capsys.readouterr()
+    assert main(["enroll", str(folder), "--config", str(path)]) == 1
+    out = capsys.readouterr().out
+    lines = enroll_lines(out)
+    assert lines["joe"] == [f"OK      joe: enrolled  ({folder / 'joe.jpg'})"], out
+    [refused] = lines["barack"]
+    assert refused.startswith("REFUSED barack: the same face as 'obama' (score ") and "--allow-duplicate" in refused
+    key = G.load_key(cfg.storage.key_file)
+    assert G.load(cfg.storage.gallery, key).names == ["obama", "joe"]
+    [row] = [r for r in audit_rows(cfg.storage.audit) if r["identity"] == "barack"]
+    assert (row["kind"], row["reason"]) == ("enroll", "refused") and "'obama'" in json.loads(row["details"])["why"]
+
+    (folder / "joe.jpg").unlink()
+    assert main(["enroll", str(folder), "--allow-duplicate", "--config", str(path)]) == 0
+    lines = enroll_lines(capsys.readouterr().out)
+    assert lines["barack"][0].startswith("OK      barack: enrolled")
+    assert lines["barack"][1].startswith("WARNING barack: the same face as 'obama'")
+    assert G.load(cfg.storage.gallery, key).names == ["obama", "joe", "barack"]
+    row = audit_rows(cfg.storage.audit)[-1]
+    assert (row["reason"], row["identity"], json.loads(row["details"])) == ("enrolled", "barack", {"duplicate_of": "obama"})
+
+
+def test_one_face_twice_in_one_enrollment_is_refused_under_both_names(tmp_path, gate_config, samples, capsys):
+    path, cfg = gate_config
+    folder = tmp_path / "people"
+    folder.mkdir()
+    for name in ("joe", "joseph"):
+        shutil.copy(samples / "biden.jpg", folder / f"{name}.jpg")
+    capsys.readouterr()
+    assert main(["enroll", str(folder), "--config", str(path)]) == 1
+    out = capsys.readouterr().out
+    lines = enroll_lines(out)
+    assert lines["joe"][0].startswith("REFUSED joe: the same face as 'joseph'"), out
+    assert lines["joseph"][0].startswith("REFUSED joseph: the same face as 'joe'"), out
+    assert G.load(cfg.storage.gallery, G.load_key(cfg.storage.key_file)).names == ["obama"]
+
+
 def test_cmyk_and_16_bit_photos_of_a_face_decode_to_the_same_person(real_stack, samples, tmp_path):
     """Not refused but decoded right: the embedding of a 16-bit copy matches the 8-bit original."""
     from edge.config import QualityConfig

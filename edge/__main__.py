@@ -303,13 +303,27 @@ def cmd_identify(args) -> int:
     return 0 if m.accepted else 1
 
 
+def _claimed_name(g, claim: str) -> str:
+    """The enrolled name a claim (a name or a badge id) stands for; the claim itself when no one
+    holds it. A claim that is one person's name and another's id, or an id two people share, is
+    refused: checking the face against either could verify the wrong person."""
+    hits = [p for p in g.people if claim in (p.name, p.person_id)]
+    if len(hits) > 1:
+        who = ", ".join(f"{p.name} (id {p.person_id or 'none'})" for p in hits)
+        raise FacegateError(None, f"claim {claim!r} is ambiguous: it matches {who}; claim by an id only one of "
+                                  f"them holds")
+    return hits[0].name if hits else claim
+
+
 def cmd_verify(args) -> int:
     r, matcher = _probe(args)
     if not r.ok:
         print(f"{args.image}: {r.reason}")
         return 2
-    m = matcher.match(r.embedding, claim=args.as_name)
-    print(json.dumps({"claim": args.as_name, "verified": m.accepted, "score": round(m.score, 4) if m.score > -1e9 else None,
+    name = _claimed_name(matcher.gallery, args.as_name)
+    m = matcher.match(r.embedding, claim=name)
+    print(json.dumps({"claim": args.as_name, "identity": name, "verified": m.accepted,
+                      "score": round(m.score, 4) if m.score > -1e9 else None,
                       "threshold": round(m.threshold, 4), "reason": m.reason}))
     return 0 if m.accepted else 1
 

@@ -193,6 +193,40 @@ def test_one_face_twice_in_one_enrollment_is_refused_under_both_names(tmp_path, 
     assert G.load(cfg.storage.gallery, G.load_key(cfg.storage.key_file)).names == ["obama"]
 
 
+def test_verify_takes_a_badge_id_as_the_claim_and_refuses_an_ambiguous_one(tmp_path, gate_config, samples, capsys):
+    path, cfg = gate_config
+    folder = tmp_path / "people"
+    folder.mkdir()
+    shutil.copy(samples / "biden.jpg", folder / "joe.jpg")
+    assert main(["enroll", str(folder), "--config", str(path)]) == 0
+    key = G.load_key(cfg.storage.key_file)
+
+    def set_ids(ids):
+        g = G.load(cfg.storage.gallery, key)
+        for p in g.people:
+            p.person_id = ids[p.name]
+        G.save(g, cfg.storage.gallery, key)
+
+    def verify(claim):
+        capsys.readouterr()
+        status = main(["verify", str(samples / "obama2.jpg"), "--as", claim, "--config", str(path)])
+        out, err = capsys.readouterr()
+        return status, (json.loads(out) if out.strip() else None), err
+
+    set_ids({"obama": "E7", "joe": "B2"})
+    for claim in ("E7", "obama"):
+        status, res, _ = verify(claim)
+        assert (status, res["verified"], res["reason"]) == (0, True, "match") and res["identity"] == "obama", res
+    status, res, _ = verify("B2")
+    assert (status, res["identity"], res["verified"]) == (1, "joe", False)
+    assert verify("Z9")[1]["reason"] == "claim_unknown"
+
+    set_ids({"obama": "E7", "joe": "E7"})
+    status, res, err = verify("E7")
+    assert (status, res) == (2, None)
+    assert "claim 'E7' is ambiguous: it matches obama (id E7), joe (id E7)" in err
+
+
 def test_cmyk_and_16_bit_photos_of_a_face_decode_to_the_same_person(real_stack, samples, tmp_path):
     """Not refused but decoded right: the embedding of a 16-bit copy matches the 8-bit original."""
     from edge.config import QualityConfig

@@ -7,7 +7,8 @@
 #                          [--camera picamera2|gstreamer|opencv] [--dry-run]
 #   sudo deploy/install.sh --uninstall [--purge] [--dry-run]
 #
-#   --models DIR       copy prebuilt models (*_int8.onnx + cards) instead of building them here
+#   --models DIR       copy prebuilt models (*_int8.onnx + cards) instead of building them here;
+#                      needed on a Jetson, whose Python 3.10 cannot run the export
 #   --public-key FILE  the admins' Ed25519 bundle public key (python -m edge keygen --signing ...)
 #   --board B          skip detection (generic = any other Debian/Ubuntu box, USB camera)
 #   --camera C         the camera a new config.yaml names, and the packages it needs (default:
@@ -41,7 +42,7 @@ while [ $# -gt 0 ]; do
         --public-key) pubkey=${2:?--public-key needs a file}; shift ;;
         --board) board=${2:?--board needs pi, jetson or generic}; shift ;;
         --camera) camera=${2:?--camera needs picamera2, gstreamer or opencv}; shift ;;
-        -h | --help) sed -n '2,21p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
         *) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -68,10 +69,13 @@ put() { # put PATH MODE OWNER: file content from stdin
 
 [ "$dry" = 1 ] || [ "$(id -u)" = 0 ] || die "run as root (or with --dry-run)"
 
+model_says() { # the device tree's board name, e.g. "Raspberry Pi 5 Model B", "NVIDIA Jetson Orin Nano ..."
+    [ -r "$SYSROOT/proc/device-tree/model" ] && tr -d '\0' <"$SYSROOT/proc/device-tree/model" | grep -q "$1"
+}
 detect_board() {
-    if [ -r "$SYSROOT/proc/device-tree/model" ] && tr -d '\0' <"$SYSROOT/proc/device-tree/model" | grep -q "Raspberry Pi"; then
+    if model_says "Raspberry Pi"; then
         echo pi
-    elif [ -e "$SYSROOT/etc/nv_tegra_release" ]; then
+    elif [ -e "$SYSROOT/etc/nv_tegra_release" ] || model_says "Jetson"; then
         echo jetson
     else
         echo generic
@@ -105,6 +109,14 @@ fi
 board=${board:-$(detect_board)}
 case $board in pi | jetson | generic) ;; *) die "unknown board '$board'" ;; esac
 say "board: $board"
+# requirements.txt's pins need Python 3.11 (Raspberry Pi OS bookworm); JetPack 6 has 3.10
+requirements=requirements.txt
+if [ "$board" = jetson ]; then
+    requirements=requirements-jetson.txt
+    # the export's venv is requirements.txt and more, so it cannot be made here: fail before changing anything
+    [ -n "$models" ] || die "on a Jetson pass --models DIR: build the models on a machine with Python 3.11 (./dev setup writes models/)"
+fi
+say "device requirements: $requirements"
 
 # ------------------------------------------------------------------ packages
 packages=(python3 python3-venv util-linux)
@@ -148,11 +160,11 @@ fi
 run usermod -a -G gpio,video "$USER_NAME"
 
 # ------------------------------------------------------------------ code and venv
-grep -qiE '^(torch|tensorflow)' "$REPO/requirements.txt" && die "requirements.txt lists a training package; the device gets none"
+grep -qiE '^(torch|tensorflow)' "$REPO/$requirements" && die "$requirements lists a training package; the device gets none"
 run install -d -m 0755 "$PREFIX" "$PREFIX/deploy" "$PREFIX/models"
 run rm -rf "$PREFIX/app.new"
 run install -d -m 0755 "$PREFIX/app.new"
-run cp -r "$REPO/edge" "$REPO/requirements.txt" "$PREFIX/app.new/"
+run cp -r "$REPO/edge" "$REPO/$requirements" "$PREFIX/app.new/"
 run find "$PREFIX/app.new" -name __pycache__ -prune -exec rm -rf {} +
 run rm -rf "$PREFIX/app"
 run mv "$PREFIX/app.new" "$PREFIX/app"
@@ -163,7 +175,7 @@ if [ ! -x "$PREFIX/venv/bin/python" ] || { [ ${#venv_flags[@]} -gt 0 ] &&
     grep -qx "include-system-site-packages = false" "$PREFIX/venv/pyvenv.cfg"; }; then
     run python3 -m venv "${venv_flags[@]}" "$PREFIX/venv"
 fi
-run "$PREFIX/venv/bin/pip" install --quiet --disable-pip-version-check -r "$PREFIX/app/requirements.txt"
+run "$PREFIX/venv/bin/pip" install --quiet --disable-pip-version-check -r "$PREFIX/app/$requirements"
 
 # ------------------------------------------------------------------ models
 if [ -z "$models" ]; then

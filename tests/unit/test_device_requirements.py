@@ -1,7 +1,8 @@
 """The device package runs on requirements.txt alone: in a venv made from it and nothing else,
 every edge/ module imports and a 5,000-person gallery search runs (tests/unit/_device_env.py).
-The venv is kept in .venv-device/<hash of requirements.txt and the Python version>/, so only a
-change of requirements pays for the install again."""
+The venv is kept in .venv-device/<hash of the requirements file and the Python version>/, so only a
+change of requirements pays for the install again (test_board_requirements.py makes one of
+requirements-jetson.txt with Python 3.10 the same way)."""
 from __future__ import annotations
 
 import fcntl
@@ -27,26 +28,29 @@ def _pip(python: Path, *args: str, timeout: float) -> subprocess.CompletedProces
     return subprocess.run([str(python), "-m", "pip", *args], capture_output=True, text=True, timeout=timeout)
 
 
-def device_venv() -> Path:
-    """The python of a venv holding requirements.txt only, built once per requirements content."""
+def device_venv(requirements: Path = REQUIREMENTS, base: str = sys.executable) -> Path:
+    """The python of a venv made by the `base` interpreter holding `requirements` only, built once per
+    requirements content and Python version."""
     root = REPO / ".venv-device"
     root.mkdir(exist_ok=True)
-    venv = root / venv_key(REQUIREMENTS.read_bytes(), sys.version)
+    version = subprocess.run([base, "-c", "import sys; print(sys.version)"], capture_output=True, text=True,
+                             check=True, timeout=60).stdout[:-1]
+    venv = root / venv_key(requirements.read_bytes(), version)
     python, done = venv / "bin" / "python", venv / ".installed"
     with open(root / f"{venv.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two test runs at once build it once
         if done.exists():
             return python
         shutil.rmtree(venv, ignore_errors=True)  # an install cut short
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=300)
-        r = _pip(python, "install", "-q", "--disable-pip-version-check", "-r", str(REQUIREMENTS), timeout=1800)
+        subprocess.run([base, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=300)
+        r = _pip(python, "install", "-q", "--disable-pip-version-check", "-r", str(requirements), timeout=1800)
         if r.returncode != 0:
             probe = _pip(python, "download", "--no-deps", "-q", "-d", str(venv / "probe"), "PyYAML", timeout=300)
             shutil.rmtree(venv, ignore_errors=True)
             if probe.returncode != 0:
                 pytest.skip(f"pip cannot reach the package index to build the device venv: "
                             f"{(probe.stderr.strip().splitlines() or ['no output'])[-1]}")
-            pytest.fail(f"pip install -r requirements.txt failed:\n{r.stderr[-3000:]}")
+            pytest.fail(f"pip install -r {requirements.name} failed:\n{r.stderr[-3000:]}")
         done.touch()
     return python
 

@@ -12,6 +12,8 @@
 #
 # The root filesystem and its venv are kept, so a second run only copies the repo and tests.
 # MIRROR=... overrides debootstrap's default Debian mirror. Needs root (debootstrap, chroot).
+# A Jetson (JetPack 6: Python 3.10, requirements-jetson.txt) is not covered here; its checks are in
+# tests/unit/test_board_requirements.py.
 set -euo pipefail
 
 ROOT=${1:-/var/tmp/facegate-arm64}

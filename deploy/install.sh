@@ -4,7 +4,7 @@
 # audit are kept.
 #
 #   sudo deploy/install.sh [--models DIR] [--public-key FILE] [--board pi|jetson|generic]
-#                          [--camera picamera2|gstreamer|opencv] [--dry-run]
+#                          [--camera picamera2|gstreamer|opencv] [--audience NAME[,NAME]] [--dry-run]
 #   sudo deploy/install.sh --uninstall [--purge] [--dry-run]
 #
 #   --models DIR       copy prebuilt models (*_int8.onnx + cards) instead of building them here;
@@ -13,6 +13,8 @@
 #   --board B          skip detection (generic = any other Debian/Ubuntu box, USB camera)
 #   --camera C         the camera a new config.yaml names, and the packages it needs (default:
 #                      picamera2 on a Pi, gstreamer = the CSI camera on a Jetson, opencv = USB otherwise)
+#   --audience NAMES   the names a new config.yaml answers to in a signed bundle (enrollment.audience;
+#                      `bundle create --audience` must give one of them); default: this host's name
 #   --dry-run          print every action, change nothing (needs no root)
 #   --uninstall        stop and remove the service, units, udev rule and /opt/facegate;
 #                      --purge also removes /etc/facegate, /var/lib/facegate (gallery, audit) and the user
@@ -32,7 +34,7 @@ USER_NAME=facegate
 # Only board detection reads through this, so tests can fake a Pi or a Jetson.
 SYSROOT=${FACEGATE_SYSROOT:-}
 
-dry=0 uninstall=0 purge=0 models="" pubkey="" board="" camera=""
+dry=0 uninstall=0 purge=0 models="" pubkey="" board="" camera="" audience=""
 while [ $# -gt 0 ]; do
     case $1 in
         --dry-run) dry=1 ;;
@@ -42,7 +44,8 @@ while [ $# -gt 0 ]; do
         --public-key) pubkey=${2:?--public-key needs a file}; shift ;;
         --board) board=${2:?--board needs pi, jetson or generic}; shift ;;
         --camera) camera=${2:?--camera needs picamera2, gstreamer or opencv}; shift ;;
-        -h | --help) sed -n '2,22p' "$0"; exit 0 ;;
+        --audience) audience=${2:?--audience needs a name (or names, comma-separated)}; shift ;;
+        -h | --help) sed -n '2,/^[^#]/{/^#/p}' "$0"; exit 0 ;;
         *) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -117,6 +120,21 @@ if [ "$board" = jetson ]; then
     [ -n "$models" ] || die "on a Jetson pass --models DIR: build the models on a machine with Python 3.11 (./dev setup writes models/)"
 fi
 say "device requirements: $requirements"
+# The names a new config answers to in a signed bundle's audience: with none it refuses every bundle.
+if [ -z "$audience" ]; then
+    audience=$(uname -n)
+    audience=${audience%%.*}
+fi
+IFS=, read -ra audience_names <<<"$audience"
+[ ${#audience_names[@]} -le 16 ] || die "--audience: ${#audience_names[@]} names, at most 16"
+for a in "${audience_names[@]}"; do
+    # edge.config.AUDIENCE_NAME: checked here so that a bad name stops the installer before any change
+    [[ $a =~ ^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$ ]] ||
+        die "audience '$a': a name of letters, digits, '.', '_' and '-' (max 64, starting with a letter or digit); give one with --audience"
+done
+audience_yaml=$(printf '"%s", ' "${audience_names[@]}")
+audience_yaml=${audience_yaml%, }
+say "bundle audience: ${audience_names[*]}"
 
 # ------------------------------------------------------------------ packages
 packages=(python3 python3-venv util-linux)
@@ -229,11 +247,21 @@ storage:
   audit: $VAR/audit.sqlite3
   key_file: null     # the key comes from systemd (LoadCredential=gallery.key)
   retention_days: 1095
+enrollment:
+  audience: [$audience_yaml]   # a signed bundle applies only when made with one: bundle create --audience
 EOF
 else
     say "keeping $ETC/config.yaml"
 fi
 run sh -c "cd '$PREFIX/app' && '$PREFIX/venv/bin/python' -m edge check-config '$ETC/config.yaml' >/dev/null"
+# A kept config written before bundles named an audience refuses every signed bundle. The installer
+# never edits a kept config, so it says what to add.
+AUDIENCE_QUERY='import sys; from edge.config import load_config; print(*load_config(sys.argv[1]).enrollment.audience)'
+if [ -e "$ETC/config.yaml" ] && [ -x "$PREFIX/venv/bin/python" ] &&
+    [ -z "$(cd "$REPO" && "$PREFIX/venv/bin/python" -c "$AUDIENCE_QUERY" "$ETC/config.yaml")" ]; then
+    say "WARNING: $ETC/config.yaml names no enrollment.audience, so the gate refuses every signed bundle: add" \
+        "'enrollment: {audience: [${audience_names[0]}]}' (README-deploy.md, section 4)"
+fi
 if [ ! -e "$ETC/gallery.key" ]; then
     run sh -c "umask 077 && cd '$PREFIX/app' && '$PREFIX/venv/bin/python' -m edge keygen --gallery '$ETC/gallery.key'"
 fi

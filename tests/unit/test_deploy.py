@@ -6,11 +6,13 @@ checks the keys the gate's safety depends on, so a CI without systemd still catc
 WatchdogSec= or hardening line; `systemd-analyze verify` additionally catches unknown keys and bad
 values, and is skipped with its reason where the binary is missing."""
 import os
+import platform
 import re
 import shutil
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -242,6 +244,58 @@ def test_install_refuses_an_unknown_camera(tmp_path):
     r = subprocess.run(["bash", str(INSTALL), "--dry-run", "--board", "generic", "--camera", "webcam"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "unknown camera 'webcam'" in r.stderr
+
+
+def written_config(out: str, tmp_path: Path):
+    """The config.yaml a dry run would write, loaded as the gate loads it."""
+    from edge.config import load_config
+
+    lines = out.split("+ write /etc/facegate/config.yaml", 1)[1].splitlines()[1:]
+    text = "\n".join(line[len("|   "):] for line in lines[:next(i for i, x in enumerate(lines) if not x.startswith("|"))])
+    (tmp_path / "config.yaml").write_text(text + "\n")
+    return load_config(tmp_path / "config.yaml")
+
+
+@pytest.mark.parametrize("args,names", [([], None), (["--audience", "hq-door-3,hq"], ["hq-door-3", "hq"])])
+def test_a_new_config_answers_to_the_bundle_audience_given_or_the_host_name(tmp_path, args, names):
+    """A freshly installed gate takes a signed bundle made for it and refuses one made for another."""
+    from edge import bundle as B
+
+    if Path("/etc/facegate/config.yaml").exists():
+        pytest.skip("this machine has /etc/facegate/config.yaml, which a dry run keeps instead of writing one")
+    host = platform.node().split(".")[0]
+    if names is None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", host):
+        pytest.skip(f"this machine's name {host!r} is no audience name; the installer refuses it (tested below)")
+    cfg = written_config(dry_run(tmp_path, "--board", "generic", *args), tmp_path)
+    assert cfg.enrollment.audience == (names or [host])
+    priv, pub = B.generate_signing_key(tmp_path / "admin.key")
+    (tmp_path / "m.yaml").write_text("sequence: 1\nremovals: [someone]\n")
+    for audience, admitted in ((cfg.enrollment.audience[-1], True), ("another-gate", False)):
+        out = tmp_path / f"bundle-{audience}"
+        B.create_bundle(tmp_path, tmp_path / "m.yaml", B.load_private_key(priv), out, audience)
+        if admitted:
+            B.admit_bundle(out, B.load_public_key(pub), cfg.enrollment, time.time)
+        else:
+            with pytest.raises(B.BundleError, match="bundle is for audience 'another-gate'"):
+                B.admit_bundle(out, B.load_public_key(pub), cfg.enrollment, time.time)
+
+
+@pytest.mark.parametrize("audience", ["hq door", "-x", "a,,b", ",".join(f"g{i}" for i in range(17))])
+def test_install_refuses_a_bad_audience_before_any_change(audience):
+    r = subprocess.run(["bash", str(INSTALL), "--dry-run", "--board", "generic", "--audience", audience],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "audience" in r.stderr, r.stderr
+    assert "apt-get" not in r.stdout  # refused before the first step
+
+
+@pytest.mark.parametrize("enrollment,prints", [("", ""), ("enrollment: {audience: [hq-door-3, hq]}\n", "hq-door-3 hq")])
+def test_the_installers_audience_query_finds_a_kept_config_without_an_audience(tmp_path, enrollment, prints):
+    """The line of Python install.sh runs against a kept config: empty output makes it warn."""
+    query = re.search(r"^AUDIENCE_QUERY='([^']+)'$", INSTALL.read_text(), re.M).group(1)
+    (tmp_path / "config.yaml").write_text(OLD_INSTALLED_CONFIG + enrollment)
+    r = subprocess.run([sys.executable, "-c", query, str(tmp_path / "config.yaml")], capture_output=True,
+                       text=True, cwd=REPO, timeout=60)
+    assert (r.returncode, r.stdout.strip()) == (0, prints), r.stderr
 
 
 def test_install_dry_run_changes_nothing(tmp_path):

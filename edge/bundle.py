@@ -21,7 +21,8 @@ copied-back gallery does not let an old bundle apply again; the gate itself refu
 gallery that records a lower sequence than that store (check_gallery_current). Any of these
 failing rejects the whole bundle and nothing changes.
 Photos that are intact but fail the quality gate (one face, size, blur, pose) refuse that person
-only. Ids are the stable key: two people under one id refuse the bundle, a person whose id
+only, as does a face the gate would take for another person, enrolled or in the same bundle
+(edge.enroll.screen_duplicates, as `edge enroll` screens). Ids are the stable key: two people under one id refuse the bundle, a person whose id
 changes under the same name is refused (the old id goes in the bundle's removals), a removal that
 matches more than one enrolled person refuses the bundle. The gallery is then saved atomically,
 with bundle_sequence set, and the photos, held in memory only, are dropped: nothing from the stick
@@ -584,8 +585,8 @@ def _removal_victims(gallery, removals: list[str], manifest: Path) -> list[str]:
 
 def _apply(bundle: AdmittedBundle, gallery, stack, cfg, audit, key) -> BundleReport:
     from . import gallery as G
-    from .enroll import embed_photo
-    from .gallery import Person
+    from .enroll import embed_photo, screen_duplicates
+    from .gallery import Gallery, Person
     from .imageio import load_image
 
     key = key if key is not None else G.load_key(cfg.storage.key_file)  # before anything changes
@@ -601,7 +602,7 @@ def _apply(bundle: AdmittedBundle, gallery, stack, cfg, audit, key) -> BundleRep
     report = BundleReport(m.sequence)
     victims = _removal_victims(gallery, m.removals, vb.path / MANIFEST)
     staying = [x for x in gallery.people if x.name not in victims]
-    people = []
+    embedded = []  # (person, embedding result, end of validity) of those the photo and dates let in
     for p in m.people:
         holder = next((x for x in staying if x.name == p.name and x.person_id != p.id), None)
         if holder is not None:
@@ -629,8 +630,23 @@ def _apply(bundle: AdmittedBundle, gallery, stack, cfg, audit, key) -> BundleRep
         if not r.ok:
             report.refused[p.name] = r.reason
             continue
-        people.append(Person(p.name, r.embedding, p.id, now, until))
+        embedded.append((p, r, until))
     vb.photos.clear()  # the photos live in memory only and go now
+    # Screened as `edge enroll` screens, against the gallery as it stands once the removals are made
+    # and each renamed id has left its old entry: a face the gate would take for someone else lets
+    # either in as the other, whoever signed it. There is no override: twins are enrolled at the gate.
+    ids = {p.id for p, _, _ in embedded if p.id}
+    base = Gallery(gallery.encoder_sha256, gallery.dim, [x for x in staying if x.person_id not in ids])
+    duplicates = {d.name: d for d in screen_duplicates(stack, cfg.match, base, [r for _, r, _ in embedded],
+                                                       cfg.storage.retention_days, now)}
+    people = []
+    for p, r, until in embedded:
+        if p.name in duplicates:
+            report.refused[p.name] = (f"{duplicates[p.name].problem()}; if it is one person, keep one name (list the "
+                                      f"other under removals); if not (twins), enroll them at the gate with "
+                                      f"python -m edge enroll --allow-duplicate")
+            continue
+        people.append(Person(p.name, r.embedding, p.id, now, until))
     for victim in victims:
         gallery.remove(victim)
         report.removed.append(victim)

@@ -505,6 +505,42 @@ def test_a_removal_matching_two_people_refuses_the_bundle(tmp_path, keys, stack)
     assert apply(b2, pub, g, stack, cfg).removed == ["alice"]
 
 
+def test_a_signed_face_the_gate_would_take_for_another_person_is_refused_and_the_rest_applied(
+        tmp_path, keys, stack, monkeypatch, capsys):
+    """A bundle is screened as `edge enroll` is: a face already enrolled under another name, or
+    two people of one bundle with one face, refused naming whom it duplicates, audited, exit 4;
+    the others enrolled. Not duplicates: the same id renamed, or the old entry removed in the
+    same bundle."""
+    from edge.__main__ import main
+
+    cfg, opts = cli_gate(tmp_path, keys, stack, monkeypatch)
+    b1 = photo_bundle(tmp_path, keys[0], [("obama", "E1", "obama.jpg")], sequence=1, name="b1")
+    assert main(["bundle", "apply", str(b1), *opts]) == 0
+    astronaut = cv2.imread(str(sample("astronaut.png")))
+    b2 = photo_bundle(tmp_path, keys[0], [("barack", "E5", "obama2.jpg"), ("joe", "E2", "biden.jpg"),
+                                          ("eileen", "E3", "astronaut.png"), ("collins", "E4", "astro2.png")],
+                      sequence=2, name="b2", extra={"astro2.png": astronaut})
+    capsys.readouterr()
+    assert main(["bundle", "apply", str(b2), *opts]) == 4
+    out = capsys.readouterr().out
+    refused = {line.split(":")[0][len("REFUSED "):]: line for line in out.splitlines() if line.startswith("REFUSED")}
+    assert sorted(refused) == ["barack", "collins", "eileen"] and "OK      joe" in out, out
+    assert "the same face as 'obama' (score " in refused["barack"] and "under removals" in refused["barack"]
+    assert "the same face as 'collins'" in refused["eileen"] and "the same face as 'eileen'" in refused["collins"]
+    key = G.load_key(cfg.storage.key_file)
+    assert G.load(cfg.storage.gallery, key).names == ["obama", "joe"]
+    with AuditLog(cfg.storage.audit, readonly=True) as a:
+        rows = {r["identity"]: r for r in a.tail(10) if r["reason"] == "refused"}
+    assert sorted(rows) == ["barack", "collins", "eileen"] and "'obama'" in rows["barack"]["details"]["why"]
+
+    # obama's id under a new name, and a new id for his face with the old one removed: one person each time
+    b3 = photo_bundle(tmp_path, keys[0], [("Barack Obama", "E1", "obama2.jpg")], sequence=3, name="b3")
+    assert main(["bundle", "apply", str(b3), *opts]) == 0
+    b4 = photo_bundle(tmp_path, keys[0], [("barack", "E9", "obama3.jpg")], removals=["E1"], sequence=4, name="b4")
+    assert main(["bundle", "apply", str(b4), *opts]) == 0
+    assert [(p.name, p.person_id) for p in G.load(cfg.storage.gallery, key).people] == [("joe", "E2"), ("barack", "E9")]
+
+
 # ------------------------------------------------------------------ a stick or a gate that cannot be read or written
 def cli_gate(tmp_path, keys, stack, monkeypatch):
     """A gate config file, its gallery key, and the module's models standing in for a fresh load."""

@@ -75,6 +75,8 @@ def test_argus_drop_in_binds_only_the_camera_sockets_into_the_private_tmp():
     # the sockets and nothing else: PrivateTmp= and the rest of the hardening stay as the unit has them
     assert d["Service"] == {"BindPaths": ["/tmp/argus_socket", "-/tmp/nvscsock"]}
 
+
+def test_enroll_unit_lint():
     u = parse_unit(ENROLL_UNIT)
     svc = u["Service"]
     assert one(svc, "Type") == "oneshot"
@@ -87,7 +89,9 @@ def test_argus_drop_in_binds_only_the_camera_sockets_into_the_private_tmp():
     # root with mount rights: the stick is the only device it may open, and no address family but AF_UNIX
     expected = {"NoNewPrivileges": "yes", "DevicePolicy": "closed", "DeviceAllow": "/dev/%I r",
                 "RestrictAddressFamilies": "AF_UNIX", "RestrictNamespaces": "yes",
-                "SystemCallFilter": "@system-service @mount", "SystemCallErrorNumber": "EPERM"}
+                "SystemCallFilter": "@system-service @mount", "SystemCallErrorNumber": "EPERM",
+                "IPAddressDeny": "any", "ProtectClock": "yes", "ProtectHostname": "yes", "ProtectProc": "invisible",
+                "UMask": "0077"}
     assert {k: one(svc, k) for k in expected} == expected
 
 

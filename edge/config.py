@@ -98,6 +98,7 @@ class QualityConfig(_Section):
 
 class MatchConfig(_Section):
     target_fpir: float = Field(0.003, gt=0, le=MAX_TARGET_FPIR, description="false positive identification rate per transaction")
+    calibration: Literal["gallery", "card"] = Field("gallery", description="where the threshold for target_fpir comes from: 'gallery' fits the stranger-score tail to the enrolled faces scored against each other at each load, with the encoder card's impostor table as a prior for a small gallery; 'card' reads the card's table alone, taking a gallery's comparisons as independent")
     threshold: float | None = Field(None, ge=-1, le=1, description="fixed cosine threshold, inside the calibrated range of the encoder card's calibration.threshold table (the cohort's with match.cohort); the gate refuses a gallery where it gives an expected FPIR above MAX_TARGET_FPIR; None = from target_fpir and gallery size")
     min_margin: float = Field(0.0, ge=0, le=2, description="best score must beat the runner-up by this much")
     flip: bool = Field(False, description="average the embedding of the face and its mirror image")

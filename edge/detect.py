@@ -12,7 +12,7 @@ import numpy as np
 
 from .modelcard import Card, load_card
 from .records import Detection
-from .runtime import open_model
+from .runtime import Providers, open_model
 
 
 class Detector(Protocol):
@@ -141,10 +141,10 @@ def scale_to(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
 # ---------------------------------------------------------------- adapters
 
 class YuNetDetector:
-    def __init__(self, card: Card, model_path: Path, threads: int = 1):
+    def __init__(self, card: Card, model_path: Path, threads: int = 1, providers: Providers | None = None):
         self.card = card
         self.spec = card.detector
-        self.model = open_model(card, model_path, threads)
+        self.model = open_model(card, model_path, threads, providers)
         self.multiple = card.input.size_multiple
 
     def detect(self, image: np.ndarray) -> list[Detection]:
@@ -171,10 +171,10 @@ class BlazeFaceDetector:
     # 0.02). Uncorrected, the aligned crop sits about 2.5 px (of 112) too high.
     SHIFT_DOWN = np.array([0.063, 0.063, 0.148, 0.064, 0.064], np.float32)
 
-    def __init__(self, card: Card, model_path: Path, threads: int = 1):
+    def __init__(self, card: Card, model_path: Path, threads: int = 1, providers: Providers | None = None):
         self.card = card
         self.spec = card.detector
-        self.model = open_model(card, model_path, threads)
+        self.model = open_model(card, model_path, threads, providers)
         a = self.spec.anchors
         self.size = int(card.input.width)
         self.anchors = ssd_anchors(self.size, list(a["strides"]), list(a["anchors_per_cell"]), float(a.get("offset", 0.5)))
@@ -210,8 +210,8 @@ def _blaze_outputs(out: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return arrs[-1], arrs[0]
 
 
-def load_detector(card_path: str | Path, threads: int = 1) -> Detector:
+def load_detector(card_path: str | Path, threads: int = 1, providers: Providers | None = None) -> Detector:
     card, path = load_card(card_path)
     if card.task != "face_detection":
         raise ValueError(f"{card_path}: card is for {card.task}, not face_detection")
-    return {"yunet": YuNetDetector, "blazeface": BlazeFaceDetector}[card.detector.kind](card, path, threads)
+    return {"yunet": YuNetDetector, "blazeface": BlazeFaceDetector}[card.detector.kind](card, path, threads, providers)

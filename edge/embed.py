@@ -12,7 +12,7 @@ from .align import align
 from .errors import ModelError
 from .modelcard import Card, load_card, load_member
 from .records import AlignedFace, Detection, Embedding
-from .runtime import open_model
+from .runtime import Providers, open_model
 
 
 def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -20,11 +20,12 @@ def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
 
 
 class Encoder:
-    def __init__(self, card: Card, model_path: Path, threads: int = 1, flip: bool = False):
+    def __init__(self, card: Card, model_path: Path, threads: int = 1, flip: bool = False,
+                 providers: Providers | None = None):
         if card.task != "face_embedding":
             raise ValueError(f"{model_path}: card is for {card.task}, not face_embedding")
         self.card = card
-        self.model = open_model(card, model_path, threads)
+        self.model = open_model(card, model_path, threads, providers)
         self.flip = flip  # test-time flip: mean of the face's and its mirror's embeddings
         self.output = card.embedding.output
 
@@ -81,7 +82,8 @@ class FusedEncoder:
     """Score fusion of member encoders as one encoder: each member aligns the face with its own
     template (`AlignedFace.views`), embeds it, and the scaled embeddings are concatenated."""
 
-    def __init__(self, card: Card, recipe_path: Path, threads: int = 1, flip: bool = False):
+    def __init__(self, card: Card, recipe_path: Path, threads: int = 1, flip: bool = False,
+                 providers: Providers | None = None):
         if card.task != "face_embedding":
             raise ValueError(f"{recipe_path}: card is for {card.task}, not face_embedding")
         try:
@@ -89,8 +91,8 @@ class FusedEncoder:
         except (UnicodeDecodeError, json.JSONDecodeError, ValidationError) as e:
             raise ModelError(recipe_path, f"invalid fusion recipe: {e}") from None
         self.card, self.flip = card, flip
-        self.members = [Encoder(*load_member(recipe_path, m.card, m.sha256, "encoders"), threads, flip or m.flip)
-                        for m in recipe.members]
+        self.members = [Encoder(*load_member(recipe_path, m.card, m.sha256, "encoders"), threads, flip or m.flip,
+                                providers) for m in recipe.members]
         self.scales = [m.scale for m in recipe.members]
         if sum(e.card.embedding.dim for e in self.members) != card.embedding.dim:
             raise ModelError(recipe_path, "the card's embedding size is not the sum of its members'")
@@ -143,9 +145,10 @@ def check_twin(door, enroll, enroll_card: str | Path) -> None:
                                       f"{door.card.name}'s network (source, input, alignment, scales or flips differ)")
 
 
-def load_encoder(card_path: str | Path, threads: int = 1, flip: bool = False) -> Encoder | FusedEncoder:
+def load_encoder(card_path: str | Path, threads: int = 1, flip: bool = False,
+                 providers: Providers | None = None) -> Encoder | FusedEncoder:
     """The encoder a card describes, routed by what the card says it is (InsightFace-style)."""
     card, path = load_card(card_path)
     if card.runtime == "fusion":
-        return FusedEncoder(card, path, threads, flip)
-    return Encoder(card, path, threads, flip)
+        return FusedEncoder(card, path, threads, flip, providers)
+    return Encoder(card, path, threads, flip, providers)

@@ -6,11 +6,18 @@ pickle anywhere. A flipped byte or a wrong key fails authentication and the gall
 Saving is atomic (temp file, fsync, rename, folder fsync): a crash leaves the old or the new file.
 A killed save also leaves its temp file, encrypted but holding whoever the save was about to
 remove; the next save, and each load no writer is in the middle of, deletes such leftovers.
+
+A person's badge card number (`card`, from the signed bundle) is stored beside their embedding, at
+rest only inside the encrypted payload; no two people hold one card. Outside the gallery a card is
+named by card_tag only. The payload's version stays 1: a gallery saved before cards existed reads
+as people without one (as `id` and `bundle_sequence`, the key is optional).
 """
 from __future__ import annotations
 
 import base64
 import fcntl
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -31,6 +38,10 @@ MAGIC = b"FACEGATE-GALLERY\x01"
 FORMAT = "facegate-gallery"
 VERSION = 1
 KEY_BYTES = 32
+# A card number as a USB HID reader types it (edge.badge): digits and capital letters, so a hex
+# card number reads the same whether the reader sends Shift or not.
+CARD = r"^[0-9A-Z]{1,32}$"
+CARD_TAG_DOMAIN = b"facegate-card-tag-v1\0"  # the tag key is never the gallery key itself
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +53,7 @@ class Person:
     person_id: str = ""
     enrolled_at: float = 0.0
     expires_at: float | None = None
+    card: str = ""  # badge card number (CARD), "" = none; never logged, audited as card_tag only
 
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and self.expires_at <= now
@@ -71,10 +83,20 @@ class Gallery:
     def __len__(self) -> int:
         return len(self.people)
 
+    def card_holder(self, card: str) -> Person | None:
+        """The person whose badge is `card`, None when no one's is (or `card` is empty)."""
+        return next((p for p in self.people if p.card == card), None) if card else None
+
     def add(self, person: Person) -> None:
         v = np.asarray(person.embedding, np.float32).reshape(-1)
         if v.shape[0] != self.dim or not np.all(np.isfinite(v)):
             raise GalleryError(None, f"embedding for {person.name!r} has size {v.shape[0]} or non-finite values (gallery dim {self.dim})")
+        if person.card and not re.fullmatch(CARD, person.card):
+            raise GalleryError(None, f"card of {person.name!r}: digits and capital letters expected, at most 32")
+        holder = self.card_holder(person.card)
+        if holder is not None and holder.name != person.name:
+            # one card opening for two faces would verify whichever stands at the door
+            raise GalleryError(None, f"{person.name!r} is given the card {holder.name!r} holds; one card, one person")
         person.embedding = v / max(float(np.linalg.norm(v)), 1e-12)
         self.people = [p for p in self.people if p.name != person.name] + [person]
         self._matrix = None
@@ -116,6 +138,15 @@ def load_key(path: str | Path | None) -> bytes:
     raise GalleryError(path, f"gallery key must be {KEY_BYTES} raw bytes or {2 * KEY_BYTES} hex digits")
 
 
+def card_tag(key: bytes, card: str) -> str:
+    """What the audit keeps of a card number: 8 hex digits of an HMAC keyed from the gallery key.
+    Enough to tell one site's cards apart (2000 cards share a tag with odds of about 1 in 2000),
+    useless without the key: a 26-bit card number has so few values that a plain hash, or its last
+    digits beside the site's facility code, would give the number back."""
+    tag_key = hmac.new(key, CARD_TAG_DOMAIN, hashlib.sha256).digest()
+    return hmac.new(tag_key, card.encode("ascii"), hashlib.sha256).hexdigest()[:8]
+
+
 def new_key_file(path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,7 +158,7 @@ def to_bytes(g: Gallery, key: bytes) -> bytes:
         "format": FORMAT, "version": VERSION, "encoder_sha256": g.encoder_sha256, "dim": g.dim,
         "revision": g.revision, "bundle_sequence": g.bundle_sequence,
         "people": [{"name": p.name, "id": p.person_id, "enrolled_at": p.enrolled_at, "expires_at": p.expires_at,
-                    "embedding": base64.b64encode(np.asarray(p.embedding, "<f4").tobytes()).decode()}
+                    "card": p.card, "embedding": base64.b64encode(np.asarray(p.embedding, "<f4").tobytes()).decode()}
                    for p in g.people],
     }
     nonce = os.urandom(12)
@@ -157,7 +188,8 @@ def from_bytes(data: bytes, key: bytes, path: str | Path | None = None, encoder_
             emb = np.frombuffer(base64.b64decode(rec["embedding"], validate=True), "<f4").astype(np.float32)
             g.add(Person(name=str(rec["name"]), embedding=emb, person_id=str(rec.get("id", "")),
                          enrolled_at=float(rec.get("enrolled_at", 0.0)),
-                         expires_at=None if rec.get("expires_at") is None else float(rec["expires_at"])))
+                         expires_at=None if rec.get("expires_at") is None else float(rec["expires_at"]),
+                         card=str(rec.get("card", ""))))
     except GalleryError as e:
         raise GalleryError(path, e.problem) from None
     except (ValueError, KeyError, TypeError) as e:

@@ -22,9 +22,12 @@ class NoLiveness:
         return LivenessResult(True, 1.0, "off")
 
 
-def make_liveness(cfg, threads: int = 1) -> LivenessCheck:
+def make_liveness(cfg, threads: int = 1, providers=None) -> LivenessCheck:
+    """`providers`: an edge.runtime.Providers, the stack's so that its fallbacks are audited with
+    the others; None = one made from cfg.models.providers."""
     if cfg.liveness.mode == "off":
         return NoLiveness()
     from .pad import make_pad_policy  # the PAD model and temporal cues live in their own module
+    from .runtime import Providers
 
-    return make_pad_policy(cfg, threads)
+    return make_pad_policy(cfg, threads, providers or Providers(cfg.models.providers))

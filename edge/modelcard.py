@@ -8,16 +8,41 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
 import cv2
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ModelError
 
 CARD_SUFFIX = ".card.json"
+CPU_PROVIDER = "CPUExecutionProvider"
+
+
+def providers_problem(names: Sequence[str], known: Sequence[str]) -> str | None:
+    """What is wrong with an ordered list of onnxruntime execution providers; None = nothing. A
+    name onnxruntime does not know is refused, not dropped at run time like one this build lacks:
+    a typo would leave the model on the CPU unnoticed. The CPU's may only come last: onnxruntime
+    gives each node to the first provider that runs it, and the CPU runs them all."""
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        return f"{unknown[0]!r} is not an onnxruntime execution provider (it knows {', '.join(known)})"
+    twice = [n for i, n in enumerate(names) if n in names[:i]]
+    if twice:
+        return f"{twice[0]} is named twice"
+    if CPU_PROVIDER in names and names[-1] != CPU_PROVIDER:
+        return f"{CPU_PROVIDER} must be last: a provider after it would never be given a node"
+    return None
+
+
+def known_providers() -> list[str]:
+    """Every execution provider name the installed onnxruntime knows, whether built in or not."""
+    import onnxruntime as ort
+
+    return ort.get_all_providers()
 
 
 class _Strict(BaseModel):
@@ -60,6 +85,10 @@ class CalibrationSpec(_Strict):
     tail: str = ""  # how FMRs rarer than the data can show were obtained
     fmr: list[float]  # ascending-threshold table: fmr[i] = share of impostor scores >= threshold[i]
     threshold: list[float]
+    # Door-frame-vs-gallery minus gallery-vs-gallery: how far the tail the gate fits to its own
+    # gallery's scores (edge.threshold) sits from the one strangers at the door meet, measured on
+    # simulated galleries of the calibration set. 0 where the door embeds as enrollment does.
+    gallery_shift: float = Field(0.0, ge=-0.1, le=0.1)
 
     @model_validator(mode="after")
     def _same_length(self):
@@ -108,9 +137,18 @@ class Card(_Strict):
     calibration: CalibrationSpec | None = None
     detector: DetectorSpec | None = None
     liveness: LivenessSpec | None = None
+    providers: list[str] | None = Field(None, max_length=8, description="onnxruntime execution providers to try, in order, CPUExecutionProvider always last whether named or not; the gate's models.providers overrides it; None = the CPU only")
     source: SourceSpec
     accuracy: dict[str, float | str] = {}
     speed: dict[str, float | str] = {}
+
+    @field_validator("providers")
+    @classmethod
+    def _providers(cls, names):
+        problem = None if names is None else providers_problem(names, known_providers())
+        if problem:
+            raise ValueError(problem)
+        return names
 
     @model_validator(mode="after")
     def _task_fields(self):
@@ -121,6 +159,8 @@ class Card(_Strict):
             raise ValueError(f"task {self.task} needs {', '.join(missing)}")
         if self.liveness is not None and self.runtime != "fusion" and self.liveness.crop_scale is None:
             raise ValueError("a liveness model needs liveness.crop_scale")
+        if self.providers is not None and self.runtime != "onnxruntime":
+            raise ValueError(f"providers are onnxruntime's: a {self.runtime} card has none")
         return self
 
     def preprocess(self, images_bgr: list[np.ndarray]) -> np.ndarray:

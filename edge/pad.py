@@ -24,7 +24,7 @@ from .config import MODELS
 from .errors import ConfigError, ModelError
 from .modelcard import Card, InputSpec, SourceSpec, load_card, load_member, sha256_file
 from .records import Detection, LivenessResult
-from .runtime import open_model
+from .runtime import Providers, open_model
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 # Committed with the code (models/ is built by setup and git-ignored), so the installer, which
@@ -196,12 +196,12 @@ def combine(scores, threshold: float, require_cue: bool, cues: Cues, face_seen: 
 class PadModel:
     """The passive PAD CNN, fed through its card: crop at the card's scale, softmax, live class."""
 
-    def __init__(self, card: Card, path: Path, threads: int = 1):
+    def __init__(self, card: Card, path: Path, threads: int = 1, providers: Providers | None = None):
         if card.task != "liveness":
             raise ModelError(path, f"card is for {card.task}, not liveness")
         self.card, self.spec = card, card.liveness
         self.size = (int(self.card.input.width), int(self.card.input.height))
-        self.model = open_model(self.card, path, threads)
+        self.model = open_model(self.card, path, threads, providers)
 
     def crop(self, image: np.ndarray, box) -> np.ndarray:
         return pad_crop(image, box, self.spec.crop_scale, self.size)
@@ -244,7 +244,7 @@ class PadFusion:
     probabilities are averaged with the recipe's weights (as Silent-Face fuses its two models).
     The card's threshold applies to the averaged score."""
 
-    def __init__(self, card: Card, recipe_path: Path, threads: int = 1):
+    def __init__(self, card: Card, recipe_path: Path, threads: int = 1, providers: Providers | None = None):
         if card.task != "liveness":
             raise ModelError(recipe_path, f"card is for {card.task}, not liveness")
         try:
@@ -252,7 +252,7 @@ class PadFusion:
         except (UnicodeDecodeError, json.JSONDecodeError, ValidationError) as e:
             raise ModelError(recipe_path, f"invalid PAD fusion recipe: {e}") from None
         self.card, self.spec = card, card.liveness
-        self.members = [PadModel(*load_member(recipe_path, m.card, m.sha256, "PAD models"), threads)
+        self.members = [PadModel(*load_member(recipe_path, m.card, m.sha256, "PAD models"), threads, providers)
                         for m in recipe.members]
         self.weights = np.array([m.weight for m in recipe.members])
 
@@ -263,12 +263,12 @@ class PadFusion:
         return float(self.weights @ self.member_scores(image, box))
 
 
-def load_pad(card_path: str | Path, threads: int = 1) -> PadModel | PadFusion:
+def load_pad(card_path: str | Path, threads: int = 1, providers: Providers | None = None) -> PadModel | PadFusion:
     """The PAD model a card describes, routed by what the card says it is (InsightFace-style)."""
     card, path = load_card(card_path)
     if card.runtime == "fusion":
-        return PadFusion(card, path, threads)
-    return PadModel(card, path, threads)
+        return PadFusion(card, path, threads, providers)
+    return PadModel(card, path, threads, providers)
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -396,8 +396,8 @@ def pad_card_path(cfg) -> Path:
                             f"{SHIPPED_PAD} is missing")
 
 
-def make_pad_policy(cfg, threads: int = 1) -> PadPolicy:
-    pad = load_pad(pad_card_path(cfg), threads)
+def make_pad_policy(cfg, threads: int = 1, providers: Providers | None = None) -> PadPolicy:
+    pad = load_pad(pad_card_path(cfg), threads, providers)
     threshold = cfg.liveness.threshold if cfg.liveness.threshold is not None else pad.spec.threshold
     require_cue = cfg.liveness.mode == "passive+blink"
     mesh = FaceMesh(FACE_MESH, threads) if require_cue else None

@@ -26,6 +26,7 @@ from .embed import Encoder, FusedEncoder, check_twin, enrollment_twin, load_enco
 from .errors import GalleryError
 from .liveness import LivenessCheck, NoLiveness
 from .match import cosine_scores, fpir_at_threshold, identify, threshold_for_gallery, track_embedding, verify
+from .threshold import OperatingPoint, gallery_tail, tail_from_table
 from .quality import assess_face
 from .records import Decision, Frame, Match
 from .search import GalleryIndex
@@ -80,32 +81,47 @@ def impostor_table(stack: Stack) -> tuple[list[float], list[float]]:
     return cal.fmr, cal.threshold
 
 
-def gallery_threshold(match: MatchConfig, stack: Stack, k: int, verification: bool = False) -> float:
-    """Operating threshold: fixed in config, or for the gallery size (1:1 verification is one
-    comparison, so K = 1) from the impostor table of the scores compared."""
-    if match.threshold is not None:
-        return match.threshold
+def operating_points(match: MatchConfig, stack: Stack, matrix: np.ndarray) -> tuple[OperatingPoint, OperatingPoint]:
+    """The gate's thresholds against gallery `matrix`, 1:N (K enrolled) and 1:1 (a claim is one
+    comparison, K = 1), with the FPIR each expects: fixed in config, or for target_fpir. By default
+    (match.calibration 'gallery') from the tail fitted to the enrolled faces' own scores with the
+    card's impostor table as a prior (edge.threshold); with a cohort (AS-norm scores) or
+    match.calibration 'card', from the table alone, its comparisons taken as independent."""
     fmr, thr = impostor_table(stack)
-    return threshold_for_gallery(fmr, thr, match.target_fpir, 1 if verification else k)
+    fixed = match.threshold is not None
+    ks = (max(len(matrix), 1), 1)
+    if stack.cohort is not None or match.calibration == "card":
+        source = ("fixed threshold, " if fixed else "") + ("cohort table" if stack.cohort is not None else "card table")
+        ts = [match.threshold if fixed else threshold_for_gallery(fmr, thr, match.target_fpir, k) for k in ks]
+        return tuple(OperatingPoint(t, fpir_at_threshold(fmr, thr, t, k), k, source) for t, k in zip(ts, ks))
+    prior = tail_from_table(fmr, thr)
+    tail, detail = gallery_tail(matrix, prior, stack.encoder.card.calibration.gallery_shift)
+    source = ("fixed threshold, " if fixed else "") + (
+        "gallery + card prior" if detail["maxima"] else "card prior (gallery too small to fit)")
+    points = []
+    for k in ks:
+        t, why = match.threshold, detail
+        if not fixed:
+            t = tail.threshold(match.target_fpir, k)
+            # However the gallery's scores fall, never looser than the card allows at the bound.
+            floor = prior.threshold(MAX_TARGET_FPIR, k)
+            if t < floor:
+                t, why = floor, {**detail, "raised_to_card_floor": True}
+        points.append(OperatingPoint(t, tail.fpir(t, k), k, source, why))
+    return tuple(points)
 
 
-def check_operating_point(match: MatchConfig, stack: Stack, k: int, verification: bool = False) -> float:
-    """Expected FPIR of the gate's threshold against k enrolled people (1:1: one comparison), read
-    off the impostor table; above MAX_TARGET_FPIR the gallery is refused (GalleryError). A fixed
-    threshold lets in more strangers as the gallery grows, and one from target_fpir stops
-    tightening where the table ends, so only the gallery's actual size can tell."""
-    k = 1 if verification else max(int(k), 1)
-    t = gallery_threshold(match, stack, k, verification)
-    fmr, thr = impostor_table(stack)
-    fpir = fpir_at_threshold(fmr, thr, t, k)
-    if fpir > MAX_TARGET_FPIR * (1 + 1e-9):  # a target of exactly the bound must not fail on rounding
-        how = ("match.threshold is fixed: raise it, or leave it unset to follow the gallery size"
-               if match.threshold is not None else
-               f"the impostor table ends at FMR {min(fmr):.1e}, so none of its thresholds holds a gallery this large")
-        raise GalleryError(None, f"threshold {t:.4f} against {k} enrolled gives an expected false positive "
-                                 f"identification rate of {fpir:.3g}, above the bound {MAX_TARGET_FPIR}: the gate "
-                                 f"refuses this gallery ({how})")
-    return fpir
+def check_operating_point(point: OperatingPoint, fixed: bool) -> OperatingPoint:
+    """The point, or GalleryError when it lets in more strangers than MAX_TARGET_FPIR: a fixed
+    threshold lets in more as the gallery grows, and a table's stops tightening where it ends, so
+    only the gallery's actual size can tell."""
+    if point.expected_fpir > MAX_TARGET_FPIR * (1 + 1e-9):  # a target of exactly the bound must not fail on rounding
+        how = ("match.threshold is fixed: raise it, or leave it unset to follow the gallery size" if fixed else
+               "the impostor table ends before a threshold that holds a gallery this large")
+        raise GalleryError(None, f"threshold {point.threshold:.4f} against {point.k} enrolled gives an expected false "
+                                 f"positive identification rate of {point.expected_fpir:.3g} ({point.source}), above "
+                                 f"the bound {MAX_TARGET_FPIR}: the gate refuses this gallery ({how})")
+    return point
 
 
 class Matcher:
@@ -116,8 +132,8 @@ class Matcher:
         if g.encoder_sha256 != stack.encoder.sha256:
             raise GalleryError(None, "gallery was built with another encoder; re-enroll")
         self.min_margin, self.stack, self.gallery = match.min_margin, stack, g
-        self.threshold_1n = gallery_threshold(match, stack, max(len(g), 1))
-        self.threshold_1to1 = gallery_threshold(match, stack, 1, verification=True)
+        self.point_1n, self.point_1to1 = operating_points(match, stack, g.matrix)
+        self.threshold_1n, self.threshold_1to1 = self.point_1n.threshold, self.point_1to1.threshold
         self._people = {p.name: p for p in g.people}  # names are unique in a gallery
         self._enrollees = stack.cohort.stats(g.matrix) if stack.cohort is not None and len(g) else None
         # AS-norm needs every raw score (the enrollees' cohort statistics shift the ranking), so
@@ -186,8 +202,9 @@ class Gate:
     def set_gallery(self, g: gallery_io.Gallery) -> None:
         """Use gallery g, or refuse it (GalleryError, the gallery in use unchanged) when the
         operating point lets in more strangers at its size than MAX_TARGET_FPIR."""
-        check_operating_point(self.cfg.match, self.stack, len(g), verification=self.claim is not None)
-        self.matcher = Matcher(self.cfg.match, self.stack, g)
+        m = Matcher(self.cfg.match, self.stack, g)
+        check_operating_point(m.point_1to1 if self.claim is not None else m.point_1n, self.cfg.match.threshold is not None)
+        self.matcher = m
         self.gallery = g
 
     # ------------------------------------------------------------------ one frame

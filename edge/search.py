@@ -109,6 +109,9 @@ class GalleryIndex:
         so = ort.SessionOptions()
         so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
         # The gallery is a constant of the graph, so onnxruntime packs it once, here, not per query.
+        # The CPU's on every board, whatever models.providers says: the pass is bound by memory
+        # bandwidth, which a Jetson's GPU shares with its CPU, and the rows it keeps are rescored in
+        # float32 by numpy on the CPU anyway; a GPU would add a copy each way per query.
         self.session = ort.InferenceSession(gemm_model(codes), so, providers=["CPUExecutionProvider"])
 
     def approximate(self, probe: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -121,10 +121,12 @@ def run_service(cfg: Config, max_frames: int | None = None, verbose: bool = True
             audit.record_event("gallery", "refused", details={"error": str(e)})
             raise
         try:
-            liveness = make_liveness(cfg, cfg.models.threads)
+            liveness = make_liveness(cfg, cfg.models.threads, stack.providers)
         except FacegateError as e:  # a missing or altered PAD model: no gate without its liveness check
             audit.record_event("liveness", "refused", details={"error": str(e)})
             raise
+        for fallback in stack.providers.fallbacks:  # once per model: slower than configured, and on the record
+            audit.record_event("model", "provider_fallback", details=fallback.details())
         try:
             gate = Gate(cfg, stack, gallery, relay=relay, audit=audit, liveness=liveness)
         except FacegateError as e:  # an operating point too loose for this gallery's size

@@ -89,6 +89,34 @@ def impostor_table(vectors: np.ndarray, ids: list[str], grid=FMR_GRID, refs: np.
             "fmr": [fmr[i] for i in order], "threshold": [thr[i] for i in order]}
 
 
+def gallery_shift(door: np.ndarray, refs: np.ndarray, ids: list[str], sizes=(50, 100, 150), draws: int = 40,
+                  fpir: float = 0.01, seed: int = 0) -> float:
+    """How far the gate's self-calibration (edge.threshold: the tail fitted to its gallery's
+    leave-one-out maxima) sits below the tail strangers at the door meet: the mean, over simulated
+    galleries (one enrolled photo, `refs`, of each of K random identities), of the threshold at
+    `fpir` from the door faces of the identities left out minus the one from the gallery alone."""
+    from edge.threshold import leave_one_out_maxima, tail_from_maxima
+
+    ids_arr = np.asarray(ids)
+    people = np.unique(ids_arr)
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for k in sizes:
+        if k >= len(people):
+            continue
+        for _ in range(draws):
+            chosen = rng.choice(people, k, replace=False)
+            enrolled = np.array([rng.choice(np.flatnonzero(ids_arr == p)) for p in chosen])
+            gallery = refs[enrolled]
+            strangers = door[~np.isin(ids_arr, chosen)]
+            at_door = tail_from_maxima((strangers @ gallery.T).max(1), k)
+            own = tail_from_maxima(*leave_one_out_maxima(gallery))
+            diffs.append(at_door.threshold(fpir, k) - own.threshold(fpir, k))
+    if not diffs:
+        raise FacegateError(None, f"too few identities ({len(people)}) to simulate galleries of {min(sizes)}")
+    return float(np.mean(diffs))
+
+
 def write_thresholds(encoder: Encoder, faces, out: Path, dataset: str) -> dict:
     ids = [i for i, _ in faces]
     vecs = np.concatenate([encoder.embed_images([c for _, c in faces[i:i + 64]]) for i in range(0, len(faces), 64)])

@@ -23,7 +23,7 @@ from evaluation.embeddings import combine, embed_folder
 from edge.modelcard import CalibrationSpec, EmbeddingSpec, SourceSpec, write_card
 
 from .build import CALIB_DIR, derived_card
-from .calibrate import impostor_table
+from .calibrate import gallery_shift, impostor_table
 from .cohort import best_fusion_weight, identity_keys, split_identities
 
 
@@ -66,6 +66,7 @@ def build_fusion(member_cards: list[Path], detector_card: Path, faces: Path, nam
     refs = fuse_vectors([v[ok] for v in enrolled], scales)
     cal = CalibrationSpec(dataset=f"{faces.parent.name} ({faces.name}), {int(ok.sum())} faces"
                                   f"{', enrolled with their mirror' if enroll_flip else ''}",
+                          gallery_shift=gallery_shift(fused, refs, ids[ok].tolist()),
                           **impostor_table(fused, ids[ok].tolist(), refs=refs))
     mirrored = [c.name for c, f in zip(member_cards, flips) if f]
     recipe = FusionRecipe(members=[FusionMember(card=c.name, sha256=e.sha256, scale=s, flip=f)

@@ -163,3 +163,68 @@ def test_load_deletes_leftover_temp_files_unless_a_writer_holds_the_lock(saved):
         assert (saved.parent / name).exists()
     assert G.load(saved, KEY).names == ["alice", "bob"]
     assert not (saved.parent / name).exists()
+
+
+def base64_f32(values) -> str:
+    import base64
+
+    return base64.b64encode(np.asarray(values, "<f4").tobytes()).decode()
+
+
+def encrypted_payload(payload: dict) -> bytes:
+    """A gallery file holding `payload` as written by a save, whatever keys it has."""
+    import json
+    import os
+
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    nonce = os.urandom(12)
+    return G.MAGIC + nonce + AESGCM(KEY).encrypt(nonce, json.dumps(payload).encode(), G.MAGIC)
+
+
+def test_card_is_kept_with_the_person_and_unreadable_at_rest(tmp_path):
+    g = small_gallery()
+    g.add(G.Person("carol", np.array([0, 1, 0, 0], np.float32), "E3", 100.0, None, card="0004211337"))
+    G.save(g, tmp_path / "g.fgg", KEY)
+    back = G.load(tmp_path / "g.fgg", KEY)
+    assert [p.card for p in back.people] == ["", "", "0004211337"]
+    assert back.card_holder("0004211337").name == "carol" and back.card_holder("") is None
+    assert b"0004211337" not in (tmp_path / "g.fgg").read_bytes()
+
+
+def test_gallery_saved_before_cards_reads_as_people_without_one(tmp_path):
+    payload = {"format": G.FORMAT, "version": G.VERSION, "encoder_sha256": "ab" * 32, "dim": 4, "revision": 3,
+               "people": [{"name": "alice", "id": "E1", "embedding": base64_f32([1, 0, 0, 0])}]}
+    (tmp_path / "old.fgg").write_bytes(encrypted_payload(payload))
+    g = G.load(tmp_path / "old.fgg", KEY)
+    assert g.names == ["alice"] and g.people[0].card == "" and g.card_holder("1") is None
+
+
+def test_one_card_is_one_persons_and_the_refusal_names_people_not_the_card(tmp_path):
+    g = small_gallery()
+    g.add(G.Person("carol", np.array([0, 1, 0, 0], np.float32), "E3", card="77001234"))
+    with pytest.raises(GalleryError, match="'dave' is given the card 'carol' holds") as e:
+        g.add(G.Person("dave", np.array([0, 0, 0, 1], np.float32), "E4", card="77001234"))
+    assert "77001234" not in str(e.value) and g.names == ["alice", "bob", "carol"]
+    g.add(G.Person("carol", np.array([0, 1, 0, 0], np.float32), "E3", card="77001235"))  # her own, reissued
+    assert g.card_holder("77001235").name == "carol" and g.card_holder("77001234") is None
+    # a file holding two people under one card (written by no facegate) is refused whole
+    rec = {"id": "", "embedding": base64_f32([1, 0, 0, 0]), "card": "5"}
+    payload = {"format": G.FORMAT, "version": G.VERSION, "encoder_sha256": "ab" * 32, "dim": 4, "revision": 1,
+               "people": [{**rec, "name": "x"}, {**rec, "name": "y"}]}
+    (tmp_path / "two.fgg").write_bytes(encrypted_payload(payload))
+    with pytest.raises(GalleryError, match="one card, one person"):
+        G.load(tmp_path / "two.fgg", KEY)
+
+
+@pytest.mark.parametrize("card", ["12 34", "abc", "1" * 33, "１２"])
+def test_a_card_number_out_of_the_readers_alphabet_is_refused(card):
+    with pytest.raises(GalleryError, match="digits and capital letters expected"):
+        small_gallery().add(G.Person("carol", np.array([0, 1, 0, 0], np.float32), card=card))
+
+
+def test_card_tag_tells_cards_apart_only_with_the_key():
+    tags = {G.card_tag(KEY, f"{n:08d}") for n in range(2000)}
+    assert len(tags) == 2000 and all(len(t) == 8 for t in tags)
+    assert G.card_tag(KEY, "00012345") == G.card_tag(KEY, "00012345") != G.card_tag(OTHER, "00012345")
+    assert "12345" not in G.card_tag(KEY, "00012345")

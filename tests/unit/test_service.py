@@ -392,6 +392,29 @@ def test_liveness_off_written_explicitly_runs_without_a_pad_model(tmp_path, syst
     assert next(r for r in rows if r["kind"] == "service" and r["reason"] == "started")["details"]["liveness"] == "off"
 
 
+def test_a_provider_this_build_lacks_is_audited_once_per_model_at_start_and_the_gate_runs_on_the_cpu(
+        tmp_path, systemd, faces):
+    import onnxruntime as ort
+
+    from edge.pad import SHIPPED_PAD, load_pad
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    cfg, stack = enrolled_config(tmp_path, faces, {"obama": "obama.jpg"})
+    cfg.models.providers = ["CUDAExecutionProvider"]
+    assert run_service(cfg, verbose=False, notifier=Notifier(systemd.path)) == 0
+    rows = audit_rows(cfg)
+    started = next(i for i, r in enumerate(rows) if r["kind"] == "service" and r["reason"] == "started")
+    fallbacks = [r for r in rows if r["kind"] == "model"]
+    assert all(r["reason"] == "provider_fallback" for r in fallbacks) and rows[started - len(fallbacks):started] == fallbacks
+    onnx_models = [stack.detector.card.name, stack.encoder.card.name, *(m.card.name for m in load_pad(SHIPPED_PAD).members)]
+    assert sorted(r["details"]["model"] for r in fallbacks) == sorted(onnx_models)
+    for r in fallbacks:
+        assert r["details"]["asked"] == ["CUDAExecutionProvider"] and r["details"]["using"] == ["CPUExecutionProvider"]
+        assert r["details"]["dropped"]["CUDAExecutionProvider"].startswith("not in this onnxruntime build")
+    assert [r["identity"] for r in rows if r["grant"]] == ["obama"]
+
+
 def test_signal_handlers_restored(tmp_path, systemd, faces):
     cfg, _ = enrolled_config(tmp_path, faces, {"obama": "obama.jpg"})
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}

@@ -1,0 +1,148 @@
+"""The gate's operating threshold: the cosine score above which a probe is taken for an enrolled
+person, chosen so that a stranger is let in with the asked probability (the false positive
+identification rate, FPIR) against the gallery's actual size K.
+
+Model: a stranger's score against one enrolled face has an exponential upper tail,
+P(s >= t) = exp(-(t - a) / beta), so their best score against K faces is Gumbel with location
+a + beta * ln K and FPIR(t, K) = 1 - exp(-K * exp(-(t - a) / beta)). (a, beta) come from:
+
+- the gallery itself: each enrolled face, left out in turn, is a stranger to the others; the
+  Gumbel fitted (by L-moments) to those leave-one-out maxima gives (a, beta) from this camera
+  set-up and this population. These are gallery-vs-gallery scores, not door-frame-vs-gallery
+  ones: the card's `calibration.gallery_shift`, measured on its calibration set, moves `a` by
+  the difference.
+- the encoder card's impostor table (log FMR linear in the threshold over its tail), as a prior
+  worth PRIOR_MAXIMA maxima: it decides a small gallery, the gallery's own scores a large one.
+
+Pure functions, no I/O: the gate computes the point at each gallery load and reload.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+EULER = 0.5772156649015329
+# The card's table counts as this many leave-one-out maxima. Small on purpose: the table comes from
+# another population (the card's calibration set), so by a few dozen people the gallery's own
+# scores lead.
+PRIOR_MAXIMA = 25
+# Pairs scored at each load: every leave-one-out maximum up to ~2,000 people; beyond, a sample of
+# people against a sample of the rest, carried to the full K by the Gumbel's max-stability (for a
+# tail lighter than exponential that errs strict). Keeps a reload of 100,000 people to ~1e9
+# multiply-adds (2,000 x 2,000 pairs of 256-d vectors).
+MAX_PAIRS = 4_000_000
+# The card's table is fitted as an exponential tail over these FMRs.
+TAIL_FMR = (1e-6, 1e-2)
+
+
+@dataclass(frozen=True)
+class TailModel:
+    """Exponential tail of one stranger-vs-enrolled comparison: P(s >= t) = exp(-(t - a) / beta)."""
+
+    a: float
+    beta: float
+
+    def fpir(self, threshold: float, k: int) -> float:
+        """Share of strangers whose best score against k enrolled people reaches `threshold`."""
+        rate = max(int(k), 1) * np.exp(-(threshold - self.a) / self.beta)
+        return float(-np.expm1(-rate))
+
+    def threshold(self, target_fpir: float, k: int) -> float:
+        """The threshold at which fpir(threshold, k) == target_fpir."""
+        if not 0 < target_fpir < 1:
+            raise ValueError("target FPIR must be in (0, 1)")
+        return float(self.a + self.beta * np.log(max(int(k), 1) / -np.log1p(-target_fpir)))
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """The threshold the gate uses, the FPIR it expects at K, and where that came from."""
+
+    threshold: float
+    expected_fpir: float
+    k: int
+    source: str  # "gallery + card prior", "card", "fixed threshold", "cohort table"
+    detail: dict = field(default_factory=dict)
+
+    def describe(self) -> dict:
+        return {"threshold": round(self.threshold, 4), "expected_fpir": float(f"{self.expected_fpir:.3g}"),
+                "k": self.k, "source": self.source, **self.detail}
+
+
+def gumbel_lmoments(x: np.ndarray) -> tuple[float, float]:
+    """Gumbel (location, scale) by the method of L-moments: scale = l2 / ln 2, location =
+    l1 - Euler * scale. Less swayed by one extreme value than moments or maximum likelihood."""
+    x = np.sort(np.asarray(x, np.float64))
+    n = len(x)
+    if n < 3:
+        raise ValueError("need at least 3 values to fit a Gumbel")
+    b0 = float(x.mean())
+    b1 = float(np.sum(np.arange(n) / (n - 1) * x) / n)
+    beta = (2 * b1 - b0) / np.log(2)
+    if not beta > 0:
+        raise ValueError("the values do not spread: no Gumbel scale")
+    return b0 - EULER * beta, float(beta)
+
+
+def tail_from_maxima(maxima: np.ndarray, m: int) -> TailModel:
+    """The per-comparison tail whose maximum over m comparisons fits `maxima`."""
+    mu, beta = gumbel_lmoments(maxima)
+    return TailModel(mu - beta * np.log(m), beta)
+
+
+def tail_from_table(fmr_table, thr_table, fmr_range=TAIL_FMR) -> TailModel:
+    """The exponential tail of an impostor table: least squares of ln FMR on the threshold over
+    the table's points with FMR in fmr_range."""
+    f = np.asarray(fmr_table, np.float64)
+    t = np.asarray(thr_table, np.float64)
+    keep = (f >= fmr_range[0]) & (f <= fmr_range[1])
+    if keep.sum() < 2:
+        raise ValueError(f"the impostor table has fewer than 2 points with FMR in {fmr_range}")
+    slope, icpt = np.polyfit(t[keep], np.log(f[keep]), 1)
+    if not slope < 0:
+        raise ValueError("the impostor table's FMR does not fall with the threshold")
+    beta = -1.0 / slope
+    return TailModel(float(icpt * beta), float(beta))  # ln FMR = (a - t) / beta
+
+
+def leave_one_out_maxima(matrix: np.ndarray, max_pairs: int = MAX_PAIRS, seed: int = 0) -> tuple[np.ndarray, int]:
+    """Each enrolled face's best cosine score against the others (unit rows): (maxima, m), m the
+    number of faces each maximum is over. Past max_pairs, a fixed-seed sample of n faces each
+    against m others (the same gallery gives the same point)."""
+    x = np.asarray(matrix, np.float32)
+    k = len(x)
+    if k < 2:
+        raise ValueError("need at least 2 enrolled faces")
+    if k * (k - 1) <= max_pairs:
+        s = x @ x.T
+        np.fill_diagonal(s, -np.inf)
+        return s.max(1).astype(np.float64), k - 1
+    side = max(int(np.sqrt(max_pairs)), 2)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(k)
+    # Probes and their comparison set are disjoint samples: no face is scored against itself.
+    probes, others = order[:side], order[side:2 * side]
+    return (x[probes] @ x[others].T).max(1).astype(np.float64), len(others)
+
+
+def blend(own: TailModel, prior: TailModel, n_own: int, n_prior: int = PRIOR_MAXIMA) -> TailModel:
+    """Weighted mean of the two tails' parameters, weights n_own and n_prior."""
+    w = n_own / (n_own + n_prior)
+    return TailModel(w * own.a + (1 - w) * prior.a, w * own.beta + (1 - w) * prior.beta)
+
+
+def gallery_tail(matrix: np.ndarray, prior: TailModel, shift: float = 0.0, max_pairs: int = MAX_PAIRS,
+                 n_prior: int = PRIOR_MAXIMA) -> tuple[TailModel, dict]:
+    """The tail the gate works with for this gallery: its own leave-one-out maxima (moved by the
+    card's door-vs-gallery shift) blended with the card's prior; the prior alone below 4 faces
+    (3 maxima at least for a fit)."""
+    if len(matrix) < 4:
+        return prior, {"maxima": 0}
+    maxima, m = leave_one_out_maxima(matrix, max_pairs)
+    own = tail_from_maxima(maxima, m)
+    own = TailModel(own.a + shift, own.beta)
+    tail = blend(own, prior, len(maxima), n_prior)
+    return tail, {"maxima": len(maxima), "over": m, "own_a": round(own.a, 4), "own_beta": round(own.beta, 5),
+                  "prior_a": round(prior.a, 4), "prior_beta": round(prior.beta, 5),
+                  "prior_weight": round(n_prior / (len(maxima) + n_prior), 3), "shift": shift}

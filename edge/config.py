@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError, FacegateError
 
@@ -66,6 +66,17 @@ class ModelsConfig(_Section):
     enroll_encoder: str | None = Field(None, description="encoder for enrollment photos: the same network at full precision, so the gallery side carries no quantization noise; None = the door encoder's fp32 twin beside it (its name with _fp32 for _int8) when there is one, else the door encoder")
     liveness: str | None = Field(None, description="passive liveness (PAD) model card; None = the shipped one (edge/assets/pad/minifasnet.card.json)")
     threads: int = Field(1, ge=1, le=16, description="inference threads per model")
+    providers: list[str] | None = Field(None, max_length=8, description="onnxruntime execution providers every ONNX model tries, in order, e.g. [TensorrtExecutionProvider, CUDAExecutionProvider, CPUExecutionProvider]; one this onnxruntime build lacks or that cannot open a model is dropped for the next, logged and audited (model provider_fallback); CPUExecutionProvider comes last whether named or not; None = each model card's providers, else the CPU only")
+
+    @field_validator("providers")
+    @classmethod
+    def _providers(cls, names):
+        from .modelcard import known_providers, providers_problem  # onnxruntime, only when providers are named
+
+        problem = None if names is None else providers_problem(names, known_providers())
+        if problem:
+            raise ValueError(problem)
+        return names
 
 
 class QualityConfig(_Section):

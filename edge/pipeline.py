@@ -29,6 +29,7 @@ from .match import cosine_scores, fpir_at_threshold, identify, threshold_for_gal
 from .threshold import OperatingPoint, gallery_tail, tail_from_table
 from .quality import assess_face
 from .records import Decision, Frame, Match
+from .runtime import Providers
 from .search import GalleryIndex
 
 log = logging.getLogger(__name__)
@@ -47,15 +48,17 @@ class Stack:
     enroll_flip: bool = False  # match.enroll_flip: enrollment embeds each photo and its mirror image
     enroll_card: str | None = None  # models.enroll_encoder as resolved; None: the door encoder enrolls
     threads: int = 1
+    providers: Providers = field(default_factory=Providers)  # models.providers, and the fallbacks met
     _enroller: Encoder | FusedEncoder | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Stack":
-        encoder = load_encoder(cfg.models.encoder, cfg.models.threads, flip=cfg.match.flip)
+        providers = Providers(cfg.models.providers)
+        encoder = load_encoder(cfg.models.encoder, cfg.models.threads, cfg.match.flip, providers)
         cohort = load_cohort(cfg.match.cohort, encoder.sha256, cfg.match.flip) if cfg.match.cohort else None
         twin = enrollment_twin(cfg.models.encoder, cfg.models.enroll_encoder)
-        return cls(load_detector(cfg.models.detector, cfg.models.threads), encoder, cohort, cfg.match.enroll_flip,
-                   None if twin is None else str(twin), cfg.models.threads)
+        return cls(load_detector(cfg.models.detector, cfg.models.threads, providers), encoder, cohort,
+                   cfg.match.enroll_flip, None if twin is None else str(twin), cfg.models.threads, providers)
 
     def enroller(self) -> Encoder | FusedEncoder:
         """The encoder enrollment photos go through, loaded on first use: the gate itself, which
@@ -63,7 +66,7 @@ class Stack:
         if self.enroll_card is None:
             return self.encoder
         if self._enroller is None:
-            enc = load_encoder(self.enroll_card, self.threads)
+            enc = load_encoder(self.enroll_card, self.threads, providers=self.providers)
             check_twin(self.encoder, enc, self.enroll_card)
             self._enroller = enc
         return self._enroller

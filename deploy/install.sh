@@ -164,6 +164,23 @@ case $camera_source in
     *) die "unknown camera '$camera_source' (picamera2, gstreamer or opencv)" ;;
 esac
 say "camera: $camera_source"
+# The relay line a new config.yaml names: GPIO17 through gpiozero on a Pi (and any other box); on a
+# Jetson header pin 7 through libgpiod, at its offset on the tegra234-gpio chip in NVIDIA's pin
+# table (README-deploy.md, "Jetson Orin 40-pin header"), which is not checked on a board.
+if [ "$board" = jetson ]; then
+    relay_line=144 # Orin Nano, Orin NX: pin 7 is PAC.06
+    if model_says "AGX Orin"; then
+        relay_line=106 # AGX Orin: pin 7 is PQ.06
+    fi
+    relay_yaml="  backend: gpiod
+  chip: /dev/gpiochip0   # tegra234-gpio in gpiodetect's list; another number there: change it
+  line: $relay_line      # header pin 7 (README-deploy.md, Jetson Orin 40-pin header)"
+    say "relay: gpiod, /dev/gpiochip0 line $relay_line (header pin 7)"
+else
+    relay_yaml="  pin: GPIO17
+  pin_factory: default"
+    say "relay: gpiozero, GPIO17"
+fi
 say "apt packages: ${packages[*]}"
 run apt-get update
 run env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${packages[@]}"
@@ -240,8 +257,7 @@ models:
 liveness:
   mode: passive      # the shipped PAD model; "off" only where a second factor guards the door
 relay:
-  pin: GPIO17
-  pin_factory: default
+$relay_yaml
 storage:
   gallery: $VAR/gallery.fgg
   audit: $VAR/audit.sqlite3

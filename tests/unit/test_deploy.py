@@ -212,6 +212,30 @@ def test_install_dry_run_on_a_jetson_with_prebuilt_models(tmp_path):
     assert "source: gstreamer" in out
 
 
+@pytest.mark.parametrize("where, backend, chip, line", [
+    ({"tegra": True}, "gpiod", "/dev/gpiochip0", 144),  # JetPack without a device-tree model: an Orin Nano's pin 7
+    ({"model": "NVIDIA Jetson Orin Nano Engineering Reference Developer Kit Super"}, "gpiod", "/dev/gpiochip0", 144),
+    ({"model": "NVIDIA Jetson AGX Orin Developer Kit", "tegra": True}, "gpiod", "/dev/gpiochip0", 106),
+    ({"model": "Raspberry Pi 5 Model B Rev 1.0"}, "gpiozero", None, None),
+])
+def test_a_new_config_drives_header_pin_7_through_gpiod_on_a_jetson_and_gpio17_on_a_pi(tmp_path, where, backend,
+                                                                                        chip, line):
+    """The config the installer writes, loaded as the gate loads it: on a Jetson the relay is the
+    Orin 40-pin table's pin 7 (README-deploy.md) on libgpiod, not the Raspberry Pi's GPIO17."""
+    if Path("/etc/facegate/config.yaml").exists():
+        pytest.skip("this machine has /etc/facegate/config.yaml, which a dry run keeps instead of writing one")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", platform.node().split(".")[0]):
+        pytest.skip("this machine's name is no audience name, which the installer refuses")
+    relay = written_config(dry_run(tmp_path, "--models", "/srv/models", **where), tmp_path).relay
+    assert (relay.backend, relay.chip, relay.line) == (backend, chip, line)
+    if backend == "gpiozero":
+        assert (relay.pin, relay.pin_factory) == ("GPIO17", "default")
+    readme = (REPO / "deploy" / "README-deploy.md").read_text()
+    if line is not None:  # the offset is the table's for header pin 7 of that board
+        board = "AGX Orin" if line == 106 else "Orin Nano, Orin NX"
+        assert re.search(rf"^\| {board} \| 7 \| \S+ \| {line} \| tegra234-gpio \|$", readme, re.M)
+
+
 @pytest.mark.parametrize("where,args,dropin", [
     ({"tegra": True}, [], True),  # the CSI camera, the Jetson's default
     ({"tegra": True}, ["--camera", "opencv"], False),  # a USB webcam on a Jetson

@@ -24,9 +24,12 @@ Photos that are intact but fail the quality gate (one face, size, blur, pose) re
 only, as does a face the gate would take for another person, enrolled or in the same bundle
 (edge.enroll.screen_duplicates, as `edge enroll` screens). Ids are the stable key: two people under one id refuse the bundle, a person whose id
 changes under the same name is refused (the old id goes in the bundle's removals), a removal that
-matches more than one enrolled person refuses the bundle. The gallery is then saved atomically,
-with bundle_sequence set, and the photos, held in memory only, are dropped: nothing from the stick
-is written to the gate or executed.
+matches more than one enrolled person refuses the bundle. A person's optional `card` (their badge's
+number) is part of their record: a reissued badge is the same id with a new card; a card another
+person would still hold refuses that person, and two people of one bundle with one card refuse
+the bundle. Messages and audit rows name people and card_tag, never a card number. The gallery
+is then saved atomically, with bundle_sequence set, and the photos, held in memory only, are
+dropped: nothing from the stick is written to the gate or executed.
 """
 from __future__ import annotations
 
@@ -57,6 +60,7 @@ from .atomic import atomic_write_bytes
 from .config import AUDIENCE_NAME, EnrollmentConfig
 from .enroll import label_problem
 from .errors import AuditError, BundleError, FacegateError, GalleryError, StorageError
+from .gallery import CARD, card_tag
 from .imageio import FileTooLarge, NotARegularFile, read_regular_file
 
 MANIFEST = "manifest.json"
@@ -129,6 +133,7 @@ class BundlePerson(_Strict):
     size: int = Field(ge=1, le=MAX_PHOTO_BYTES)
     valid_from: str | None = None
     valid_until: str | None = None
+    card: str | None = Field(None, pattern=CARD)
 
     @field_validator("photo")
     @classmethod
@@ -188,6 +193,10 @@ class Manifest(_Strict):
             dup = sorted(x for x, n in Counter(items).items() if n > 1)
             if dup:
                 raise ValueError(f"duplicate {what}(s): {', '.join(dup)}")
+        cards = Counter(p.card for p in self.people if p.card)
+        shared = [p.name for p in self.people if cards[p.card] > 1]  # by name: a card number is never shown
+        if shared:
+            raise ValueError(f"one card given to more than one person: {', '.join(shared)}")
         both = (set(names) | {p.id for p in self.people if p.id}) & set(self.removals)
         if both:
             raise ValueError(f"both enrolled and removed: {', '.join(sorted(both))}")
@@ -313,11 +322,13 @@ def create_bundle(photos_dir: str | Path, manifest_yaml: str | Path, private_key
                                          f"split them over several bundles")
     people, blobs = [], {}
     for i, p in enumerate(listed):
-        if not isinstance(p, dict) or set(p) - {"name", "id", "photo", "valid_from", "valid_until"}:
-            raise BundleError(manifest_yaml, f"people[{i}]: a mapping with name, id, photo, valid_from, valid_until")
+        if not isinstance(p, dict) or set(p) - {"name", "id", "photo", "valid_from", "valid_until", "card"}:
+            raise BundleError(manifest_yaml, f"people[{i}]: a mapping with name, id, photo, valid_from, valid_until, card")
         try:
             photo = _check_photo_name(str(p.get("photo", "")))
             rec = {"name": str(p.get("name", "")), "id": str(p.get("id") or ""), "photo": photo}
+            if p.get("card") is not None:
+                rec["card"] = _admin_card(p["card"], f"people[{i}].card")
             for k in ("valid_from", "valid_until"):
                 if p.get(k) is not None:
                     rec[k] = iso(to_epoch(p[k], f"people[{i}].{k}"))
@@ -347,6 +358,19 @@ def create_bundle(photos_dir: str | Path, manifest_yaml: str | Path, private_key
     (tmp / SIGNATURE).write_bytes(base64.b64encode(sig) + b"\n")
     tmp.rename(out)  # a half-written bundle never carries the final name
     return m
+
+
+def _admin_card(value, what: str) -> str:
+    """The card number of the admin's YAML as the gate's reader types it. YAML reads an unquoted
+    number as a number (0012345 as octal 5349, 00123 as 123), so only text is taken: a card number
+    changed on its way into the bundle would be someone else's, or no one's."""
+    if not isinstance(value, str):
+        raise ValueError(f"{what}: write the card number in quotes, as the reader types it (card: \"0012345\"): "
+                         f"unquoted, YAML reads it as a number and drops or changes its digits")
+    card = value.strip().upper()  # a hex card number reads the same either case: the reader's keymap is capitals
+    if not re.fullmatch(CARD, card):
+        raise ValueError(f"{what}: digits and letters only, at most 32, as the reader types it")
+    return card
 
 
 def _problem(e: Exception) -> str:
@@ -583,6 +607,32 @@ def _removal_victims(gallery, removals: list[str], manifest: Path) -> list[str]:
     return victims
 
 
+def _without_taken_cards(staying: list, people: list, report: BundleReport) -> list:
+    """`people` (the bundle's, about to enter the gallery) less those given a card that someone
+    staying in the gallery would still hold, each refused naming the holder. A person refused keeps
+    their old entry and its card, which another of `people` may have been given: hence the rounds."""
+    while True:
+        replaced = {x.name for x in staying for p in people
+                    if x.name == p.name or (p.person_id and x.person_id == p.person_id)}
+        holders = {x.card: x for x in staying if x.card and x.name not in replaced}
+        taken = {p.name: holders[p.card] for p in people if p.card in holders}
+        if not taken:
+            return people
+        for name, holder in taken.items():
+            report.refused[name] = (f"the card given is the one {holder.name} (id {holder.person_id or 'none'}) holds: "
+                                    f"a card opens for one person; give {holder.name} their new card in this bundle, "
+                                    f"or list them under removals")
+        people = [p for p in people if p.name not in taken]
+
+
+def _card_audit(key: bytes, card: str, before: str) -> dict:
+    """What an enrolment's audit row says of the person's card: its card_tag, and the one replaced."""
+    out = {"card": card_tag(key, card)} if card else {}
+    if before and before != card:
+        out["previous_card"] = card_tag(key, before)
+    return out
+
+
 def _apply(bundle: AdmittedBundle, gallery, stack, cfg, audit, key) -> BundleReport:
     from . import gallery as G
     from .enroll import embed_photo, screen_duplicates
@@ -646,19 +696,26 @@ def _apply(bundle: AdmittedBundle, gallery, stack, cfg, audit, key) -> BundleRep
                                       f"other under removals); if not (twins), enroll them at the gate with "
                                       f"python -m edge enroll --allow-duplicate")
             continue
-        people.append(Person(p.name, r.embedding, p.id, now, until))
+        people.append(Person(p.name, r.embedding, p.id, now, until, card=p.card or ""))
+    people = _without_taken_cards(staying, people, report)
     for victim in victims:
         gallery.remove(victim)
         report.removed.append(victim)
+    previous = {}  # name -> the card their entry held until now
     for person in people:
         # The id is the stable key: a renamed person replaces their old entry instead of doubling it.
-        for old in [x.name for x in gallery.people if person.person_id and x.person_id == person.person_id]:
-            gallery.remove(old)
+        # Every old entry goes before any new one comes in, so two people may swap cards in one bundle.
+        for old in [x for x in gallery.people if x.name == person.name
+                    or (person.person_id and x.person_id == person.person_id)]:
+            previous[person.name] = old.card
+            gallery.remove(old.name)
+    for person in people:
         gallery.add(person)
         report.enrolled.append(person.name)
     gallery.bundle_sequence = m.sequence
     seq = {"bundle_sequence": m.sequence}
-    events = [("enroll", "enrolled", seq, {"identity": name}) for name in report.enrolled]
+    events = [("enroll", "enrolled", {**seq, **_card_audit(key, p.card, previous.get(p.name, ""))}, {"identity": p.name})
+              for p in people]
     events += [("enroll", "refused", {**seq, "why": why[:900]}, {"identity": name}) for name, why in report.refused.items()]
     events += [("enroll", "revoked", seq, {"identity": name}) for name in report.removed]
     events.append(("enroll", "bundle_applied", {

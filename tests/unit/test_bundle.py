@@ -296,8 +296,9 @@ def stack(tmp_path_factory):
 
 
 def photo_bundle(tmp_path, priv, people, removals=(), sequence=1, name="bundle", extra=None, audience=AUDIENCE,
-                 valid_days=B.DEFAULT_VALID_DAYS, now=None):
-    """A bundle of real photos: people = [(name, id, sample file)]; extra = {file: image array}."""
+                 valid_days=B.DEFAULT_VALID_DAYS, now=None, cards=None):
+    """A bundle of real photos: people = [(name, id, sample file)]; extra = {file: image array};
+    cards = {name: card number}."""
     photos = tmp_path / f"{name}-photos"
     photos.mkdir()
     for _, _, f in people:
@@ -307,7 +308,9 @@ def photo_bundle(tmp_path, priv, people, removals=(), sequence=1, name="bundle",
         cv2.imwrite(str(photos / f), img)
     manifest = tmp_path / f"{name}.yaml"
     manifest.write_text(yaml.safe_dump({"sequence": sequence, "removals": list(removals),
-                                        "people": [{"name": n, "id": i, "photo": f} for n, i, f in people]}))
+                                        "people": [{"name": n, "id": i, "photo": f,
+                                                    **({"card": cards[n]} if n in (cards or {}) else {})}
+                                                   for n, i, f in people]}))
     B.create_bundle(photos, manifest, priv, tmp_path / name, audience, valid_days, now=now)
     return tmp_path / name
 
@@ -1062,3 +1065,92 @@ def test_a_reload_of_a_gallery_older_than_the_last_applied_bundle_is_refused_and
                                                         ("gallery", "reloaded"), ("service", "stopped")]
     assert "gallery older than applied bundle 2: it records bundle 1 as its last" in rows[1]["details"]["error"]
     assert rows[2]["details"]["people"] == 1
+
+
+# ------------------------------------------------------------------ badge card numbers
+def test_card_numbers_are_taken_as_the_reader_types_them_and_one_card_is_one_persons(tmp_path, keys):
+    priv, pub, _ = keys
+    people = [{"name": "alice", "id": "E1", "photo": "alice.jpg", "card": "00a1f3"},
+              {"name": "bob", "id": "E2", "photo": "bob.jpg", "card": "0012345"}]
+    m = B.verify_bundle(make_bundle(tmp_path, priv, people=people), pub).manifest
+    assert [p.card for p in m.people] == ["00A1F3", "0012345"]  # the reader's keymap types capitals
+    assert B.verify_bundle(make_bundle(tmp_path, priv, name="none"), pub).manifest.people[0].card is None
+    with pytest.raises(BundleError, match=r"people\[1\]\.card: write the card number in quotes"):
+        make_bundle(tmp_path, priv, people=[people[0], {**people[1], "card": 12345}], name="b1")
+    with pytest.raises(BundleError, match=r"people\[0\]\.card: digits and letters only"):
+        make_bundle(tmp_path, priv, people=[{**people[0], "card": "12-34"}], name="b2")
+    with pytest.raises(BundleError, match="one card given to more than one person: alice, bob") as e:
+        make_bundle(tmp_path, priv, people=[people[0], {**people[1], "card": "00A1F3"}], name="b3")
+    assert "00A1F3" not in str(e.value)
+    out = make_bundle(tmp_path, priv, people=people, name="b4")
+    signed = json.loads((out / B.MANIFEST).read_bytes())
+    signed["people"][1]["card"] = "00A1F3"  # signed by a tool without the check
+    resign(out, priv, signed)
+    with pytest.raises(BundleError, match="one card given to more than one person"):
+        B.verify_bundle(out, pub)
+    signed["people"][1]["card"] = "00a1f3"  # not the reader's alphabet: refused, not matched loosely
+    resign(out, priv, signed)
+    with pytest.raises(BundleError, match=r"people\.1\.card: String should match pattern"):
+        B.verify_bundle(out, pub)
+
+
+def all_audit_text(path) -> str:
+    with AuditLog(path, readonly=True) as a:
+        return json.dumps(a.tail(1000))
+
+
+def test_a_reissued_card_stays_with_the_same_person_and_a_card_someone_holds_is_refused(tmp_path, keys, stack):
+    """The id is the person: a new card under the same id replaces the card, not the person. A card
+    another person keeps is refused for the one given it, naming the holder; two people may swap
+    cards in one bundle. The audit tells cards apart by card_tag, never by number."""
+    priv, pub, _ = keys
+    cfg = gate_config(tmp_path)
+    G.new_key_file(cfg.storage.key_file)
+    key = G.load_key(cfg.storage.key_file)
+    g = G.Gallery(stack.encoder.sha256, stack.encoder.card.embedding.dim)
+    b1 = photo_bundle(tmp_path, priv, [("obama", "E1", "obama.jpg"), ("joe", "E2", "biden.jpg")], sequence=1,
+                      name="b1", cards={"obama": "10001", "joe": "20002"})
+    with AuditLog(cfg.storage.audit) as audit:
+        assert apply(b1, pub, g, stack, cfg, audit=audit).enrolled == ["obama", "joe"]
+        g = G.load(cfg.storage.gallery, key)
+        assert [(p.name, p.person_id, p.card) for p in g.people] == [("obama", "E1", "10001"), ("joe", "E2", "20002")]
+        # a reissued badge: same id, new card; and a stranger given joe's card, whom joe keeps
+        b2 = photo_bundle(tmp_path, priv, [("Barack Obama", "E1", "obama2.jpg"), ("eileen", "E3", "astronaut.png")],
+                          sequence=2, name="b2", cards={"Barack Obama": "10009", "eileen": "20002"})
+        r = apply(b2, pub, g, stack, cfg, audit=audit)
+        assert r.enrolled == ["Barack Obama"] and list(r.refused) == ["eileen"]
+        assert "the one joe (id E2) holds" in r.refused["eileen"] and "20002" not in r.refused["eileen"]
+        g = G.load(cfg.storage.gallery, key)
+        assert [(p.name, p.person_id, p.card) for p in g.people] == [("joe", "E2", "20002"),
+                                                                      ("Barack Obama", "E1", "10009")]
+        rows = [r for r in audit.tail(4) if r["reason"] in ("enrolled", "refused")]
+        # swapped in one bundle: each old entry leaves before either new one comes in
+        b3 = photo_bundle(tmp_path, priv, [("Barack Obama", "E1", "obama3.jpg"), ("joe", "E2", "biden.jpg")],
+                          sequence=3, name="b3", cards={"Barack Obama": "20002", "joe": "10009"})
+        assert apply(b3, pub, g, stack, cfg, audit=audit).enrolled == ["Barack Obama", "joe"]
+        assert {p.name: p.card for p in G.load(cfg.storage.gallery, key).people} == {"Barack Obama": "20002",
+                                                                                     "joe": "10009"}
+    enrolled = {r["identity"]: r["details"] for r in rows if r["reason"] == "enrolled"}
+    assert enrolled["Barack Obama"]["card"] == G.card_tag(key, "10009")
+    assert enrolled["Barack Obama"]["previous_card"] == G.card_tag(key, "10001")
+    text = all_audit_text(cfg.storage.audit)
+    assert not any(card in text for card in ("10001", "20002", "10009"))
+
+
+def test_a_refused_person_keeps_their_card_and_so_refuses_whoever_was_given_it(tmp_path, keys, stack):
+    """Rounds: joe's new photo is refused (no face), so joe keeps his card, and eileen, given it
+    on the understanding that joe gets another, is refused too."""
+    priv, pub, _ = keys
+    cfg = gate_config(tmp_path)
+    G.new_key_file(cfg.storage.key_file)
+    g = G.Gallery(stack.encoder.sha256, stack.encoder.card.embedding.dim)
+    apply(photo_bundle(tmp_path, priv, [("joe", "E2", "biden.jpg")], sequence=1, name="b1", cards={"joe": "20002"}),
+          pub, g, stack, cfg)
+    g = G.load(cfg.storage.gallery, G.load_key(cfg.storage.key_file))
+    suit = cv2.imread(str(sample("astronaut.png")))[300:512, 0:180]
+    b2 = photo_bundle(tmp_path, priv, [("joe", "E2", "suit.png"), ("eileen", "E3", "astronaut.png")], sequence=2,
+                      name="b2", extra={"suit.png": suit}, cards={"joe": "30003", "eileen": "20002"})
+    r = apply(b2, pub, g, stack, cfg)
+    assert r.enrolled == [] and r.refused["joe"] == "no face found" and "the one joe (id E2) holds" in r.refused["eileen"]
+    assert [(p.name, p.card) for p in G.load(cfg.storage.gallery, G.load_key(cfg.storage.key_file)).people] == \
+        [("joe", "20002")]

@@ -291,6 +291,28 @@ def _probe(args):
     return r, Matcher(cfg.match, stack, g)
 
 
+def cmd_calibration(args) -> int:
+    """The operating points the gate would take with this config and gallery, and where they come from."""
+    from . import gallery as G
+    from .pipeline import Matcher, Stack
+    from .threshold import check_operating_point
+
+    cfg = _cfg(args)
+    stack = Stack.from_config(cfg)
+    g = G.load(cfg.storage.gallery, G.load_key(cfg.storage.key_file), stack.encoder.sha256)
+    m = Matcher(cfg.match, stack, g)
+    out, refused = {}, False
+    for name, point in (("identification (1:N)", m.point()), ("verification (1:1, badge claim)", m.point(True))):
+        out[name] = point.describe()
+        try:
+            check_operating_point(point, cfg.match.threshold is not None)
+        except FacegateError as e:
+            out[name]["refused"], refused = str(e), True
+    print(json.dumps({"gallery": str(cfg.storage.gallery), "people": len(g), "target_fpir": cfg.match.target_fpir,
+                      "calibration": cfg.match.calibration, **out}, indent=2))
+    return 1 if refused else 0
+
+
 def cmd_identify(args) -> int:
     r, matcher = _probe(args)
     if not r.ok:
@@ -384,6 +406,8 @@ def main(argv=None) -> int:
     s.add_argument("--gallery", help="gallery file (default: storage.gallery from the config)")
     add("trust-clock", cmd_trust_clock, "vouch for the wall clock: it becomes the time floor that expiry is judged "
                                         "against (after a clock refused as too far ahead, once it is known right)")
+    add("calibration", cmd_calibration, "the threshold the gate takes for its gallery, the FPIR it expects, and "
+                                        "where that comes from (1:N and 1:1)")
     s = add("check-config", cmd_check_config, "validate a config file and print it")
     s.add_argument("file", nargs="?")
     s.add_argument("--describe", action="store_true", help="list every field with bounds and meaning")

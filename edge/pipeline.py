@@ -19,14 +19,14 @@ from . import gallery as gallery_io
 from .bundle import check_gallery_current
 from .clock import TrustedClock, expiry_time, validity
 from .cohort import Cohort, as_norm_matrix, load_cohort
-from .config import MAX_TARGET_FPIR, Config, MatchConfig
+from .config import Config, MatchConfig
 from .decide import DecisionPolicy, Observation, choose_faces
 from .detect import Detector, load_detector
 from .embed import Encoder, FusedEncoder, check_twin, enrollment_twin, load_encoder
 from .errors import GalleryError
 from .liveness import LivenessCheck, NoLiveness
-from .match import cosine_scores, fpir_at_threshold, identify, threshold_for_gallery, track_embedding, verify
-from .threshold import OperatingPoint, gallery_tail, tail_from_table
+from .match import cosine_scores, identify, track_embedding, verify
+from .threshold import OperatingPoint, check_operating_point, operating_points
 from .quality import assess_face
 from .records import Decision, Frame, Match
 from .runtime import Providers
@@ -84,49 +84,6 @@ def impostor_table(stack: Stack) -> tuple[list[float], list[float]]:
     return cal.fmr, cal.threshold
 
 
-def operating_points(match: MatchConfig, stack: Stack, matrix: np.ndarray) -> tuple[OperatingPoint, OperatingPoint]:
-    """The gate's thresholds against gallery `matrix`, 1:N (K enrolled) and 1:1 (a claim is one
-    comparison, K = 1), with the FPIR each expects: fixed in config, or for target_fpir. By default
-    (match.calibration 'gallery') from the tail fitted to the enrolled faces' own scores with the
-    card's impostor table as a prior (edge.threshold); with a cohort (AS-norm scores) or
-    match.calibration 'card', from the table alone, its comparisons taken as independent."""
-    fmr, thr = impostor_table(stack)
-    fixed = match.threshold is not None
-    ks = (max(len(matrix), 1), 1)
-    if stack.cohort is not None or match.calibration == "card":
-        source = ("fixed threshold, " if fixed else "") + ("cohort table" if stack.cohort is not None else "card table")
-        ts = [match.threshold if fixed else threshold_for_gallery(fmr, thr, match.target_fpir, k) for k in ks]
-        return tuple(OperatingPoint(t, fpir_at_threshold(fmr, thr, t, k), k, source) for t, k in zip(ts, ks))
-    prior = tail_from_table(fmr, thr)
-    tail, detail = gallery_tail(matrix, prior, stack.encoder.card.calibration.gallery_shift)
-    source = ("fixed threshold, " if fixed else "") + (
-        "gallery + card prior" if detail["maxima"] else "card prior (gallery too small to fit)")
-    points = []
-    for k in ks:
-        t, why = match.threshold, detail
-        if not fixed:
-            t = tail.threshold(match.target_fpir, k)
-            # However the gallery's scores fall, never looser than the card allows at the bound.
-            floor = prior.threshold(MAX_TARGET_FPIR, k)
-            if t < floor:
-                t, why = floor, {**detail, "raised_to_card_floor": True}
-        points.append(OperatingPoint(t, tail.fpir(t, k), k, source, why))
-    return tuple(points)
-
-
-def check_operating_point(point: OperatingPoint, fixed: bool) -> OperatingPoint:
-    """The point, or GalleryError when it lets in more strangers than MAX_TARGET_FPIR: a fixed
-    threshold lets in more as the gallery grows, and a table's stops tightening where it ends, so
-    only the gallery's actual size can tell."""
-    if point.expected_fpir > MAX_TARGET_FPIR * (1 + 1e-9):  # a target of exactly the bound must not fail on rounding
-        how = ("match.threshold is fixed: raise it, or leave it unset to follow the gallery size" if fixed else
-               "the impostor table ends before a threshold that holds a gallery this large")
-        raise GalleryError(None, f"threshold {point.threshold:.4f} against {point.k} enrolled gives an expected false "
-                                 f"positive identification rate of {point.expected_fpir:.3g} ({point.source}), above "
-                                 f"the bound {MAX_TARGET_FPIR}: the gate refuses this gallery ({how})")
-    return point
-
-
 class Matcher:
     """The gallery as the gate searches it: its thresholds for its size and, with a cohort, the
     enrollees' AS-norm statistics, computed once per gallery."""
@@ -135,13 +92,19 @@ class Matcher:
         if g.encoder_sha256 != stack.encoder.sha256:
             raise GalleryError(None, "gallery was built with another encoder; re-enroll")
         self.min_margin, self.stack, self.gallery = match.min_margin, stack, g
-        self.point_1n, self.point_1to1 = operating_points(match, stack, g.matrix)
+        table_only = "cohort table" if stack.cohort is not None else None
+        shift = 0.0 if table_only else stack.encoder.card.calibration.gallery_shift
+        self.point_1n, self.point_1to1 = operating_points(match, impostor_table(stack), g.matrix, shift, table_only)
         self.threshold_1n, self.threshold_1to1 = self.point_1n.threshold, self.point_1to1.threshold
         self._people = {p.name: p for p in g.people}  # names are unique in a gallery
         self._enrollees = stack.cohort.stats(g.matrix) if stack.cohort is not None and len(g) else None
         # AS-norm needs every raw score (the enrollees' cohort statistics shift the ranking), so
         # only the plain cosine search uses the index's exact-top-two shortcut.
         self.index = GalleryIndex(g.matrix, stack.threads) if self._enrollees is None and len(g) else None
+
+    def point(self, verification: bool = False) -> OperatingPoint:
+        """The operating point decisions are taken at: 1:1 for a gate that verifies a claim."""
+        return self.point_1to1 if verification else self.point_1n
 
     def refusal(self, name: str, t_wall: float, floor: float) -> str | None:
         """None while `name` is enrolled and its enrolment holds at wall time t_wall judged against
@@ -206,7 +169,7 @@ class Gate:
         """Use gallery g, or refuse it (GalleryError, the gallery in use unchanged) when the
         operating point lets in more strangers at its size than MAX_TARGET_FPIR."""
         m = Matcher(self.cfg.match, self.stack, g)
-        check_operating_point(m.point_1to1 if self.claim is not None else m.point_1n, self.cfg.match.threshold is not None)
+        check_operating_point(m.point(self.claim is not None), self.cfg.match.threshold is not None)
         self.matcher = m
         self.gallery = g
 

@@ -134,6 +134,7 @@ def run_service(cfg: Config, max_frames: int | None = None, verbose: bool = True
             raise
         camera = CameraMonitor(camera_factory or (lambda: make_camera(cfg.camera)), cfg.camera)
         audit.record_event("service", "started", details={"people": len(gallery), "threshold": round(gate.matcher.threshold_1n, 4),
+                                                            "operating_point": gate.matcher.point().describe(),
                                                             "liveness": cfg.liveness.mode,
                                                             "clock": audit.clock.state})
         notifier.ready(f"{len(gallery)} enrolled")
@@ -144,7 +145,8 @@ def run_service(cfg: Config, max_frames: int | None = None, verbose: bool = True
                 notifier.reloading()
                 try:
                     gate.set_gallery(open_gallery(cfg, stack.encoder, audit.clock.floor))
-                    audit.record_event("gallery", "reloaded", details={"people": len(gate.gallery)})
+                    audit.record_event("gallery", "reloaded", details={"people": len(gate.gallery),
+                                                                        "operating_point": gate.matcher.point().describe()})
                 except FacegateError as e:  # keep the gallery we have; a bad update must not lock everyone out
                     audit.record_event("gallery", "reload_refused", details={"error": str(e)})
                 notifier.ready(f"{len(gate.gallery)} enrolled")

@@ -22,6 +22,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .config import MAX_TARGET_FPIR, MatchConfig
+from .errors import GalleryError
+from .match import fpir_at_threshold, threshold_for_gallery
+
 EULER = 0.5772156649015329
 # The card's table counts as this many leave-one-out maxima. Small on purpose: the table comes from
 # another population (the card's calibration set), so by a few dozen people the gallery's own
@@ -146,3 +150,48 @@ def gallery_tail(matrix: np.ndarray, prior: TailModel, shift: float = 0.0, max_p
     return tail, {"maxima": len(maxima), "over": m, "own_a": round(own.a, 4), "own_beta": round(own.beta, 5),
                   "prior_a": round(prior.a, 4), "prior_beta": round(prior.beta, 5),
                   "prior_weight": round(n_prior / (len(maxima) + n_prior), 3), "shift": shift}
+
+
+def operating_points(match: MatchConfig, table: tuple[list[float], list[float]], matrix: np.ndarray,
+                     shift: float = 0.0, table_only: str | None = None) -> tuple[OperatingPoint, OperatingPoint]:
+    """The gate's thresholds against gallery `matrix` (unit rows), 1:N (K enrolled) and 1:1 (a
+    claim is one comparison, K = 1), with the FPIR each expects: fixed in config, or for
+    target_fpir. By default (match.calibration 'gallery') from the tail fitted to the enrolled
+    faces' own scores, moved by `shift`, with the (FMR, threshold) `table` as a prior; with
+    match.calibration 'card' or scores the gallery cannot speak for (`table_only` names the table,
+    e.g. a cohort's AS-norm one), from the table alone, its comparisons taken as independent."""
+    fmr, thr = table
+    fixed = match.threshold is not None
+    ks = (max(len(matrix), 1), 1)
+    if table_only or match.calibration == "card":
+        source = ("fixed threshold, " if fixed else "") + (table_only or "card table")
+        ts = [match.threshold if fixed else threshold_for_gallery(fmr, thr, match.target_fpir, k) for k in ks]
+        return tuple(OperatingPoint(t, fpir_at_threshold(fmr, thr, t, k), k, source) for t, k in zip(ts, ks))
+    prior = tail_from_table(fmr, thr)
+    tail, detail = gallery_tail(matrix, prior, shift)
+    source = ("fixed threshold, " if fixed else "") + (
+        "gallery + card prior" if detail["maxima"] else "card prior (gallery too small to fit)")
+    points = []
+    for k in ks:
+        t, why = match.threshold, detail
+        if not fixed:
+            t = tail.threshold(match.target_fpir, k)
+            # However the gallery's scores fall, never looser than the card allows at the bound.
+            floor = prior.threshold(MAX_TARGET_FPIR, k)
+            if t < floor:
+                t, why = floor, {**detail, "raised_to_card_floor": True}
+        points.append(OperatingPoint(t, tail.fpir(t, k), k, source, why))
+    return tuple(points)
+
+
+def check_operating_point(point: OperatingPoint, fixed: bool) -> OperatingPoint:
+    """The point, or GalleryError when it lets in more strangers than MAX_TARGET_FPIR: a fixed
+    threshold lets in more as the gallery grows, and a table's stops tightening where it ends, so
+    only the gallery's actual size can tell."""
+    if point.expected_fpir > MAX_TARGET_FPIR * (1 + 1e-9):  # a target of exactly the bound must not fail on rounding
+        how = ("match.threshold is fixed: raise it, or leave it unset to follow the gallery size" if fixed else
+               "the impostor table ends before a threshold that holds a gallery this large")
+        raise GalleryError(None, f"threshold {point.threshold:.4f} against {point.k} enrolled gives an expected false "
+                                 f"positive identification rate of {point.expected_fpir:.3g} ({point.source}), above "
+                                 f"the bound {MAX_TARGET_FPIR}: the gate refuses this gallery ({how})")
+    return point

@@ -9,7 +9,8 @@ from edge.config import Config
 from edge.errors import GalleryError
 from edge.match import (as_norm, cohort_stats, cosine_scores, expected_fpir, fmr_at_threshold, fpir_at_threshold,
                         identify, per_comparison_fmr, threshold_for_fmr, threshold_for_gallery, verify)
-from edge.pipeline import check_operating_point, operating_points
+from edge.pipeline import impostor_table
+from edge.threshold import check_operating_point, operating_points
 
 FMR = [1e-1, 1e-2, 1e-3]
 THR = [0.2, 0.3, 0.4]
@@ -256,42 +257,40 @@ def test_the_gates_matcher_applies_as_norm_with_a_configured_cohort(tmp_path, st
 
 # ---------------------------------------------------------------- the gate's operating point at its gallery size
 
-def table_stack(calibration=SimpleNamespace(fmr=FMR, threshold=THR)):
-    return SimpleNamespace(cohort=None, encoder=SimpleNamespace(card=SimpleNamespace(calibration=calibration, name="enc")))
+TABLE = (FMR, THR)
 
 
-def card_point(match, stack, k: int, verification: bool = False) -> float:
+def card_point(match, table, k: int, verification: bool = False) -> float:
     """Expected FPIR of the table-only point against k enrolled, or GalleryError."""
     match.calibration = "card"
-    p = operating_points(match, stack, np.zeros((k, 4), np.float32))[1 if verification else 0]
+    p = operating_points(match, table, np.zeros((k, 4), np.float32))[1 if verification else 0]
     return check_operating_point(p, match.threshold is not None).expected_fpir
 
 
 def test_a_fixed_threshold_is_refused_once_the_gallery_makes_it_too_loose():
     cfg = Config()
     cfg.match.threshold = 0.3  # FMR 0.01 on the table
-    assert card_point(cfg.match, table_stack(), 5) == pytest.approx(0.0490099501)  # 1 - 0.99^5
+    assert card_point(cfg.match, TABLE, 5) == pytest.approx(0.0490099501)  # 1 - 0.99^5
     with pytest.raises(GalleryError, match=r"threshold 0.3000 against 6 enrolled .* 0.0585 \(fixed threshold, card table\), above the bound 0.05.*fixed"):
-        card_point(cfg.match, table_stack(), 6)  # 1 - 0.99^6
-    assert card_point(cfg.match, table_stack(), 6, verification=True) == pytest.approx(0.01)  # 1:1: one comparison
+        card_point(cfg.match, TABLE, 6)  # 1 - 0.99^6
+    assert card_point(cfg.match, TABLE, 6, verification=True) == pytest.approx(0.01)  # 1:1: one comparison
     cfg.match.threshold = 0.19  # below the table: FMR 1
     with pytest.raises(GalleryError, match="rate of 1 "):
-        card_point(cfg.match, table_stack(), 1)
+        card_point(cfg.match, TABLE, 1)
 
 
 def test_a_target_fpir_threshold_is_refused_where_the_table_ends():
     """target 0.003: the threshold tightens with K until the table's last row (FMR 1e-3, 0.4);
     past that K the FPIR grows: 1 - 0.999^51 = 0.049746 runs, 1 - 0.999^52 = 0.050695 does not."""
-    assert card_point(Config().match, table_stack(), 1) == pytest.approx(0.003, rel=1e-9)
-    assert card_point(Config().match, table_stack(), 51) == pytest.approx(0.04974558, rel=1e-6)
+    assert card_point(Config().match, TABLE, 1) == pytest.approx(0.003, rel=1e-9)
+    assert card_point(Config().match, TABLE, 51) == pytest.approx(0.04974558, rel=1e-6)
     with pytest.raises(GalleryError, match=r"0.0507 \(card table\), above the bound 0.05: .*the impostor table ends"):
-        card_point(Config().match, table_stack(), 52)
+        card_point(Config().match, TABLE, 52)
 
 
 def test_an_encoder_without_an_impostor_table_is_refused_even_with_a_fixed_threshold():
     cfg = Config()
     cfg.match.threshold = 0.5
-    for calibration in ("card", "gallery"):
-        cfg.match.calibration = calibration
-        with pytest.raises(GalleryError, match="no calibration"):
-            operating_points(cfg.match, table_stack(None), np.zeros((3, 4), np.float32))
+    stack = SimpleNamespace(cohort=None, encoder=SimpleNamespace(card=SimpleNamespace(calibration=None, name="enc")))
+    with pytest.raises(GalleryError, match="no calibration"):
+        impostor_table(stack)

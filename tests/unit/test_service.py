@@ -1,5 +1,6 @@
 """The service under a fake systemd: sd_notify over a datagram socket bound in tmp_path, the real
 run_service on replayed faces with mock pins, a stalled camera, SIGHUP reload and a refused gallery."""
+import json
 import os
 import signal
 import socket
@@ -175,6 +176,31 @@ def test_replay_ready_watchdog_stopping(tmp_path, systemd, faces):
     assert grants == ["obama"]
     assert (rows[0]["kind"], rows[0]["reason"]) == ("service", "started")
     assert (rows[-1]["kind"], rows[-1]["reason"]) == ("service", "stopped")
+    # the threshold in use (the tests' fixed one), the FPIR it expects and where that comes from:
+    # two people are too few to fit a tail to, so the card's table
+    point = rows[0]["details"]["operating_point"]
+    assert point["threshold"] == rows[0]["details"]["threshold"] == round(cfg.match.threshold, 4) and point["k"] == 2
+    assert 0 < point["expected_fpir"] < 0.05 and point["source"] == "fixed threshold, card prior (gallery too small to fit)"
+
+
+def test_the_calibration_report_shows_both_operating_points(tmp_path, faces, capsys):
+    import yaml
+
+    from edge.__main__ import main
+
+    cfg, _ = enrolled_config(tmp_path, faces, {"obama": "obama.jpg", "astronaut": "astronaut.png"})
+    cfg.match.threshold = None  # from target_fpir, as a gate runs by default
+    path = tmp_path / "gate.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump()))
+    assert main(["calibration", "-c", str(path)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    one_n, one_one = report["identification (1:N)"], report["verification (1:1, badge claim)"]
+    assert report["people"] == 2 and (one_n["k"], one_one["k"]) == (2, 1)
+    assert one_one["threshold"] < one_n["threshold"] and one_n["expected_fpir"] == pytest.approx(0.003)
+    cfg.match.threshold = one_one["threshold"] - 0.2  # far too loose: refused, and the report says so
+    path.write_text(yaml.safe_dump(cfg.model_dump()))
+    assert main(["calibration", "-c", str(path)]) == 1
+    assert "above the bound" in json.loads(capsys.readouterr().out)["identification (1:N)"]["refused"]
 
 
 class StallingCamera:

@@ -1,14 +1,12 @@
 """The gate's own threshold (edge/threshold.py) on hand-made score sets."""
 import math
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from edge.config import MAX_TARGET_FPIR, Config
-from edge.pipeline import operating_points
 from edge.threshold import (OperatingPoint, TailModel, blend, gallery_tail, gumbel_lmoments, leave_one_out_maxima,
-                            tail_from_maxima, tail_from_table)
+                            operating_points, tail_from_maxima, tail_from_table)
 
 
 def test_tail_fpir_and_threshold_by_hand():
@@ -103,23 +101,18 @@ def test_a_tiny_gallery_takes_the_prior_and_a_shift_moves_its_own_tail():
     assert d1["maxima"] == 8 and d1["prior_weight"] == 0
 
 
-def _stack(fmr, thr, shift=0.0):
-    cal = SimpleNamespace(fmr=fmr, threshold=thr, gallery_shift=shift)
-    return SimpleNamespace(cohort=None, encoder=SimpleNamespace(card=SimpleNamespace(calibration=cal, name="enc")))
-
-
 def test_the_gate_s_point_follows_its_gallery():
     """Two galleries of 300 people under one card: the one whose faces resemble each other more
     gets the higher threshold, and each point expects exactly the target at its K."""
     thr = [0.3, 0.4, 0.5, 0.6]
-    stack = _stack([math.exp(-(t - 0.1) / 0.05) for t in thr], thr)
+    table = ([math.exp(-(t - 0.1) / 0.05) for t in thr], thr)
     rng = np.random.default_rng(3)
     loose = rng.normal(size=(300, 32)).astype(np.float32)
     tight = loose + 1.5  # a shared component: every pair scores higher
     pts = {}
     for name, g in (("loose", loose), ("tight", tight)):
         g = g / np.linalg.norm(g, axis=1, keepdims=True)
-        one_n, one_one = operating_points(Config().match, stack, g)
+        one_n, one_one = operating_points(Config().match, table, g)
         assert one_n.k == 300 and one_one.k == 1 and one_n.source == "gallery + card prior"
         assert one_n.expected_fpir == pytest.approx(0.003, rel=1e-9)
         assert one_one.threshold < one_n.threshold
@@ -132,11 +125,11 @@ def test_a_gallery_never_pulls_the_threshold_below_the_card_s_bound():
     """Enrolled faces that score far apart (orthogonal: every pair 0) would put the threshold near
     0; the card's threshold for MAX_TARGET_FPIR at K is the floor."""
     thr = [0.3, 0.4, 0.5, 0.6]
-    stack = _stack([math.exp(-(t - 0.1) / 0.05) for t in thr], thr)
+    table = ([math.exp(-(t - 0.1) / 0.05) for t in thr], thr)
     g = np.eye(40, dtype=np.float32)
     g[:, 0] += np.linspace(0, 0.05, 40)
     g /= np.linalg.norm(g, axis=1, keepdims=True)
-    one_n, _ = operating_points(Config().match, stack, g)
+    one_n, _ = operating_points(Config().match, table, g)
     prior = TailModel(0.1, 0.05)
     assert one_n.threshold == pytest.approx(prior.threshold(MAX_TARGET_FPIR, 40), abs=1e-9)
     assert one_n.detail["raised_to_card_floor"] and one_n.expected_fpir < 0.003
@@ -144,12 +137,12 @@ def test_a_gallery_never_pulls_the_threshold_below_the_card_s_bound():
 
 def test_a_fixed_threshold_reports_the_fpir_the_gallery_expects():
     thr = [0.3, 0.4, 0.5, 0.6]
-    stack = _stack([math.exp(-(t - 0.1) / 0.05) for t in thr], thr)
+    table = ([math.exp(-(t - 0.1) / 0.05) for t in thr], thr)
     g = np.random.default_rng(4).normal(size=(100, 16)).astype(np.float32)
     g /= np.linalg.norm(g, axis=1, keepdims=True)
     cfg = Config()
-    target = operating_points(cfg.match, stack, g)[0]
+    target = operating_points(cfg.match, table, g)[0]
     cfg.match.threshold = target.threshold - 0.05
-    fixed = operating_points(cfg.match, stack, g)[0]
+    fixed = operating_points(cfg.match, table, g)[0]
     assert fixed.source.startswith("fixed threshold") and fixed.threshold == cfg.match.threshold
     assert fixed.expected_fpir > target.expected_fpir

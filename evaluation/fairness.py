@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 
 from .embeddings import subject_face
+from .metrics import wilson
 
 BANDS = (("very light", 55.0, 90.0), ("light", 41.0, 55.0), ("intermediate", 28.0, 41.0),
          ("tan", 10.0, 28.0), ("brown", -30.0, 10.0), ("dark", -90.0, -30.0))
@@ -51,16 +52,6 @@ def band_of(angle: float) -> str:
         if lo <= angle < hi:
             return name
     return BANDS[0][0] if angle >= BANDS[0][2] else BANDS[-1][0]
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """95% Wilson score interval of a binomial share k / n."""
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
 
 
 # ---------------------------------------------------------------- graded exposure (linear light)

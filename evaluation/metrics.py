@@ -210,3 +210,13 @@ def open_set_1n(mated_best_ids, mated_best_scores, mated_true_ids, nonmated_best
         curve_fpir=share_at_least(ns, curve_t), curve_fnir=1.0 - share_at_least(hit_scores, curve_t),
         curve_thresholds=curve_t,
         mated_failures=int(np.isnan(ms).sum()), nonmated_failures=int(np.isnan(ns).sum()))
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial share k / n."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))

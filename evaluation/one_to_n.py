@@ -80,6 +80,12 @@ class Member:
     ref_table: Table | None = None  # the same faces as enrollment embeds them (the encoder's fp32 twin)
 
 
+def _references(m: Member, s: Scoring, keys: list[str]) -> np.ndarray:
+    """One encoder's enrolled-side vectors of `keys`, as enrollment makes them."""
+    rt = m.ref_table if s.enroll_twin and m.ref_table is not None else m.table
+    return rt.vectors(s.flip or m.flip or s.gallery_flip, s.frames)[rt.rows(keys)]
+
+
 def score_matrices(members: list[Member], s: Scoring, probe_keys: list[str], ref_keys: list[str]):
     """(decision scores, raw scores) of probes x references: the (fused, normalised) score the
     threshold applies to, and the first encoder's raw cosine (what the margin rule looks at).
@@ -89,9 +95,8 @@ def score_matrices(members: list[Member], s: Scoring, probe_keys: list[str], ref
     fused, raw0 = [], None
     for m in members:
         door = s.flip or m.flip
-        rt = m.ref_table if s.enroll_twin and m.ref_table is not None else m.table
         p = m.table.vectors(door, s.frames)[m.table.rows(probe_keys)]
-        r = rt.vectors(door or s.gallery_flip, s.frames)[rt.rows(ref_keys)]
+        r = _references(m, s, ref_keys)
         raw = p @ r.T
         if raw0 is None:
             raw0 = raw
@@ -215,32 +220,103 @@ def verification_figures(members: list[Member], s: Scoring, pairs) -> dict:
             "eer": eer(sc[y], sc[~y]), "pairs_failed": k.failures}
 
 
-def threshold_from_k(r: OneToN, table: tuple[list, list], targets=(0.003, 0.01), seed: int = 0,
-                     members=None, s=None, split=None) -> list[dict]:
-    """The gate's rule (edge.match.threshold_for_gallery: FMR = 1 - (1 - FPIR)^(1/K), read off the
-    calibration table) checked on the benchmark: measured FPIR of the non-mated probes with the full
-    gallery (K) and with a fixed random half of it (K/2), against the target. With half the
-    gallery, the probes of people left out are strangers too (non-mated), not misses."""
-    from edge.match import threshold_for_gallery
+GATE_KS = (100, 420, 840, 1680)
+GATE_TARGETS = (0.001, 0.003, 0.01)
 
+
+def oracle_fnir(nonmated: np.ndarray, mated: np.ndarray, hit: np.ndarray, passes: int) -> float:
+    """FNIR at the lowest threshold that lets exactly `passes` of the non-mated scores through
+    (NaN scores: not acquired, never through): the best a threshold could do at that FPIR."""
+    ranked = np.sort(nonmated[np.isfinite(nonmated)])[::-1]
+    t = np.nextafter(ranked[passes], np.inf) if passes < len(ranked) else -np.inf
+    return float(1 - np.mean(hit & np.isfinite(mated) & (mated >= t)))
+
+
+def gate_threshold_runs(members: list[Member], s: Scoring, split, table: tuple[list, list], shift: float,
+                        table_only: str | None, calibration: str = "gallery", ks=GATE_KS, targets=GATE_TARGETS,
+                        draws: int = 20, seed: int = 0) -> list[dict]:
+    """The gate's own threshold (edge.threshold.operating_points, as Matcher computes it from the
+    enrolled vectors alone) on random galleries of K of the protocol's enrolled people (`draws`
+    each; the full gallery once). The non-mated probes of a draw are the protocol's plus the mated
+    probes of the people left out. Per draw, target: threshold, expected and measured FPIR, FNIR,
+    and the oracle FNIR at the measured and at the target FPIR."""
+    from edge.config import MatchConfig
+    from edge.threshold import operating_points
+
+    if len(members) != 1 or s.norm is not None and not table_only:
+        raise ValueError("the gate's own threshold is evaluated for one encoder's scores")
+    full = one_to_n(members, s, split)
     rng = np.random.default_rng(seed)
-    half = sorted(rng.choice(r.gallery, len(r.gallery) // 2, replace=False).tolist())
-    runs = [(len(r.gallery), r)] + ([(len(half), one_to_n(members, s, split, half))] if half else [])
     out = []
-    for k, res in runs:
-        enrolled = set(res.gallery)
-        mated = np.array([t is not None and t in enrolled for t in res.true_ids])
-        non = res.score[~mated]
-        hit = np.array([b == t for b, t in zip(res.best, res.true_ids)])[mated]
-        for target in targets:
-            t = threshold_for_gallery(table[0], table[1], target, k)
-            passed = np.isfinite(non) & (non >= t)
-            ms = res.score[mated]
-            out.append({"K": k, "target_fpir": target, "threshold": round(t, 4),
-                        "measured_fpir": float(passed.mean()), "false_positives": int(passed.sum()),
-                        "nonmated": int(len(non)),
-                        "fnir": float(1 - np.mean(hit & np.isfinite(ms) & (ms >= t)))})
+    for k in ks:
+        k = min(k, len(full.gallery))
+        for d in range(1 if k == len(full.gallery) else draws):
+            names = full.gallery if k == len(full.gallery) else sorted(rng.choice(full.gallery, k, replace=False).tolist())
+            res = full if names is full.gallery else one_to_n(members, s, split, names)
+            refs = _references(members[0], s, [key_of(split.gallery[n]) for n in res.gallery])
+            enrolled = set(res.gallery)
+            mated = np.array([t is not None and t in enrolled for t in res.true_ids])
+            non, ms = res.score[~mated], res.score[mated]
+            hit = np.array([b == t for b, t in zip(res.best, res.true_ids)])[mated]
+            for target in targets:
+                match = MatchConfig(target_fpir=target, calibration=calibration)
+                point = operating_points(match, table, refs, shift, table_only)[0]
+                t = point.threshold
+                fp = int((np.isfinite(non) & (non >= t)).sum())
+                out.append({"K": k, "draw": d, "target_fpir": target, "threshold": t, "expected_fpir": point.expected_fpir,
+                            "source": point.source, "false_positives": fp, "nonmated": int(len(non)),
+                            "measured_fpir": fp / len(non), "mated": int(mated.sum()),
+                            "fnir": float(1 - np.mean(hit & np.isfinite(ms) & (ms >= t))),
+                            "oracle_fnir_at_measured": oracle_fnir(non, ms, hit, fp),
+                            "oracle_fnir_at_target": oracle_fnir(non, ms, hit, int(np.floor(target * len(non))))})
     return out
+
+
+def summarize_gate_runs(runs: list[dict]) -> list[dict]:
+    """Per (K, target): means over draws, the measured FPIR's 95% interval and the verdict. The
+    interval is the wider of the t-interval over draws (the galleries differ) and the pooled
+    Wilson interval (the probes are few; the draws share the protocol's non-mated probes, so the
+    t-interval alone would be too narrow). A single draw has the Wilson interval."""
+    from scipy import stats
+
+    from .metrics import wilson
+
+    out = []
+    for key in sorted({(r["K"], r["target_fpir"]) for r in runs}):
+        rs = [r for r in runs if (r["K"], r["target_fpir"]) == key]
+        f = np.array([r["measured_fpir"] for r in rs])
+        fp, n = sum(r["false_positives"] for r in rs), sum(r["nonmated"] for r in rs)
+        lo, hi = wilson(fp, n)
+        if len(rs) > 1:
+            half = stats.t.ppf(0.975, len(rs) - 1) * f.std(ddof=1) / np.sqrt(len(rs))
+            lo, hi = min(lo, f.mean() - half), max(hi, f.mean() + half)
+        target = key[1]
+        # Fewer than 10 false positives expected at the target over a draw's probes: the count
+        # cannot tell 0.5x from 1.5x.
+        small = target * n / len(rs) < 10
+        out.append({"K": key[0], "target_fpir": target, "draws": len(rs), "nonmated_per_draw": n // len(rs),
+                    "threshold": float(np.mean([r["threshold"] for r in rs])),
+                    "threshold_sd": float(np.std([r["threshold"] for r in rs])),
+                    "measured_fpir": float(f.mean()), "ci95": [max(0.0, float(lo)), float(hi)],
+                    "false_positives": fp, "ratio": float(f.mean() / target),
+                    "fnir": float(np.mean([r["fnir"] for r in rs])),
+                    "oracle_fnir_at_measured": float(np.mean([r["oracle_fnir_at_measured"] for r in rs])),
+                    "oracle_fnir_at_target": float(np.mean([r["oracle_fnir_at_target"] for r in rs])),
+                    "within": bool(0.5 * target <= f.mean() <= target and hi <= 1.5 * target),
+                    "too_few_to_tell": bool(small)})
+    return out
+
+
+GATE_HEADER = (f"  {'K':>5} {'target':>6} {'draws':>5} {'threshold':>9} {'measured FPIR [95% CI]':>27} {'x target':>8} "
+               f"{'FNIR':>6} {'oracle@meas':>11} {'oracle@target':>13}  verdict")
+
+
+def _gate_row_text(c: dict) -> str:
+    ci = f"{c['measured_fpir']:.4f} [{c['ci95'][0]:.4f}, {c['ci95'][1]:.4f}]"
+    verdict = ("in [0.5x, 1x], upper <= 1.5x" if c["within"] else "OUTSIDE") + (
+        " (too few non-mated probes to tell)" if c["too_few_to_tell"] else "")
+    return (f"  {c['K']:5d} {c['target_fpir']:6.3f} {c['draws']:5d} {c['threshold']:9.4f} {ci:>27} {c['ratio']:7.2f}x "
+            f"{100 * c['fnir']:5.1f}% {100 * c['oracle_fnir_at_measured']:10.1f}% {100 * c['oracle_fnir_at_target']:12.1f}%  {verdict}")
 
 
 def lever_costs(encoder_card, detector, image: np.ndarray, cohort=None, other_card=None, n: int = 30) -> dict:
@@ -448,17 +524,25 @@ def main(args) -> int:
                            for k, t, b, sc in zip(r.probe_keys, r.true_ids, r.best, r.score)]}).encode())
         if i == 0 or name.startswith("all: "):
             row["false_matches_at_fpir_0.003"] = false_matches(r, res.thresholds[0.003])
-            tbl = _k_table(ms, s, cohort_for, cfg.models.encoder if name.startswith("shipped default") else enc_card)
-            if tbl is not None:
-                row["threshold_from_k"] = threshold_from_k(r, tbl[:2], members=ms, s=s, split=split)
-                row["threshold_from_k_table"] = tbl[2]
+            card = cfg.models.encoder if name.startswith("shipped default") else enc_card
+            tbl = _k_table(ms, s, cohort_for, card)
+            if tbl is not None and not args.no_gate_threshold:
+                # The card's door-vs-gallery shift applies to its own table only.
+                shift = load_card(card)[0].calibration.gallery_shift if tbl[2].startswith("model card") else 0.0
+                only = tbl[2] if s.norm == "asnorm" else None
+                runs = {c: gate_threshold_runs(ms, s, split, tbl[:2], shift, only, c, draws=args.draws)
+                        for c in ("gallery", "card")}
+                row["gate_threshold"] = {c: summarize_gate_runs(v) for c, v in runs.items()}
+                row["gate_threshold_runs"] = runs
+                row["gate_threshold_table"] = tbl[2]
         report["rows"].append(row)
     for row in report["rows"]:
-        if "threshold_from_k" in row:
-            print(f"\nthreshold from K ({row['name']}; table: {row['threshold_from_k_table']}; never LFW):")
-            for c in row["threshold_from_k"]:
-                print(f"  K={c['K']:5d} target FPIR {c['target_fpir']:.3f}: threshold {c['threshold']:.4f} -> measured FPIR "
-                      f"{c['measured_fpir']:.4f} ({c['false_positives']}/{c['nonmated']}), FNIR {100 * c['fnir']:.1f}%")
+        for calibration, summary in row.get("gate_threshold", {}).items():
+            print(f"\nthe gate's own threshold, match.calibration {calibration} ({row['name']}; prior: "
+                  f"{row['gate_threshold_table']}; never LFW's probes):")
+            print(GATE_HEADER)
+            for c in summary:
+                print(_gate_row_text(c))
         if "false_matches_at_fpir_0.003" in row:
             print(f"\nfalse matches at FPIR 0.003 ({row['name']}):")
             for f in row["false_matches_at_fpir_0.003"]:
@@ -466,6 +550,16 @@ def main(args) -> int:
     if args.json:
         atomic_write_bytes(args.json, (json.dumps(report, indent=1, default=_jsonable) + "\n").encode())
         print(f"\nwrote {args.json}")
+    if args.calibration_png and any("gate_threshold" in r for r in report["rows"]):
+        try:
+            from .plots import calibration_plot
+
+            row = next(r for r in report["rows"] if "gate_threshold" in r)
+            calibration_plot(row["gate_threshold"], args.calibration_png,
+                             title=f"LFW 1:N, the gate's own threshold ({row['name']})")
+            print(f"wrote {args.calibration_png}")
+        except RuntimeError as e:
+            print(f"no calibration plot: {e}", file=sys.stderr)
     if args.det_png:
         try:
             from .plots import det_plot

@@ -85,3 +85,30 @@ def roc_plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str | Path,
     ax.grid(True, linewidth=0.3)
     ax.legend(loc="lower right")
     return _save(fig, plt, path)
+
+
+def calibration_plot(summaries: dict[str, list[dict]], path: str | Path, title: str = "calibration") -> Path:
+    """Measured FPIR (mean over draws, 95% interval) against the target, log-log, one panel per
+    calibration method and a line per gallery size K; the band is [0.5x, 1x] of the target."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(summaries), figsize=(5.5 * len(summaries), 5), sharey=True, squeeze=False)
+    for ax, (method, rows) in zip(axes[0], summaries.items()):
+        targets = sorted({r["target_fpir"] for r in rows})
+        t = np.array(targets)
+        ax.fill_between(t, 0.5 * t, t, color="green", alpha=0.12, label="[0.5x, 1x] target")
+        ax.plot(t, 1.5 * t, color="grey", linestyle=":", linewidth=1, label="1.5x target")
+        for i, k in enumerate(sorted({r["K"] for r in rows})):
+            rs = sorted((r for r in rows if r["K"] == k), key=lambda r: r["target_fpir"])
+            x = np.array([r["target_fpir"] for r in rs]) * (1 + 0.04 * (i - 1.5))  # side by side, not on top
+            y = np.array([max(r["measured_fpir"], 1e-5) for r in rs])
+            err = np.array([[y_ - max(r["ci95"][0], 1e-5) for y_, r in zip(y, rs)], [r["ci95"][1] - y_ for y_, r in zip(y, rs)]])
+            ax.errorbar(x, y, yerr=np.maximum(err, 0), marker="o", capsize=3, label=f"K = {k:,}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("target FPIR")
+        ax.set_title(f"match.calibration: {method}", fontsize=9)
+        ax.grid(True, linewidth=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("measured FPIR (mean over draws, 95% interval)")
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, plt, path)

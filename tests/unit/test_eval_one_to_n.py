@@ -245,23 +245,64 @@ def test_impostor_table_with_enrolled_views_scores_door_against_enrolled():
     assert impostor_table(door, ids, refs=door) == same
 
 
-def test_threshold_from_k_counts_people_left_out_of_the_gallery_as_strangers():
-    # 2 enrolled people; probes: one of each (scores 0.9, 0.8) and one stranger (0.7).
-    r = E.OneToN(gallery=["a", "b"], probe_keys=["a/2", "b/2", "x/1"], true_ids=["a", "b", None],
-                 best=["a", "b", "a"], score=np.array([0.9, 0.8, 0.7]), margin=np.zeros(3))
-    half = E.OneToN(gallery=["a"], probe_keys=["a/2", "b/2", "x/1"], true_ids=["a", "b", None],
-                    best=["a", "a", "a"], score=np.array([0.9, 0.75, 0.7]), margin=np.zeros(3))
-    table = ([1e-1, 1e-3], [0.72, 0.95])  # FMR -> threshold
-    import evaluation.one_to_n as mod
+def test_oracle_fnir_by_hand():
+    non = np.array([0.9, 0.5, np.nan])  # the NaN stranger was not acquired: never let in
+    mated, hit = np.array([0.95, 0.6, 0.85]), np.array([True, True, False])  # the third found someone else
+    assert E.oracle_fnir(non, mated, hit, 0) == pytest.approx(2 / 3)  # above 0.9: only 0.95 is accepted
+    assert E.oracle_fnir(non, mated, hit, 1) == pytest.approx(1 / 3)  # above 0.5: 0.95 and 0.6
+    assert E.oracle_fnir(non, mated, hit, 2) == pytest.approx(1 / 3)  # every threshold: the wrong identity stays a miss
 
-    orig = mod.one_to_n
-    mod.one_to_n = lambda members, s, split, names: half
-    try:
-        out = E.threshold_from_k(r, table, targets=(0.1,), seed=0)
-    finally:
-        mod.one_to_n = orig
-    full, halved = out
-    assert (full["K"], full["nonmated"], full["false_positives"]) == (2, 1, 0)  # 0.7 < threshold
-    assert halved["K"] == 1 and halved["nonmated"] == 2  # b's probe is a stranger to a gallery of a alone
-    assert halved["false_positives"] == int(0.75 >= halved["threshold"]) + int(0.7 >= halved["threshold"])
-    assert halved["fnir"] == 0.0  # a's probe is found; b's is not counted as a miss
+
+def _tiny_protocol(n_people=6, n_strangers=3, dim=8):
+    """Enrolled p0..p5 (photo 1 enrolled, photo 2 a mated probe near it) and strangers x0..x2."""
+    from pathlib import Path
+
+    from evaluation.lfw import OneToNSplit
+
+    rng = np.random.default_rng(5)
+    base = _unit(rng.normal(size=(n_people, dim)))
+    keys = [f"p{i}/p{i}_1.jpg" for i in range(n_people)] + [f"p{i}/p{i}_2.jpg" for i in range(n_people)] \
+        + [f"x{j}/x{j}_1.jpg" for j in range(n_strangers)]
+    vec = np.concatenate([base, _unit(base + 0.3 * rng.normal(size=base.shape)), _unit(rng.normal(size=(n_strangers, dim)))])
+    t = Emb.Table(keys=keys, ok=np.ones(len(keys), bool), vec=vec.astype(np.float32), vec_flip=vec.astype(np.float32),
+                  quality=np.array(["ok"] * len(keys)))
+    split = OneToNSplit({f"p{i}": Path(f"p{i}/p{i}_1.jpg") for i in range(n_people)},
+                        [(f"p{i}", Path(f"p{i}/p{i}_2.jpg")) for i in range(n_people)],
+                        [(f"x{j}", Path(f"x{j}/x{j}_1.jpg")) for j in range(n_strangers)])
+    return [E.Member(t)], E.Scoring(), split, base
+
+
+def test_the_gate_s_own_threshold_on_random_galleries_counts_people_left_out_as_strangers():
+    from edge.config import MatchConfig
+    from edge.threshold import operating_points
+
+    members, s, split, base = _tiny_protocol()
+    table = ([1e-1, 1e-2, 1e-3], [0.5, 0.7, 0.9])
+    runs = E.gate_threshold_runs(members, s, split, table, 0.0, None, ks=(4, 6), targets=(0.05,), draws=3)
+    small, full = [r for r in runs if r["K"] == 4], [r for r in runs if r["K"] == 6]
+    assert len(small) == 3 and len(full) == 1
+    assert all(r["nonmated"] == 3 + 2 and r["mated"] == 4 for r in small)  # two people's probes left out
+    assert full[0]["nonmated"] == 3 and full[0]["mated"] == 6
+    # the full gallery's threshold is the gate's own, from the enrolled vectors alone
+    want = operating_points(MatchConfig(target_fpir=0.05), table, base.astype(np.float32))[0].threshold
+    assert full[0]["threshold"] == pytest.approx(want, rel=1e-6) and full[0]["source"] == "gallery + card prior"
+    probes = np.concatenate([_unit(base)[:0], members[0].table.vec[12:]])
+    fp = int(((probes @ base.T).max(1) >= full[0]["threshold"]).sum())
+    assert full[0]["false_positives"] == fp and full[0]["measured_fpir"] == fp / 3
+    card = E.gate_threshold_runs(members, s, split, table, 0.0, None, "card", ks=(6,), targets=(0.05,))
+    assert card[0]["source"] == "card table" and card[0]["threshold"] != full[0]["threshold"]
+
+
+def test_the_summary_interval_is_the_wider_of_the_draws_and_the_pooled_count():
+    from evaluation.metrics import wilson
+
+    rows = [{"K": 10, "target_fpir": 0.01, "threshold": 0.8, "measured_fpir": f, "false_positives": fp, "nonmated": 1000,
+             "fnir": 0.1, "oracle_fnir_at_measured": 0.1, "oracle_fnir_at_target": 0.09} for f, fp in ((0.006, 6), (0.008, 8))]
+    (c,) = E.summarize_gate_runs(rows)
+    lo, hi = wilson(14, 2000)
+    half = 12.706 * np.std([0.006, 0.008], ddof=1) / np.sqrt(2)  # t(0.975, 1 dof)
+    assert c["measured_fpir"] == pytest.approx(0.007) and c["ci95"][1] == pytest.approx(max(hi, 0.007 + half), rel=1e-3)
+    assert c["ratio"] == pytest.approx(0.7) and not c["within"]  # the upper bound (the draws disagree) passes 1.5x
+    assert not c["too_few_to_tell"]  # 10 expected per draw
+    one = E.summarize_gate_runs(rows[:1])[0]
+    assert one["ci95"] == pytest.approx(list(wilson(6, 1000))) and one["within"]  # 0.6x, upper 0.0130 <= 0.015

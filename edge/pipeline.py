@@ -88,10 +88,11 @@ class Matcher:
     """The gallery as the gate searches it: its thresholds for its size and, with a cohort, the
     enrollees' AS-norm statistics, computed once per gallery."""
 
-    def __init__(self, match: MatchConfig, stack: Stack, g: gallery_io.Gallery):
+    def __init__(self, match: MatchConfig, stack: Stack, g: gallery_io.Gallery, retention_days: int | None = None):
         if g.encoder_sha256 != stack.encoder.sha256:
             raise GalleryError(None, "gallery was built with another encoder; re-enroll")
         self.min_margin, self.stack, self.gallery = match.min_margin, stack, g
+        self.retention_s = None if retention_days is None else retention_days * 86400.0
         table_only = "cohort table" if stack.cohort is not None else None
         shift = 0.0 if table_only else stack.encoder.card.calibration.gallery_shift
         self.point_1n, self.point_1to1 = operating_points(match, impostor_table(stack), g.matrix, shift, table_only)
@@ -108,9 +109,15 @@ class Matcher:
 
     def refusal(self, name: str, t_wall: float, floor: float) -> str | None:
         """None while `name` is enrolled and its enrolment holds at wall time t_wall judged against
-        the time floor (edge.clock), else why its grant is refused."""
+        the time floor (edge.clock), else why its grant is refused. The enrolment ends at its own
+        end or after the retention the config sets now, whichever comes first: a retention lowered
+        since enrollment applies at once, and to people enrolled with no end."""
         p = self._people.get(name)
-        return "expired" if p is None else validity(p.expires_at, t_wall, floor)
+        if p is None:
+            return "expired"
+        ends = [e for e in (p.expires_at, p.enrolled_at + self.retention_s if self.retention_s and p.enrolled_at > 0
+                            else None) if e is not None]
+        return validity(min(ends) if ends else None, t_wall, floor)
 
     def match(self, probe: np.ndarray, claim: str | None = None) -> Match:
         """1:N (claim None) or 1:1 against the claimed identity."""
@@ -168,7 +175,7 @@ class Gate:
     def set_gallery(self, g: gallery_io.Gallery) -> None:
         """Use gallery g, or refuse it (GalleryError, the gallery in use unchanged) when the
         operating point lets in more strangers at its size than MAX_TARGET_FPIR."""
-        m = Matcher(self.cfg.match, self.stack, g)
+        m = Matcher(self.cfg.match, self.stack, g, self.cfg.storage.retention_days)
         check_operating_point(m.point(self.claim is not None), self.cfg.match.threshold is not None)
         self.matcher = m
         self.gallery = g

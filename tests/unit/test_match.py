@@ -294,3 +294,25 @@ def test_an_encoder_without_an_impostor_table_is_refused_even_with_a_fixed_thres
     stack = SimpleNamespace(cohort=None, encoder=SimpleNamespace(card=SimpleNamespace(calibration=None, name="enc")))
     with pytest.raises(GalleryError, match="no calibration"):
         impostor_table(stack)
+
+
+def test_retention_lowered_since_enrollment_ends_enrolments_at_the_next_decision():
+    """storage.retention_days as the config sets it now: an enrolment ends at its own end or
+    retention after it was made, whichever is first, and one with no end of its own ends too."""
+    from edge import gallery as G
+    from edge.pipeline import Matcher
+
+    cal = SimpleNamespace(fmr=FMR, threshold=THR, gallery_shift=0.0)
+    stack = SimpleNamespace(cohort=None, threads=1, encoder=SimpleNamespace(sha256="e", card=SimpleNamespace(calibration=cal)))
+    g = G.Gallery("e", 4)
+    day = 86400.0
+    g.add(G.Person("open_ended", np.eye(4, dtype=np.float32)[0], "1", enrolled_at=100 * day, expires_at=None))
+    g.add(G.Person("three_years", np.eye(4, dtype=np.float32)[1], "2", enrolled_at=100 * day, expires_at=1195 * day))
+    g.add(G.Person("unknown_date", np.eye(4, dtype=np.float32)[2], "3", enrolled_at=0.0, expires_at=None))
+    now = 131 * day  # 31 days after enrollment
+    m = Matcher(Config().match, stack, g, retention_days=30)
+    assert [m.refusal(n, now, now) for n in ("open_ended", "three_years", "unknown_date")] == ["expired", "expired", None]
+    assert m.refusal("open_ended", 129 * day, 129 * day) is None  # 29 days: still within
+    kept = Matcher(Config().match, stack, g, retention_days=1095)
+    assert [kept.refusal(n, now, now) for n in ("open_ended", "three_years")] == [None, None]
+    assert Matcher(Config().match, stack, g).refusal("open_ended", 10_000 * day, 10_000 * day) is None

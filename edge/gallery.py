@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .atomic import atomic_write_bytes
 from .errors import GalleryError
+from .secretfile import credential_path
 
 MAGIC = b"FACEGATE-GALLERY\x01"
 FORMAT = "facegate-gallery"
@@ -117,12 +118,7 @@ class Gallery:
 
 def load_key(path: str | Path | None) -> bytes:
     """The 32-byte key: from `path`, or from systemd's credential directory (LoadCredential=)."""
-    if path is None:
-        cred = os.environ.get("CREDENTIALS_DIRECTORY")
-        if not cred:
-            raise GalleryError(None, "no gallery key: set storage.key_file or run under systemd with LoadCredential=gallery.key")
-        path = Path(cred) / "gallery.key"
-    path = Path(path)
+    path = credential_path(path, "gallery.key", "gallery key", "storage.key_file", GalleryError)
     try:
         raw = path.read_bytes()
     except OSError as e:

@@ -30,18 +30,27 @@ class NotARegularFile(OSError):
     """A device, FIFO or socket where a file was expected."""
 
 
+class NotOwnerOnly(OSError):
+    """A file its group or others may read or write, where a secret was expected."""
+
+    def __init__(self, mode: int):
+        super().__init__(errno.EACCES, "readable or writable by group or others")
+        self.mode = mode & 0o7777
+
+
 class FileTooLarge(OSError):
     def __init__(self, size: int):
         super().__init__(errno.EFBIG, os.strerror(errno.EFBIG))
         self.size = size  # as the file reported it, or as many bytes as were read when it grew
 
 
-def read_regular_file(path: str | Path, limit: int, follow_symlinks: bool = True) -> bytes:
+def read_regular_file(path: str | Path, limit: int, follow_symlinks: bool = True, owner_only: bool = False) -> bytes:
     """The bytes of the regular file at `path`, at most `limit` of them. The opened file is checked,
     not its name, and before any read: opened non-blocking, so a FIFO does not wait for a writer
-    that never comes, then fstat'd, so a device such as /dev/zero (endless, size 0) is refused.
-    Raises FileNotFoundError, IsADirectoryError, NotARegularFile, FileTooLarge, or the OSError the
-    system gave (ELOOP: a symlink, with follow_symlinks False; EIO: a failing disk or stick)."""
+    that never comes, then fstat'd, so a device such as /dev/zero (endless, size 0) is refused,
+    and with `owner_only` a file whose group or others have any access (NotOwnerOnly).
+    Raises FileNotFoundError, IsADirectoryError, NotARegularFile, NotOwnerOnly, FileTooLarge, or the
+    OSError the system gave (ELOOP: a symlink, with follow_symlinks False; EIO: a failing disk or stick)."""
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
     fd = os.open(path, flags)
     try:
@@ -50,6 +59,8 @@ def read_regular_file(path: str | Path, limit: int, follow_symlinks: bool = True
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
         if not stat.S_ISREG(st.st_mode):
             raise NotARegularFile(errno.EINVAL, "not a regular file", str(path))
+        if owner_only and st.st_mode & 0o077:
+            raise NotOwnerOnly(st.st_mode)
         if st.st_size > limit:
             raise FileTooLarge(st.st_size)
         with open(fd, "rb", closefd=False) as f:

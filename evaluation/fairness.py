@@ -26,6 +26,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from edge.errors import FacegateError
+
 from .embeddings import subject_face
 from .metrics import wilson
 
@@ -256,9 +258,6 @@ def evaluate(celeba: Path, lfw: Path, detector_card: str, out: Path, per_band: i
              target_fpirs=(0.003, 0.01)) -> dict:
     from edge.config import Config
     from edge.detect import load_detector
-    from edge.match import threshold_for_gallery
-    from edge.modelcard import load_card
-
     cfg = Config()
     det = load_detector(detector_card, 1)
     out.mkdir(parents=True, exist_ok=True)
@@ -288,11 +287,13 @@ def evaluate(celeba: Path, lfw: Path, detector_card: str, out: Path, per_band: i
     if probes_json is not None and probes_json.is_file():
         probes = json.loads(probes_json.read_text())
         bands = {r["key"]: r["band"] for r in surveys["LFW"]}
-        cal = load_card(cfg.models.encoder, verify_file=False)[0].calibration
         k = len(probes["gallery"])
+        if not all(str(t) in probes.get("gate_thresholds", {}) for t in target_fpirs):
+            raise FacegateError(probes_json, "has no gate thresholds for FPIR " + ", ".join(map(str, target_fpirs))
+                                + ": write it again with python -m evaluation one-to-n --probes-json")
         report["one_to_n"] = {"row": probes["row"], "gallery": k, "by_target": {}}
         for t in target_fpirs:
-            thr = threshold_for_gallery(cal.fmr, cal.threshold, t, k)
+            thr = probes["gate_thresholds"][str(t)]  # the gate's own, picked from the enrolled photos
             report["one_to_n"]["by_target"][str(t)] = {"threshold": round(thr, 4),
                                                       "bands": one_to_n_by_band(probes["probes"], bands, thr)}
     plot(report, out / "fairness.png")

@@ -516,12 +516,6 @@ def main(args) -> int:
         row = {"name": name, "scoring": s.__dict__ | {"template_scale": scale}, "failures_to_acquire": fta,
                "cost": cost, **{k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in fig.items()}}
         curves[name] = (res.curve_fpir, res.curve_fnir)
-        if i == 0 and args.probes_json:
-            # Per probe, for evaluations that slice the protocol (evaluation/fairness.py).
-            atomic_write_bytes(args.probes_json, json.dumps({
-                "row": name, "gallery": r.gallery, "gallery_keys": [key_of(split.gallery[n]) for n in r.gallery],
-                "probes": [{"key": k, "true": t, "best": b, "score": None if not np.isfinite(sc) else float(sc)}
-                           for k, t, b, sc in zip(r.probe_keys, r.true_ids, r.best, r.score)]}).encode())
         if i == 0 or name.startswith("all: "):
             row["false_matches_at_fpir_0.003"] = false_matches(r, res.thresholds[0.003])
             card = cfg.models.encoder if name.startswith("shipped default") else enc_card
@@ -535,6 +529,16 @@ def main(args) -> int:
                 row["gate_threshold"] = {c: summarize_gate_runs(v) for c, v in runs.items()}
                 row["gate_threshold_runs"] = runs
                 row["gate_threshold_table"] = tbl[2]
+        if i == 0 and args.probes_json:
+            # Per probe, for evaluations that slice the protocol (evaluation/fairness.py), with the
+            # thresholds the gate picks for the whole gallery.
+            gate = {str(x["target_fpir"]): x["threshold"] for x in row.get("gate_threshold_runs", {}).get("gallery", [])
+                    if x["K"] == len(r.gallery)}
+            atomic_write_bytes(args.probes_json, json.dumps({
+                "row": name, "gallery": r.gallery, "gallery_keys": [key_of(split.gallery[n]) for n in r.gallery],
+                "gate_thresholds": gate,
+                "probes": [{"key": k, "true": t, "best": b, "score": None if not np.isfinite(sc) else float(sc)}
+                           for k, t, b, sc in zip(r.probe_keys, r.true_ids, r.best, r.score)]}).encode())
         report["rows"].append(row)
     for row in report["rows"]:
         for calibration, summary in row.get("gate_threshold", {}).items():

@@ -187,6 +187,24 @@ class EnrollmentConfig(_Section):
         return self
 
 
+class BadgeConfig(_Section):
+    """A USB HID card reader beside the camera (edge.badge). A card never opens the door by itself:
+    it names the one person whose face the gate then verifies 1:1 (K = 1, at the 1:1 threshold)."""
+
+    mode: Literal["face_only", "badge_and_face", "face_with_badge_fallback"] = Field("face_only", description="face_only: no reader; badge_and_face: every grant needs a card and, within window_s, the face of the card's person (1:1); face_with_badge_fallback: a face alone opens as in face_only (1:N), and a card makes the gate verify its person's face 1:1 for window_s, for whom the face alone is not recognised")
+    device: str | None = Field(None, description="the reader's input event device, by its stable name: /dev/input/by-id/usb-...-event-kbd; needed by every mode but face_only")
+    window_s: float = Field(5.0, gt=0, le=30, description="after a card, how long the gate looks for its person's face")
+
+    @model_validator(mode="after")
+    def _device(self):
+        if self.mode != "face_only" and not self.device:
+            raise ValueError(f"badge.device: badge.mode {self.mode} needs the reader's input device "
+                             f"(/dev/input/by-id/usb-...-event-kbd)")
+        if self.device is not None and not self.device.startswith("/"):
+            raise ValueError(f"badge.device {self.device!r}: an absolute path expected (/dev/input/by-id/...)")
+        return self
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """safe_load keeps the last of two equal keys, so a second `threshold:` lower in the file would
     silently override the one a reviewer read; refuse it instead, naming the key and its line."""
@@ -216,6 +234,7 @@ class Config(_Section):
     relay: RelayConfig = RelayConfig()
     storage: StorageConfig = StorageConfig()
     enrollment: EnrollmentConfig = EnrollmentConfig()
+    badge: BadgeConfig = BadgeConfig()
 
 
 def load_config(path: str | Path | None) -> Config:

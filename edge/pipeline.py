@@ -35,7 +35,7 @@ from .search import GalleryIndex
 log = logging.getLogger(__name__)
 
 # Frame-level reasons that repeat every frame while nothing changes: audited on change only.
-_QUIET = {"no_face", "crowd", "backoff", "pending"}
+_QUIET = {"no_face", "crowd", "backoff", "pending", "no_card"}
 
 
 @dataclass
@@ -176,9 +176,15 @@ class Gate:
         """Use gallery g, or refuse it (GalleryError, the gallery in use unchanged) when the
         operating point lets in more strangers at its size than MAX_TARGET_FPIR."""
         m = Matcher(self.cfg.match, self.stack, g, self.cfg.storage.retention_days)
-        check_operating_point(m.point(self.claim is not None), self.cfg.match.threshold is not None)
+        for verification in self.verifies():
+            check_operating_point(m.point(verification), self.cfg.match.threshold is not None)
         self.matcher = m
         self.gallery = g
+
+    def verifies(self) -> tuple[bool, ...]:
+        """The operating points this gate decides at, each checked against every gallery it takes:
+        1:1 (True) while it verifies a claim, else 1:N (False)."""
+        return (self.claim is not None,)
 
     # ------------------------------------------------------------------ one frame
     def process(self, frame: Frame) -> Decision:

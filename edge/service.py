@@ -82,12 +82,14 @@ def signal_name(signum: int) -> str:
 
 
 def run_service(cfg: Config, max_frames: int | None = None, verbose: bool = True, notifier: Notifier | None = None,
-                camera_factory=None) -> int:
-    """`camera_factory`: a callable returning an edge.camera.Camera (default: make_camera(cfg.camera))."""
+                camera_factory=None, badge_opener=None) -> int:
+    """`camera_factory`: a callable returning an edge.camera.Camera (default: make_camera(cfg.camera));
+    `badge_opener`: how the card reader's device is opened and grabbed (default: edge.badge.open_device)."""
     from .audit import AuditLog
+    from .badge import make_gate, open_device, open_reader
     from .camera import CameraMonitor, make_camera
     from .liveness import make_liveness
-    from .pipeline import Gate, Stack, open_gallery
+    from .pipeline import Stack, open_gallery
     from .relay import DoorRelay
 
     notifier = notifier or Notifier()
@@ -111,6 +113,7 @@ def run_service(cfg: Config, max_frames: int | None = None, verbose: bool = True
 
     previous = {sig: signal.signal(sig, on_term) for sig in STOP_SIGNALS}
     previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hup)
+    reader = None
     try:
         stack = Stack.from_config(cfg)
         audit.set_models(stack.encoder.sha256, stack.detector.card.sha256)
@@ -127,8 +130,9 @@ def run_service(cfg: Config, max_frames: int | None = None, verbose: bool = True
             raise
         for fallback in stack.providers.fallbacks:  # once per model: slower than configured, and on the record
             audit.record_event("model", "provider_fallback", details=fallback.details())
+        reader = open_reader(cfg, badge_opener or open_device)  # None without a badge reader
         try:
-            gate = Gate(cfg, stack, gallery, relay=relay, audit=audit, liveness=liveness)
+            gate = make_gate(cfg, stack, gallery, reader, relay=relay, audit=audit, liveness=liveness)
         except FacegateError as e:  # an operating point too loose for this gallery's size
             audit.record_event("gallery", "refused", details={"error": str(e)})
             raise
@@ -136,6 +140,7 @@ def run_service(cfg: Config, max_frames: int | None = None, verbose: bool = True
         audit.record_event("service", "started", details={"people": len(gallery), "threshold": round(gate.matcher.threshold_1n, 4),
                                                             "operating_point": gate.matcher.point().describe(),
                                                             "liveness": cfg.liveness.mode,
+                                                            "badge": cfg.badge.mode,
                                                             "clock": audit.clock.state})
         notifier.ready(f"{len(gallery)} enrolled")
         frames = 0
@@ -154,6 +159,8 @@ def run_service(cfg: Config, max_frames: int | None = None, verbose: bool = True
             for ev in camera.pop_events():
                 audit.record_event("camera", ev.audit_reason, details=ev.details or None)
             if frame is None:
+                if reader is not None:
+                    gate.poll()  # a card's window ends on time, frames or not
                 if camera.ended:
                     break
                 continue
@@ -184,6 +191,8 @@ def run_service(cfg: Config, max_frames: int | None = None, verbose: bool = True
     finally:
         notifier.stopping()
         relay.close()
+        if reader is not None:
+            reader.close()
         try:
             audit.record_event("service", "stopped", details={"signal": signal_name(stop["signal"])}
                                if stop["signal"] else None)

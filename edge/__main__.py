@@ -36,6 +36,10 @@ def cmd_check_config(args) -> int:
         return 0
     cfg = load_config(args.file)
     check_model_cards(cfg, args.file)
+    if cfg.mqtt.enabled:  # its secrets and certificates, read as the gate reads them
+        from .mqtt import check_files
+
+        check_files(cfg.mqtt)
     print(f"{args.file}: OK")
     print(json.dumps(cfg.model_dump(), indent=2))
     return 0

@@ -10,16 +10,21 @@ before `record` returns its id, so a row whose id was returned survives a proces
 power cut. Update and delete are refused by triggers, not only by the absence of an API.
 Concurrency: one writer process (several threads may share one AuditLog) and any number of
 readers (`AuditLog(path, readonly=True)`, or the sqlite3 shell).
+Listeners (`listeners`, e.g. edge.mqtt's publisher) are told of each row after its transaction
+committed, in commit order, so what they pass on is already on record; one that fails is logged,
+and the row stays recorded.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import quote
 
@@ -30,6 +35,7 @@ from .clock import WALL_CLOCK_EPOCH, TrustedClock
 from .errors import AuditError
 from .records import Decision
 
+log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 MAX_CLOCK_JUMP_S = 86400.0
 SHA_PREFIX = 16
@@ -131,6 +137,9 @@ class AuditLog:
         self._encoder = _short_sha(encoder_sha256)
         self._detector = _short_sha(detector_sha256)
         self._ref: tuple[float, float] | None = None  # (wall, mono) the clock flag is judged against
+        # Called with the rows of each committed transaction (their columns and "id"), under the
+        # log's lock: a listener must return at once and never write to this log itself.
+        self.listeners: list[Callable[[list[dict]], None]] = []
         self._observe_clock(time.time(), time.monotonic())
         try:
             self._conn = self._open()
@@ -227,8 +236,8 @@ class AuditLog:
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
                 try:
-                    ids = [int(self._conn.execute(_INSERT, self._stamp(row, fields)).lastrowid)
-                           for row, (_, _, _, fields) in zip(rows, events)]
+                    stamped = [self._stamp(row, fields) for row, (_, _, _, fields) in zip(rows, events)]
+                    ids = [int(self._conn.execute(_INSERT, row).lastrowid) for row in stamped]
                     self._conn.execute("COMMIT")
                 except BaseException:
                     if self._conn.in_transaction:
@@ -236,7 +245,15 @@ class AuditLog:
                     raise
             except sqlite3.Error as e:
                 raise AuditError(self.path, f"cannot write the audit log: {e}") from None
+            self._tell([{**row, "id": i} for row, i in zip(stamped, ids)])
         return ids
+
+    def _tell(self, rows: list[dict]) -> None:
+        for listener in self.listeners:
+            try:
+                listener(rows)
+            except Exception:  # noqa: BLE001 - the rows are on record; a listener's fault is its own
+                log.exception("audit listener %r failed", listener)
 
     def _row(self, kind: str, reason: str, details: dict | None, fields: dict) -> dict:
         if not isinstance(kind, str) or not _KIND.match(kind):

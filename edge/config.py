@@ -205,6 +205,59 @@ class BadgeConfig(_Section):
         return self
 
 
+# An MQTT topic level and a Home Assistant node or object id: letters, digits, '_' and '-' (no
+# wildcards, no empty level).
+MQTT_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+MQTT_TOPIC = r"^[A-Za-z0-9_-]{1,64}(/[A-Za-z0-9_-]{1,64}){0,7}$"
+
+
+class MqttConfig(_Section):
+    """Events to an MQTT broker with Home Assistant discovery (edge.mqtt): each audited decision,
+    camera health and gate status, published after its audit row is written; the door never waits
+    on the broker. Off by default: the gate then opens no network connection at all."""
+
+    enabled: bool = Field(False, description="publish to the broker at mqtt.host; the installer's drop-in then lets the service reach that address alone (README-deploy.md)")
+    host: str | None = Field(None, pattern=r"^[A-Za-z0-9._:-]{1,253}$", description="the broker's address or host name (a name the gate looks up itself: put it in /etc/hosts, the service reaches no DNS server); needed when enabled")
+    port: int = Field(1883, ge=1, le=65535, description="1883 plain, 8883 usual with TLS")
+    client_id: str | None = Field(None, pattern=MQTT_NAME, description="MQTT client id, also the Home Assistant node id and device identifier; None = facegate-<host name>")
+    topic_prefix: str | None = Field(None, pattern=MQTT_TOPIC, description="the gate's topics: <prefix>/decision, /camera, /door_pulses, /gate, /status; None = facegate/<client id>")
+    discovery: bool = Field(True, description="publish Home Assistant discovery configs (retained) so the gate appears as one device")
+    discovery_prefix: str = Field("homeassistant", pattern=MQTT_TOPIC, description="Home Assistant's discovery prefix")
+    username: str | None = Field(None, min_length=1, max_length=256)
+    password_file: str | None = Field(None, description="the broker password, a file only its owner can read (like the gallery key); read only with a username; None = $CREDENTIALS_DIRECTORY/mqtt.password (the installer's drop-in hands /etc/facegate/mqtt.password over with LoadCredential=)")
+    tls: bool = Field(False, description="TLS to the broker, its certificate checked against ca_file (or the system's CAs) and its name against mqtt.host")
+    ca_file: str | None = Field(None, description="PEM CA certificate(s) the broker's certificate must chain to; None = the system's")
+    cert_file: str | None = Field(None, description="PEM client certificate, for a broker that asks for one")
+    key_file: str | None = Field(None, description="the client certificate's private key, a file only its owner can read; None with cert_file = $CREDENTIALS_DIRECTORY/mqtt.key (the installer's drop-in hands /etc/facegate/mqtt.key over)")
+    tls_insecure: bool = Field(False, description="do not match the broker's certificate to mqtt.host (the chain is still checked); for a broker reached by an address its certificate does not name")
+    qos: int = Field(1, ge=0, le=2, description="MQTT QoS of every message: 1 = at least once (each message re-sent until the broker has it)")
+    publish_identity: bool = Field(False, description="put the granted person's name in decision messages; off: the broker never learns who came in (the audit log has it)")
+    queue_size: int = Field(1000, ge=1, le=100000, description="messages held while the broker is away; beyond it the oldest are dropped, counted, logged and audited ('mqtt dropped')")
+    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keep-alive: a broker that hears nothing this long (x1.5) sends the gate's last will, 'offline'")
+    reconnect_backoff_s: float = Field(1.0, gt=0, le=60, description="first wait before connecting again; doubles each failure")
+    reconnect_backoff_max_s: float = Field(60.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.enabled and not self.host:
+            raise ValueError("mqtt.host: mqtt.enabled needs the broker's address")
+        if self.password_file is not None and self.username is None:
+            raise ValueError("mqtt.password_file is sent only with a username: set mqtt.username")
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("mqtt.key_file is the client certificate's key: set mqtt.cert_file too")
+        tls_only = [k for k in ("ca_file", "cert_file", "key_file", "tls_insecure") if getattr(self, k)]
+        if tls_only and not self.tls:
+            raise ValueError(f"mqtt.{tls_only[0]} is read only with mqtt.tls true")
+        for k in ("password_file", "ca_file", "cert_file", "key_file"):
+            v = getattr(self, k)
+            if v is not None and not v.startswith("/"):
+                raise ValueError(f"mqtt.{k} {v!r}: an absolute path expected")
+        if self.username is not None and not self.tls and self.host not in (None, "localhost", "127.0.0.1", "::1"):
+            raise ValueError(f"mqtt.username: without mqtt.tls the password crosses the network in clear text to "
+                             f"{self.host}: set mqtt.tls true (only a broker on this machine may go without)")
+        return self
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """safe_load keeps the last of two equal keys, so a second `threshold:` lower in the file would
     silently override the one a reviewer read; refuse it instead, naming the key and its line."""
@@ -234,6 +287,7 @@ class Config(_Section):
     relay: RelayConfig = RelayConfig()
     storage: StorageConfig = StorageConfig()
     enrollment: EnrollmentConfig = EnrollmentConfig()
+    mqtt: MqttConfig = MqttConfig()
     badge: BadgeConfig = BadgeConfig()
 
 
@@ -268,7 +322,8 @@ def load_config(path: str | Path | None) -> Config:
                                 f"{cfg.camera.source} the gate would grant real faces and open nothing (mock is for "
                                 f"camera.source replay)")
     for section, first, ceiling in (("camera", "reconnect_backoff_s", "reconnect_backoff_max_s"),
-                                    ("decision", "backoff_s", "backoff_max_s")):
+                                    ("decision", "backoff_s", "backoff_max_s"),
+                                    ("mqtt", "reconnect_backoff_s", "reconnect_backoff_max_s")):
         lo, hi = getattr(getattr(cfg, section), first), getattr(getattr(cfg, section), ceiling)
         if lo > hi:
             raise ConfigError(path, f"{section}.{first} {lo} exceeds {section}.{ceiling} {hi}: the first back-off "

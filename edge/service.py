@@ -101,6 +101,7 @@ def run_service(cfg: Config, max_frames: int | None = None, verbose: bool = True
         notifier.stopping()
         raise
     audit = AuditLog(cfg.storage.audit)
+    publisher = None  # edge.mqtt's, with mqtt.enabled
     stop = {"flag": False, "reload": False, "signal": None}
 
     def on_term(signum, _frame):
@@ -118,6 +119,10 @@ def run_service(cfg: Config, max_frames: int | None = None, verbose: bool = True
         stack = Stack.from_config(cfg)
         audit.set_models(stack.encoder.sha256, stack.detector.card.sha256)
         audit.clock.observe(time.time(), time.monotonic())  # a clock far ahead at start: said in the start row
+        if cfg.mqtt.enabled:  # paho is imported only by a gate that publishes
+            from .mqtt import start_publisher
+
+            publisher = start_publisher(cfg.mqtt, audit, lambda: relay.stats.openings if relay is not None else 0)
         try:
             gallery = open_gallery(cfg, stack.encoder, audit.clock.floor)
         except FacegateError as e:
@@ -199,6 +204,8 @@ def run_service(cfg: Config, max_frames: int | None = None, verbose: bool = True
         except AuditError as e:  # the log refusing rows is what stops the gate: say so, keep the first error
             log.error("'stopped' not audited: %s", e)
         finally:
+            if publisher is not None:  # after the 'stopped' row, which it still publishes
+                publisher.close()
             audit.close()
             for sig, handler in previous.items():  # an embedding caller (tests, CLI) gets its handlers back
                 signal.signal(sig, handler)

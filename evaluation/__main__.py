@@ -1,4 +1,4 @@
-"""python -m evaluation COMMAND --help: one-to-n, verify, bench, encoders, detectors, liveness, fairness."""
+"""python -m evaluation COMMAND --help: one-to-n, verify, bench, mqtt-bench, encoders, detectors, liveness, fairness."""
 from __future__ import annotations
 
 import argparse
@@ -63,6 +63,12 @@ def main(argv=None) -> int:
     s.add_argument("--threads", default="1,2")
     s.add_argument("--gallery-size", type=int, default=100000)
     s.set_defaults(fn=lazy_command(__package__, "bench"))
+    s = sub.add_parser("mqtt-bench", help="decision-to-MQTT latency on loopback (a mosquitto started here): median, p99")
+    s.add_argument("--decisions", type=int, default=1000)
+    s.add_argument("--interval-ms", type=float, default=20.0, help="between decisions")
+    s.add_argument("--qos", type=int, choices=(0, 1, 2), default=1)
+    s.add_argument("--json")
+    s.set_defaults(fn=lazy_command(__package__, "mqtt_bench"))
     s = sub.add_parser("encoders", help="per-face latency (1 and 2 threads) and file size of every encoder artifact")
     s.add_argument("--models", default=str(MODELS))
     s.add_argument("--detector", default=str(MODELS / "yunet_fp32.card.json"))

@@ -335,9 +335,11 @@ class MqttPublisher:
         with self._cond:
             was, self._connected = self._connected, False
             closing = self._closing
-        if was and not closing:
-            self._troubled = True
-            self._note("disconnected", {"reason": str(reason_code)})
+        # not connected before: a broker that took the connection and never answered (keep-alive timeout)
+        if closing or (self._troubled and not was):
+            return
+        self._troubled = True
+        self._note("disconnected" if was else "unreachable", {"reason": str(reason_code)})
 
     def _on_connect_fail(self, client, userdata) -> None:
         if not self._troubled:

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -289,6 +290,29 @@ def test_a_broker_that_goes_away_blocks_nothing_keeps_the_newest_and_delivers_th
             publisher.close()
             sub.close()
             broker.stop()
+
+
+def test_a_broker_that_takes_the_connection_and_never_answers_is_audited_and_tried_again(tmp_path):
+    hung = socket.socket()  # takes connections into its backlog, never says a word
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(8)
+    with AuditLog(tmp_path / "a.sqlite3") as audit:
+        publisher = start_publisher(mqtt(port=hung.getsockname()[1], keepalive_s=5), audit)
+        try:
+            t0 = time.monotonic()
+            audit.record(decision())
+            assert time.monotonic() - t0 < 0.5
+            deadline = time.monotonic() + 12
+            while time.monotonic() < deadline and audit.tail(1)[0]["kind"] != "mqtt":
+                time.sleep(0.1)
+            (r,) = audit.tail(1)
+            assert (r["kind"], r["reason"]) == ("mqtt", "unreachable") and "Keep alive" in r["details"]["reason"], r
+            assert publisher.queued() == 1
+        finally:
+            t0 = time.monotonic()
+            publisher.close()
+            assert time.monotonic() - t0 < 5
+            hung.close()
 
 
 @needs_broker

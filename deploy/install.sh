@@ -89,6 +89,7 @@ uninstall() {
     say "uninstalling facegate"
     run systemctl disable --now facegate.service || true
     run rm -f "$UNITS/facegate.service" "$UNITS/facegate-enroll@.service" "$UNITS/facegate.service.d/argus-socket.conf" \
+        "$UNITS/facegate.service.d/badge-reader.conf" \
         "$RULES/99-facegate-enroll.rules"
     run systemctl daemon-reload
     run udevadm control --reload
@@ -292,20 +293,31 @@ fi
 # ------------------------------------------------------------------ systemd and udev
 # Prints True when the config's camera talks to nvargus-daemon (a Jetson CSI camera).
 ARGUS_QUERY='import sys; from edge.camera import needs_argus_socket; from edge.config import load_config; print(needs_argus_socket(load_config(sys.argv[1]).camera))'
+# config_says QUERY NAME: whether the line of Python QUERY prints True for $ETC/config.yaml; NAME
+# is the drop-in it decides, named when a dry run has no venv to ask with.
+config_says() {
+    local app=$PREFIX/app
+    if [ "$dry" = 1 ]; then
+        app=$REPO  # nothing was installed: ask the code that would be
+        if [ ! -x "$PREFIX/venv/bin/python" ]; then
+            say "cannot read $ETC/config.yaml without $PREFIX/venv: the $2 drop-in is decided when run for real"
+            return 1
+        fi
+    fi
+    [ "$(cd "$app" && "$PREFIX/venv/bin/python" -c "$1" "$ETC/config.yaml")" = True ]
+}
 camera_needs_argus() {
     if [ ! -e "$ETC/config.yaml" ]; then  # only in a dry run, which wrote none: the camera it would name
         [ "$camera_source" = gstreamer ]  # whose default pipeline is the CSI camera's
         return
     fi
-    local app=$PREFIX/app
-    if [ "$dry" = 1 ]; then
-        app=$REPO  # nothing was installed: ask the code that would be
-        if [ ! -x "$PREFIX/venv/bin/python" ]; then
-            say "cannot read $ETC/config.yaml without $PREFIX/venv: the argus drop-in is decided when run for real"
-            return 1
-        fi
-    fi
-    [ "$(cd "$app" && "$PREFIX/venv/bin/python" -c "$ARGUS_QUERY" "$ETC/config.yaml")" = True ]
+    config_says "$ARGUS_QUERY" argus
+}
+# Prints True when the config reads a USB HID badge reader (badge.mode other than face_only).
+BADGE_QUERY='import sys; from edge.config import load_config; print(load_config(sys.argv[1]).badge.mode != "face_only")'
+badge_reader_configured() {
+    # a dry run wrote no config, and the one it would write has no badge reader
+    [ -e "$ETC/config.yaml" ] && config_says "$BADGE_QUERY" badge-reader
 }
 run install -m 0644 "$REPO/systemd/facegate.service" "$REPO/systemd/facegate-enroll@.service" "$UNITS/"
 # PrivateTmp= hides nvargus-daemon's socket in /tmp: the drop-in binds it in, for that camera only
@@ -314,6 +326,17 @@ if camera_needs_argus; then
     run install -m 0644 "$REPO/systemd/facegate-argus-socket.conf" "$UNITS/facegate.service.d/argus-socket.conf"
 else
     run rm -f "$UNITS/facegate.service.d/argus-socket.conf"
+fi
+# The reader is an input device, which the unit's groups do not reach: the input group, for it only
+if badge_reader_configured; then
+    if ! getent group input >/dev/null; then  # udev's rules give input devices this group once it exists
+        run groupadd --system input
+        run udevadm trigger --subsystem-match=input --action=change
+    fi
+    run install -d -m 0755 "$UNITS/facegate.service.d"
+    run install -m 0644 "$REPO/systemd/facegate-badge-reader.conf" "$UNITS/facegate.service.d/badge-reader.conf"
+else
+    run rm -f "$UNITS/facegate.service.d/badge-reader.conf"
 fi
 run install -m 0644 "$REPO/deploy/99-facegate-enroll.rules" "$RULES/"
 run systemctl daemon-reload

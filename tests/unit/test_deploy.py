@@ -21,6 +21,8 @@ REPO = Path(__file__).resolve().parents[2]
 UNIT = REPO / "systemd" / "facegate.service"
 ARGUS_DROPIN = REPO / "systemd" / "facegate-argus-socket.conf"
 INSTALLED_DROPIN = "/etc/systemd/system/facegate.service.d/argus-socket.conf"
+BADGE_DROPIN = REPO / "systemd" / "facegate-badge-reader.conf"
+INSTALLED_BADGE_DROPIN = "/etc/systemd/system/facegate.service.d/badge-reader.conf"
 ENROLL_UNIT = REPO / "systemd" / "facegate-enroll@.service"
 INSTALL = REPO / "deploy" / "install.sh"
 ENROLL = REPO / "deploy" / "enroll-usb"
@@ -76,6 +78,16 @@ def test_argus_drop_in_binds_only_the_camera_sockets_into_the_private_tmp():
     assert d["Service"] == {"BindPaths": ["/tmp/argus_socket", "-/tmp/nvscsock"]}
 
 
+def test_badge_drop_in_adds_the_input_group_and_nothing_else():
+    """The reader's /dev/input node by group, as the unit reaches the camera and GPIO: no
+    DeviceAllow=, whose allow-list would shut those out, and every other line as the unit has it."""
+    d = parse_unit(BADGE_DROPIN)
+    assert d == {"Service": {"SupplementaryGroups": ["input"]}}
+    groups = [g for v in parse_unit(UNIT)["Service"]["SupplementaryGroups"] + d["Service"]["SupplementaryGroups"]
+              for g in v.split()]  # a list setting: a drop-in's assignment adds to the unit's
+    assert groups == ["gpio", "video", "input"]
+
+
 def test_enroll_unit_lint():
     u = parse_unit(ENROLL_UNIT)
     svc = u["Service"]
@@ -104,8 +116,8 @@ def test_udev_rule_starts_the_template_for_fat_sticks_only():
     assert "RUN" not in lines[0]  # udev starts a unit; it never runs a program itself
 
 
-@pytest.mark.parametrize("argus", [False, True])
-def test_systemd_analyze_verify(tmp_path, argus):
+@pytest.mark.parametrize("dropin", [None, ARGUS_DROPIN, BADGE_DROPIN], ids=["unit", "argus", "badge"])
+def test_systemd_analyze_verify(tmp_path, dropin):
     exe = shutil.which("systemd-analyze")
     if exe is None:
         pytest.skip("systemd-analyze not installed (apt-get install systemd); the lint tests above still ran")
@@ -115,16 +127,16 @@ def test_systemd_analyze_verify(tmp_path, argus):
         text = unit.read_text()
         assert old in text
         (tmp_path / unit.name).write_text(text.replace(old, new))
-    if argus:  # read with the unit, as systemd reads /etc/systemd/system/facegate.service.d/
+    if dropin:  # read with the unit, as systemd reads /etc/systemd/system/facegate.service.d/
         (tmp_path / f"{UNIT.name}.d").mkdir()
-        (tmp_path / f"{UNIT.name}.d" / "argus-socket.conf").write_text(ARGUS_DROPIN.read_text() + "\nNotAKey=1\n")
+        (tmp_path / f"{UNIT.name}.d" / dropin.name).write_text(dropin.read_text() + "\nNotAKey=1\n")
     r = subprocess.run([exe, "verify", str(tmp_path / UNIT.name), str(tmp_path / ENROLL_UNIT.name)],
                        capture_output=True, text=True, timeout=60)
     if r.returncode != 0 and "Failed to initialize" in r.stderr + r.stdout:
         pytest.skip(f"systemd-analyze cannot run here: {r.stderr.strip()[:200]}")
     # unknown keys and bad values are only warnings (exit 0): any output is a failure
-    if argus:  # the key planted in the drop-in shows that verify did read it
-        assert r.returncode == 0 and "argus-socket.conf:" in r.stderr and "NotAKey" in r.stderr, r.stderr
+    if dropin:  # the key planted in the drop-in shows that verify did read it
+        assert r.returncode == 0 and f"{dropin.name}:" in r.stderr and "NotAKey" in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     else:
         assert (r.returncode, r.stdout + r.stderr) == (0, "")
@@ -266,6 +278,30 @@ def test_the_installers_argus_query_reads_the_config(tmp_path, camera, needs):
     r = subprocess.run([sys.executable, "-c", query, str(tmp_path / "config.yaml")], capture_output=True,
                        text=True, cwd=REPO, timeout=60)
     assert (r.returncode, r.stdout.strip()) == (0, needs), r.stderr
+
+
+@pytest.mark.parametrize("badge,needs", [
+    ("", "False"),
+    ("badge: {mode: face_only}\n", "False"),
+    ("badge: {mode: badge_and_face, device: /dev/input/by-id/usb-x-event-kbd}\n", "True"),
+    ("badge: {mode: face_with_badge_fallback, device: /dev/input/by-id/usb-x-event-kbd}\n", "True"),
+])
+def test_the_installers_badge_query_reads_the_config(tmp_path, badge, needs):
+    """The line of Python install.sh runs against a kept config to decide the badge reader's drop-in."""
+    query = re.search(r"^BADGE_QUERY='([^']+)'$", INSTALL.read_text(), re.M).group(1)
+    (tmp_path / "config.yaml").write_text("camera:\n  source: opencv\n" + badge)
+    r = subprocess.run([sys.executable, "-c", query, str(tmp_path / "config.yaml")], capture_output=True,
+                       text=True, cwd=REPO, timeout=60)
+    assert (r.returncode, r.stdout.strip()) == (0, needs), r.stderr
+
+
+def test_a_new_config_gets_no_badge_drop_in_and_one_left_behind_goes(tmp_path):
+    if Path("/etc/facegate/config.yaml").exists():
+        pytest.skip("this machine has /etc/facegate/config.yaml, which a dry run keeps and reads instead")
+    out = dry_run(tmp_path, "--board", "generic")
+    assert f"rm -f {INSTALLED_BADGE_DROPIN}" in out and f"{BADGE_DROPIN} {INSTALLED_BADGE_DROPIN}" not in out
+    assert "groupadd --system input" not in out
+    assert INSTALLED_BADGE_DROPIN in dry_run(tmp_path, "--uninstall")
 
 
 def test_install_refuses_an_unknown_camera(tmp_path):

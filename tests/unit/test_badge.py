@@ -2,8 +2,7 @@
 modes end to end with real models, a real audit and mock pins.
 
 The reader is tested three ways. Through /dev/uinput, a virtual keyboard the kernel itself turns
-into input events, grabbed as on a gate: skipped where the kernel has no uinput (this machine's has
-none). Through input events written in the kernel's struct input_event layout into a pipe, read by
+into input events, grabbed as on a gate: skipped, saying so, where the kernel has no uinput. Through input events written in the kernel's struct input_event layout into a pipe, read by
 the same BadgeReader code (opened by a stand-in for open_device). And the grab (EVIOCGRAB) against
 a fake device: /dev/null and a patched ioctl, which show the request made and a refusal handled,
 not that a kernel honours it: that is the uinput test's part."""

@@ -161,6 +161,54 @@ class RelayConfig(_Section):
         return None
 
 
+# OSDP's reader LED colours (osdp_LED on_color / off_color codes 1-7; 0 is dark).
+OSDP_COLORS = ("red", "green", "amber", "blue", "magenta", "cyan", "white")
+
+
+class OsdpConfig(_Section):
+    port: str | None = Field(None, description="the RS-485 adapter's serial port: /dev/serial/by-id/usb-... for a USB adapter (a name that survives re-plugging), /dev/ttyAMA0 or /dev/serial0 for a HAT on a Raspberry Pi's UART, /dev/ttyTHS1 on a Jetson; needed when door.output is osdp or both")
+    baud: Literal[9600, 19200, 38400, 57600, 115200, 230400] = Field(9600, description="the line's speed, as the panel is set (OSDP's default 9600)")
+    address: int = Field(0, ge=0, le=126, description="this reader's OSDP address on the line, as the panel is set (0-126; 127 is broadcast)")
+    secure: bool = Field(True, description="OSDP Secure Channel with the key in scbk_file (the panel must have the same key), plain text refused; false: plain text, the card numbers readable on the wire (for a panel that has no Secure Channel only)")
+    scbk_file: str | None = Field(None, description="the Secure Channel base key: 32 hex digits, a file only its owner can read; None = $CREDENTIALS_DIRECTORY/osdp.scbk (the installer's drop-in hands /etc/facegate/osdp.scbk to the service with LoadCredential=)")
+    install_mode: bool = Field(False, description="accept a panel in install mode: Secure Channel with the well-known default key SCBK-D, and the key the panel then sets (osdp_KEYSET) written to scbk_file; on for the pairing only")
+    timeout_s: float = Field(1.0, gt=0, le=5, description="a card read the panel has not taken this long after the face was seen is withdrawn: a panel that comes back from an outage gets no stale card read")
+    card_bits: int = Field(26, ge=1, le=256, description="length in bits of the card data sent, as the panel's card format expects it (parity bits included where the panel wants them: the enrolled number is sent as it is)")
+    card_number: Literal["decimal", "hex"] = Field("decimal", description="how an enrolled card number (as a USB HID reader types it) reads as the number sent")
+    card_format: Literal["wiegand", "raw"] = Field("wiegand", description="the card read's format code: wiegand (raw Wiegand bits) or raw (unspecified)")
+    leds: dict[Literal[OSDP_COLORS], str] = Field(default_factory=dict, description="the reader LED the panel commands, one gpiozero pin per colour, e.g. {green: GPIO22, red: GPIO27} (through relay.pin_factory); empty = the commanded state is recorded and audited only")
+    buzzer: str | None = Field(None, description="gpiozero pin of a buzzer the panel's osdp_BUZ commands drive; None = recorded and audited only")
+
+    @model_validator(mode="after")
+    def _keys(self):
+        if self.install_mode and not self.secure:
+            raise ValueError("door.osdp.install_mode pairs a Secure Channel key: it needs door.osdp.secure true")
+        if self.install_mode and self.scbk_file is None:
+            raise ValueError("door.osdp.install_mode: the key the panel sets is written to door.osdp.scbk_file, "
+                             "which must then be a path (systemd's credentials are read-only)")
+        return self
+
+
+class DoorConfig(_Section):
+    output: Literal["relay", "osdp", "both"] = Field("relay", description="what a grant does: relay = pulse the local relay (relay.*); osdp = send the person's card number to an access-control panel as a card read over OSDP (door.osdp), the panel opens the door and the gate drives no relay; both = the relay, then the card read")
+    osdp: OsdpConfig = OsdpConfig()
+
+    @model_validator(mode="after")
+    def _port(self):
+        if self.output != "relay" and not self.osdp.port:
+            raise ValueError(f"door.osdp.port: door.output {self.output} needs the RS-485 adapter's serial port "
+                             f"(/dev/serial/by-id/...)")
+        return self
+
+    @property
+    def drives_relay(self) -> bool:
+        return self.output in ("relay", "both")
+
+    @property
+    def sends_osdp(self) -> bool:
+        return self.output in ("osdp", "both")
+
+
 class StorageConfig(_Section):
     gallery: str = Field("var/gallery.fgg", description="encrypted gallery file")
     key_file: str | None = Field(None, description="32-byte gallery key; None = $CREDENTIALS_DIRECTORY/gallery.key")
@@ -285,6 +333,7 @@ class Config(_Section):
     decision: DecisionConfig = DecisionConfig()
     liveness: LivenessConfig = LivenessConfig()
     relay: RelayConfig = RelayConfig()
+    door: DoorConfig = DoorConfig()
     storage: StorageConfig = StorageConfig()
     enrollment: EnrollmentConfig = EnrollmentConfig()
     mqtt: MqttConfig = MqttConfig()

@@ -1,9 +1,10 @@
 """The gate: wires the stages, one direction only.
 
-Frame -> Detection -> (quality) -> AlignedFace -> liveness -> Embedding -> Match -> Decision -> relay + audit
+Frame -> Detection -> (quality) -> AlignedFace -> liveness -> Embedding -> Match -> Decision -> audit
+-> Grant -> door outputs (the relay, the OSDP reader) -> DoorOutcome -> audit
 
-Any exception while handling a frame is a denial with reason "error", audited; the relay is only
-ever told to unlock by a "granted" decision."""
+Any exception while handling a frame is a denial with reason "error", audited; a door output is
+only ever told to act by a "granted" decision, once its row is on record."""
 from __future__ import annotations
 
 import logging
@@ -28,7 +29,7 @@ from .liveness import LivenessCheck, NoLiveness
 from .match import cosine_scores, identify, track_embedding, verify
 from .threshold import OperatingPoint, check_operating_point, operating_points
 from .quality import assess_face
-from .records import Decision, Frame, Match
+from .records import Decision, DoorOutcome, Frame, Grant, Match
 from .runtime import Providers
 from .search import GalleryIndex
 
@@ -103,6 +104,11 @@ class Matcher:
         # only the plain cosine search uses the index's exact-top-two shortcut.
         self.index = GalleryIndex(g.matrix, stack.threads) if self._enrollees is None and len(g) else None
 
+    def card(self, name: str) -> str:
+        """The badge card number of enrolled `name`, "" when none is enrolled."""
+        p = self._people.get(name)
+        return p.card if p is not None else ""
+
     def point(self, verification: bool = False) -> OperatingPoint:
         """The operating point decisions are taken at: 1:1 for a gate that verifies a claim."""
         return self.point_1to1 if verification else self.point_1n
@@ -133,9 +139,16 @@ class Matcher:
 
 
 class DoorOutput(Protocol):
-    """What the gate asks of a door (edge.relay.DoorRelay): open for one pulse from a monotonic time."""
+    """What acts on a grant (door.output): the relay, which opens the door for one pulse
+    (edge.relay.DoorRelay), or the OSDP reader, which sends the person's card number to the
+    access-control panel that drives the door (edge.osdp.OsdpReader). Either reports what it did;
+    lock(stay=True) makes it refuse every later grant (the service is stopping)."""
 
-    def unlock(self, now_mono: float | None = None) -> float | None: ...
+    def act(self, grant: Grant) -> DoorOutcome: ...
+
+    def lock(self, stay: bool = False) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class DecisionLog(Protocol):
@@ -149,7 +162,7 @@ class Gate:
     cfg: Config
     stack: Stack
     gallery: gallery_io.Gallery
-    relay: DoorOutput | None = None
+    relay: DoorOutput | None = None  # the local door relay (edge.relay.DoorRelay): door.output relay or both
     audit: DecisionLog | None = None
     liveness: LivenessCheck = field(default_factory=NoLiveness)
     claim: str | None = None  # badge id / claimed name: 1:1 verification instead of 1:N
@@ -160,6 +173,9 @@ class Gate:
     # The time floor validity is judged against; the service shares the audit log's, so the rows
     # it flags synced and the floor the grants see are one.
     wall: TrustedClock | None = None
+    # the access-control panel's reader (edge.osdp.OsdpReader): door.output osdp or both; on a grant
+    # the relay acts first, then the panel gets the card read
+    panel: DoorOutput | None = None
 
     def __post_init__(self):
         # Validity is judged at each grant on the frame's wall time: an enrolment that expires
@@ -263,10 +279,9 @@ class Gate:
         # AuditError here and opens nothing, so the door never opens without its row.
         if self.audit is not None:
             self._record(d)
-        if d.grant and self.relay is not None and self.relay.unlock(d.t_mono) is None and self.audit is not None:
-            # the grant's row is written: the next one says the door did not open for it, and why
-            self.audit.record_event("relay", "not_opened", identity=d.identity, track_id=d.track_id, t_mono=d.t_mono,
-                                    t_wall=d.t_wall, details={"why": self.relay.last_refusal})
+        if d.grant:
+            open_doors(Grant(d.identity, self.matcher.card(d.identity), d.t_mono, d.t_wall, d.track_id),
+                       tuple(door for door in (self.relay, self.panel) if door is not None), self.audit)
 
     def _record(self, d: Decision) -> None:
         if d.reason in _QUIET:
@@ -276,6 +291,20 @@ class Gate:
         else:
             self._last_quiet = None
         self.audit.record(d)
+
+
+def open_doors(grant: Grant, doors: tuple[DoorOutput, ...], audit: DecisionLog | None) -> list[DoorOutcome]:
+    """Each door output acts on `grant` in turn; what each did is audited in a row of its own kind
+    ('relay' door_opened / not_opened, 'osdp' card_read_sent / not_sent). The caller has audited the
+    grant itself first."""
+    outcomes = []
+    for door in doors:
+        o = door.act(grant)
+        outcomes.append(o)
+        if audit is not None:
+            audit.record_event(o.output, o.reason, identity=grant.identity, track_id=grant.track_id,
+                               t_mono=grant.t_mono, t_wall=grant.t_wall, details=o.details or None)
+    return outcomes
 
 
 def _finite(x: float) -> float | None:
@@ -296,9 +325,10 @@ def open_gallery(cfg: Config, encoder: Encoder, floor: float) -> gallery_io.Gall
 
 
 def resolve(cfg: Config, base: Path) -> Config:
-    """Relative storage paths are relative to the config file's folder."""
-    for name in ("gallery", "key_file", "audit", "sequence_file"):
-        v = getattr(cfg.storage, name)
+    """Relative storage paths, and door.osdp.scbk_file, are relative to the config file's folder."""
+    for owner, name in [(cfg.storage, n) for n in ("gallery", "key_file", "audit", "sequence_file")] + [
+            (cfg.door.osdp, "scbk_file")]:
+        v = getattr(owner, name)
         if v and not Path(v).is_absolute():
-            setattr(cfg.storage, name, str((base / v).resolve()))
+            setattr(owner, name, str((base / v).resolve()))
     return cfg

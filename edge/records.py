@@ -1,5 +1,5 @@
 """Typed records that flow one way through the gate:
-Frame -> Detection -> AlignedFace -> Embedding -> Match -> Decision."""
+Frame -> Detection -> AlignedFace -> Embedding -> Match -> Decision -> Grant -> DoorOutcome."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -88,4 +88,27 @@ class Decision:
     track_id: int | None = None
     t_mono: float = 0.0
     t_wall: float = 0.0
+    details: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What a door output acts on: a granted decision's person, their badge card number and the
+    time of the evidence behind the grant (the frame's)."""
+
+    identity: str
+    card: str  # the person's badge card number, "" = none enrolled; never logged or audited
+    t_mono: float
+    t_wall: float
+    track_id: int | None = None
+
+
+@dataclass(frozen=True)
+class DoorOutcome:
+    """What a door output did with a grant, audited as one row of kind `output`: the relay opened
+    the door (or refused to), the OSDP reader sent the card read to the panel (or did not)."""
+
+    output: str  # "relay" | "osdp"
+    done: bool  # the door opened / the panel took the card read
+    reason: str  # "door_opened", "not_opened", "card_read_sent", "not_sent"
     details: dict = field(default_factory=dict)

@@ -51,6 +51,7 @@ from typing import Protocol
 
 from .config import RelayConfig
 from .errors import ConfigError
+from .records import DoorOutcome, Grant
 
 log = logging.getLogger(__name__)
 _RETRY_S = 0.05
@@ -265,6 +266,15 @@ class DoorRelay:
     def stats(self) -> RelayStats:
         with self._cond:
             return RelayStats(self._openings, self._longest, self._last)
+
+    def act(self, grant: Grant) -> DoorOutcome:
+        """The door output of edge.pipeline.DoorOutput: one unlock pulse for `grant` (its card
+        number is the panel's business, not the relay's)."""
+        now = time.monotonic()
+        deadline = self.unlock(grant.t_mono)
+        if deadline is None:
+            return DoorOutcome("relay", False, "not_opened", {"why": self.last_refusal})
+        return DoorOutcome("relay", True, "door_opened", {"unlocked_s": round(deadline - now, 3)})
 
     def unlock(self, now_mono: float | None = None) -> float | None:
         """Start (or extend) an unlock pulse; returns its deadline on time.monotonic(), or None

@@ -93,8 +93,10 @@ def run_service(cfg: Config, max_frames: int | None = None, verbose: bool = True
     from .relay import DoorRelay
 
     notifier = notifier or Notifier()
+    relay = osdp = None  # door.output: the relay, the OSDP reader, or both
     try:
-        relay = DoorRelay(cfg.relay)  # locked from the first instant, before anything slower runs
+        if cfg.door.drives_relay:
+            relay = DoorRelay(cfg.relay)  # locked from the first instant, before anything slower runs
     except ConfigError as e:  # no line the gate can hold locked (chip, line, pin, no GPIO): it does not start
         with AuditLog(cfg.storage.audit) as audit:
             audit.record_events([("relay", "refused", {"error": str(e)}, {}), ("service", "stopped", None, {})])
@@ -103,11 +105,13 @@ def run_service(cfg: Config, max_frames: int | None = None, verbose: bool = True
     audit = AuditLog(cfg.storage.audit)
     publisher = None  # edge.mqtt's, with mqtt.enabled
     stop = {"flag": False, "reload": False, "signal": None}
+    doors = [relay] if relay is not None else []
 
     def on_term(signum, _frame):
         stop["flag"] = True
         stop["signal"] = stop["signal"] or signum
-        relay.lock(stay=True)  # the frame being processed may still hold a grant
+        for door in doors:
+            door.lock(stay=True)  # the frame being processed may still hold a grant
 
     def on_hup(signum, _frame):
         stop["reload"] = True
@@ -136,8 +140,15 @@ def run_service(cfg: Config, max_frames: int | None = None, verbose: bool = True
         for fallback in stack.providers.fallbacks:  # once per model: slower than configured, and on the record
             audit.record_event("model", "provider_fallback", details=fallback.details())
         reader = open_reader(cfg, badge_opener or open_device)  # None without a badge reader
+        if cfg.door.sends_osdp:
+            try:
+                osdp = _open_osdp(cfg)
+            except FacegateError as e:  # no port, no key, a key others can read: the gate does not start
+                audit.record_event("osdp", "refused", details={"error": str(e)})
+                raise
+            doors.append(osdp)
         try:
-            gate = make_gate(cfg, stack, gallery, reader, relay=relay, audit=audit, liveness=liveness)
+            gate = make_gate(cfg, stack, gallery, reader, relay=relay, panel=osdp, audit=audit, liveness=liveness)
         except FacegateError as e:  # an operating point too loose for this gallery's size
             audit.record_event("gallery", "refused", details={"error": str(e)})
             raise
@@ -146,6 +157,7 @@ def run_service(cfg: Config, max_frames: int | None = None, verbose: bool = True
                                                             "operating_point": gate.matcher.point().describe(),
                                                             "liveness": cfg.liveness.mode,
                                                             "badge": cfg.badge.mode,
+                                                            "door": cfg.door.output,
                                                             "clock": audit.clock.state})
         notifier.ready(f"{len(gallery)} enrolled")
         frames = 0
@@ -163,6 +175,8 @@ def run_service(cfg: Config, max_frames: int | None = None, verbose: bool = True
             frame = camera.read()
             for ev in camera.pop_events():
                 audit.record_event("camera", ev.audit_reason, details=ev.details or None)
+            for reason, details in osdp.pop_events() if osdp is not None else ():
+                audit.record_event("osdp", reason, details=details or None)
             if frame is None:
                 if reader is not None:
                     gate.poll()  # a card's window ends on time, frames or not
@@ -180,12 +194,13 @@ def run_service(cfg: Config, max_frames: int | None = None, verbose: bool = True
             # A replay that ends mid-pulse lets the pulse finish (bounded by the hard ceiling), so
             # a demo or a field-bug replay shows the door as it would have behaved.
             until = time.monotonic() + cfg.relay.max_hold_s
-            while relay.is_unlocked and time.monotonic() < until:
+            while relay is not None and relay.is_unlocked and time.monotonic() < until:
                 time.sleep(0.05)
         if verbose:
-            st = relay.stats
-            print(f"done: {frames} frames, {st.openings} door opening(s), longest unlocked {st.longest_unlocked_s:.2f} s, "
-                  f"{audit.count()} audit records in {cfg.storage.audit}")
+            st = relay.stats if relay is not None else None
+            door = (f"{st.openings} door opening(s), longest unlocked {st.longest_unlocked_s:.2f} s, " if st else
+                    "the door is the panel's (door.output osdp), ")
+            print(f"done: {frames} frames, {door}{audit.count()} audit records in {cfg.storage.audit}")
         # A stop asked for (systemctl stop, Ctrl-C) is a success; any other signal, the watchdog's
         # included, is a failure, so Restart=on-failure brings the gate back.
         return 0 if stop["signal"] in (None, signal.SIGTERM, signal.SIGINT) else 128 + stop["signal"]
@@ -195,7 +210,8 @@ def run_service(cfg: Config, max_frames: int | None = None, verbose: bool = True
         raise
     finally:
         notifier.stopping()
-        relay.close()
+        for door in doors:
+            door.close()
         if reader is not None:
             reader.close()
         try:
@@ -209,6 +225,16 @@ def run_service(cfg: Config, max_frames: int | None = None, verbose: bool = True
             audit.close()
             for sig, handler in previous.items():  # an embedding caller (tests, CLI) gets its handlers back
                 signal.signal(sig, handler)
+
+
+def _open_osdp(cfg: Config):
+    """The OSDP reader door.osdp describes, talking to the panel; ConfigError when it cannot be."""
+    try:
+        from .osdp import OsdpReader
+    except ImportError as e:  # libosdp is in requirements.txt; a venv made without it says so here
+        raise ConfigError(None, f"door.output {cfg.door.output}: libosdp's Python bindings (the libosdp "
+                                f"package) cannot be imported: {e}") from None
+    return OsdpReader.from_config(cfg)
 
 
 def _print_decision(frame, d) -> None:

@@ -127,9 +127,9 @@ def test_a_clock_far_ahead_expires_no_one_silently_and_never_raises_the_floor(tm
         assert (ahead.grant, ahead.reason, ahead.identity) == (False, "clock_untrusted", "alice")
         back = _alice(gate, floor + 60.0, 1)
         assert back.grant and back.reason == "granted"
-        rows = [(r["kind"], r["reason"], r["wall_clock_synced"]) for r in audit.tail(5)]
-        assert rows[-4:] == [("clock", "ahead", False), ("decision", "clock_untrusted", False),
-                             ("clock", "trusted", True), ("decision", "granted", True)]
+        rows = [(r["kind"], r["reason"], r["wall_clock_synced"]) for r in audit.tail(6)]
+        assert rows[-5:] == [("clock", "ahead", False), ("decision", "clock_untrusted", False),
+                             ("clock", "trusted", True), ("decision", "granted", True), ("relay", "door_opened", True)]
     finally:
         gate.relay.close()
         audit.close()

@@ -12,7 +12,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 UPSTREAM = {"evaluation", "export", "train"}
 # requirements.txt names whose import name differs
-IMPORT_NAME = {"opencv-python-headless": "cv2", "PyYAML": "yaml", "ai-edge-litert": "ai_edge_litert",
+IMPORT_NAME = {"opencv-python-headless": "cv2", "PyYAML": "yaml", "ai-edge-litert": "ai_edge_litert", "libosdp": "osdp",
                "paho-mqtt": "paho"}
 # installed with the operating system where the hardware is, so never in requirements.txt
 PLATFORM = {"picamera2": "Raspberry Pi OS camera stack", "tflite_runtime": "the older LiteRT wheel on a Jetson",

@@ -89,7 +89,7 @@ uninstall() {
     say "uninstalling facegate"
     run systemctl disable --now facegate.service || true
     run rm -f "$UNITS/facegate.service" "$UNITS/facegate-enroll@.service" "$UNITS/facegate.service.d/argus-socket.conf" \
-        "$UNITS/facegate.service.d/badge-reader.conf" \
+        "$UNITS/facegate.service.d/badge-reader.conf" "$UNITS/facegate.service.d/mqtt.conf" \
         "$RULES/99-facegate-enroll.rules"
     run systemctl daemon-reload
     run udevadm control --reload
@@ -293,18 +293,21 @@ fi
 # ------------------------------------------------------------------ systemd and udev
 # Prints True when the config's camera talks to nvargus-daemon (a Jetson CSI camera).
 ARGUS_QUERY='import sys; from edge.camera import needs_argus_socket; from edge.config import load_config; print(needs_argus_socket(load_config(sys.argv[1]).camera))'
-# config_says QUERY NAME: whether the line of Python QUERY prints True for $ETC/config.yaml; NAME
-# is the drop-in it decides, named when a dry run has no venv to ask with.
-config_says() {
-    local app=$PREFIX/app
+# config_app NAME: sets app, the code that reads $ETC/config.yaml with $PREFIX/venv (in a dry run
+# the code that would be installed); fails, naming the drop-in NAME, when a dry run has no venv.
+config_app() {
+    app=$PREFIX/app
     if [ "$dry" = 1 ]; then
         app=$REPO  # nothing was installed: ask the code that would be
         if [ ! -x "$PREFIX/venv/bin/python" ]; then
-            say "cannot read $ETC/config.yaml without $PREFIX/venv: the $2 drop-in is decided when run for real"
+            say "cannot read $ETC/config.yaml without $PREFIX/venv: the $1 drop-in is decided when run for real"
             return 1
         fi
     fi
-    [ "$(cd "$app" && "$PREFIX/venv/bin/python" -c "$1" "$ETC/config.yaml")" = True ]
+}
+# config_says QUERY NAME: whether the line of Python QUERY prints True for $ETC/config.yaml.
+config_says() {
+    config_app "$2" && [ "$(cd "$app" && "$PREFIX/venv/bin/python" -c "$1" "$ETC/config.yaml")" = True ]
 }
 camera_needs_argus() {
     if [ ! -e "$ETC/config.yaml" ]; then  # only in a dry run, which wrote none: the camera it would name
@@ -319,6 +322,15 @@ badge_reader_configured() {
     # a dry run wrote no config, and the one it would write has no badge reader
     [ -e "$ETC/config.yaml" ] && config_says "$BADGE_QUERY" badge-reader
 }
+# Prints the MQTT drop-in for the config (systemd/facegate-mqtt.conf with the broker's addresses and
+# the credentials the config leaves to systemd), nothing with mqtt.enabled off; a bad secret, a
+# certificate that does not load or a broker name that does not resolve is one line and exit 2.
+MQTT_QUERY='import sys; from edge.mqtt import print_dropin; sys.exit(print_dropin(*sys.argv[1:]))'
+mqtt_dropin=""
+if [ -e "$ETC/config.yaml" ] && config_app mqtt; then  # a dry run wrote no config, and the one it would write has MQTT off
+    mqtt_dropin=$(cd "$app" && "$PREFIX/venv/bin/python" -c "$MQTT_QUERY" "$ETC/config.yaml" "$REPO/systemd/facegate-mqtt.conf") ||
+        die "mqtt: the drop-in that lets the service reach the broker cannot be made (above); fix $ETC/config.yaml or set mqtt.enabled false"
+fi
 run install -m 0644 "$REPO/systemd/facegate.service" "$REPO/systemd/facegate-enroll@.service" "$UNITS/"
 # PrivateTmp= hides nvargus-daemon's socket in /tmp: the drop-in binds it in, for that camera only
 if camera_needs_argus; then
@@ -337,6 +349,13 @@ if badge_reader_configured; then
     run install -m 0644 "$REPO/systemd/facegate-badge-reader.conf" "$UNITS/facegate.service.d/badge-reader.conf"
 else
     run rm -f "$UNITS/facegate.service.d/badge-reader.conf"
+fi
+# The unit reaches no IP address; with MQTT on the drop-in lets it reach the broker's, and those only
+if [ -n "$mqtt_dropin" ]; then
+    run install -d -m 0755 "$UNITS/facegate.service.d"
+    put "$UNITS/facegate.service.d/mqtt.conf" 0644 root:root <<<"$mqtt_dropin"
+else
+    run rm -f "$UNITS/facegate.service.d/mqtt.conf"
 fi
 run install -m 0644 "$REPO/deploy/99-facegate-enroll.rules" "$RULES/"
 run systemctl daemon-reload

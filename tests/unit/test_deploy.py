@@ -23,6 +23,8 @@ ARGUS_DROPIN = REPO / "systemd" / "facegate-argus-socket.conf"
 INSTALLED_DROPIN = "/etc/systemd/system/facegate.service.d/argus-socket.conf"
 BADGE_DROPIN = REPO / "systemd" / "facegate-badge-reader.conf"
 INSTALLED_BADGE_DROPIN = "/etc/systemd/system/facegate.service.d/badge-reader.conf"
+MQTT_DROPIN = REPO / "systemd" / "facegate-mqtt.conf"  # a template: the installer puts the broker's addresses in
+INSTALLED_MQTT_DROPIN = "/etc/systemd/system/facegate.service.d/mqtt.conf"
 ENROLL_UNIT = REPO / "systemd" / "facegate-enroll@.service"
 INSTALL = REPO / "deploy" / "install.sh"
 ENROLL = REPO / "deploy" / "enroll-usb"
@@ -116,7 +118,15 @@ def test_udev_rule_starts_the_template_for_fat_sticks_only():
     assert "RUN" not in lines[0]  # udev starts a unit; it never runs a program itself
 
 
-@pytest.mark.parametrize("dropin", [None, ARGUS_DROPIN, BADGE_DROPIN], ids=["unit", "argus", "badge"])
+def mqtt_dropin(**mqtt) -> str | None:
+    """The MQTT drop-in the installer writes for a config's mqtt section."""
+    from edge.config import MqttConfig
+    from edge.mqtt import systemd_dropin
+
+    return systemd_dropin(MqttConfig(**{"enabled": True, "host": "192.0.2.10", **mqtt}), MQTT_DROPIN.read_text())
+
+
+@pytest.mark.parametrize("dropin", [None, ARGUS_DROPIN, BADGE_DROPIN, MQTT_DROPIN], ids=["unit", "argus", "badge", "mqtt"])
 def test_systemd_analyze_verify(tmp_path, dropin):
     exe = shutil.which("systemd-analyze")
     if exe is None:
@@ -129,7 +139,8 @@ def test_systemd_analyze_verify(tmp_path, dropin):
         (tmp_path / unit.name).write_text(text.replace(old, new))
     if dropin:  # read with the unit, as systemd reads /etc/systemd/system/facegate.service.d/
         (tmp_path / f"{UNIT.name}.d").mkdir()
-        (tmp_path / f"{UNIT.name}.d" / dropin.name).write_text(dropin.read_text() + "\nNotAKey=1\n")
+        text = mqtt_dropin(username="gate", tls=True) if dropin == MQTT_DROPIN else dropin.read_text()
+        (tmp_path / f"{UNIT.name}.d" / dropin.name).write_text(text + "\nNotAKey=1\n")
     r = subprocess.run([exe, "verify", str(tmp_path / UNIT.name), str(tmp_path / ENROLL_UNIT.name)],
                        capture_output=True, text=True, timeout=60)
     if r.returncode != 0 and "Failed to initialize" in r.stderr + r.stdout:
@@ -302,6 +313,67 @@ def test_a_new_config_gets_no_badge_drop_in_and_one_left_behind_goes(tmp_path):
     assert f"rm -f {INSTALLED_BADGE_DROPIN}" in out and f"{BADGE_DROPIN} {INSTALLED_BADGE_DROPIN}" not in out
     assert "groupadd --system input" not in out
     assert INSTALLED_BADGE_DROPIN in dry_run(tmp_path, "--uninstall")
+
+
+def test_the_mqtt_drop_in_lets_the_service_reach_the_brokers_addresses_and_nothing_else(tmp_path):
+    path = tmp_path / "mqtt.conf"
+    path.write_text(mqtt_dropin())
+    d = parse_unit(path)
+    # the IP families, and the broker's address as the one exception to the unit's IPAddressDeny=any
+    assert d == {"Service": {"RestrictAddressFamilies": ["AF_INET AF_INET6"], "IPAddressAllow": ["192.0.2.10"]}}
+    unit = parse_unit(UNIT)["Service"]
+    assert (one(unit, "IPAddressDeny"), one(unit, "RestrictAddressFamilies")) == ("any", "AF_UNIX AF_NETLINK")
+    # secrets the config leaves to systemd come as the gallery key does
+    path.write_text(mqtt_dropin(username="gate", tls=True, cert_file="/etc/facegate/mqtt.crt"))
+    assert parse_unit(path)["Service"]["LoadCredential"] == ["mqtt.password:/etc/facegate/mqtt.password",
+                                                             "mqtt.key:/etc/facegate/mqtt.key"]
+    path.write_text(mqtt_dropin(username="gate", tls=True, password_file="/srv/pw", cert_file="/c", key_file="/k"))
+    assert "LoadCredential" not in parse_unit(path)["Service"]
+    assert mqtt_dropin(enabled=False, host=None) is None
+
+
+def test_a_broker_name_is_resolved_at_install_and_one_that_does_not_resolve_is_refused(monkeypatch):
+    import socket
+
+    from edge.errors import ConfigError
+
+    allowed = re.search(r"^IPAddressAllow=(.*)$", mqtt_dropin(host="localhost"), re.M).group(1).split()
+    assert "127.0.0.1" in allowed and all(a in ("127.0.0.1", "::1") for a in allowed)
+
+    def no_name(*a, **kw):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_name)
+    with pytest.raises(ConfigError, match="mqtt.host 'broker.lan' does not resolve on this machine"):
+        mqtt_dropin(host="broker.lan")
+
+
+@pytest.mark.parametrize("mqtt,prints,status", [
+    ("", "", 0),
+    ("mqtt: {enabled: true, host: 192.0.2.10, port: 8883, tls: true}\n", "IPAddressAllow=192.0.2.10\n", 0),
+    ("mqtt: {enabled: true, host: localhost, username: gate, password_file: PW}\n", "", 2),
+])
+def test_the_installers_mqtt_query_prints_the_drop_in_or_refuses(tmp_path, mqtt, prints, status):
+    """The line of Python install.sh runs against the config to write the MQTT drop-in."""
+    query = re.search(r"^MQTT_QUERY='([^']+)'$", INSTALL.read_text(), re.M).group(1)
+    pw = tmp_path / "mqtt.password"
+    pw.write_text("x\n")
+    pw.chmod(0o644)
+    (tmp_path / "config.yaml").write_text("camera:\n  source: opencv\n" + mqtt.replace("PW", str(pw)))
+    r = subprocess.run([sys.executable, "-c", query, str(tmp_path / "config.yaml"), str(MQTT_DROPIN)],
+                       capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert r.returncode == status, r.stderr
+    assert prints in r.stdout and (r.stdout == "") is (prints == "")
+    if status:
+        assert r.stderr.startswith(f"error: {pw}: mqtt password may be read or written by its group or others")
+
+
+def test_a_new_config_gets_no_mqtt_drop_in_and_one_left_behind_goes(tmp_path):
+    if Path("/etc/facegate/config.yaml").exists():
+        pytest.skip("this machine has /etc/facegate/config.yaml, which a dry run keeps and reads instead")
+    out = dry_run(tmp_path, "--board", "generic")
+    assert f"rm -f {INSTALLED_MQTT_DROPIN}" in out and f"write {INSTALLED_MQTT_DROPIN}" not in out
+    assert INSTALLED_MQTT_DROPIN in dry_run(tmp_path, "--uninstall")
 
 
 def test_install_refuses_an_unknown_camera(tmp_path):

@@ -115,6 +115,8 @@ def test_a_broker_that_dies_and_comes_back_while_the_gate_runs(tmp_path):
         # after the broker came back: decisions reach the subscriber again, the stop and 'offline' too
         assert sub.wait(lambda s: s.on("facegate/door1/status")[-1:] == [b"offline"]
                         and s.on("facegate/door1/gate")[-1:] == [b"stopped"], 10)
+        assert sub.on("facegate/door1/camera")[-1:] == [b"ON"] and b"started" in sub.on("facegate/door1/gate")
+        assert int(sub.on("facegate/door1/door_pulses")[-1]) == r["openings"]  # the relay's own count
         got = {json.loads(p)["audit_id"] for p in sub.on("facegate/door1/decision")}
         after = [row["id"] for row in r["rows"] if row["kind"] == "decision" and row["t_mono"] > died["back"] + 0.5]
         assert after and set(after) <= got

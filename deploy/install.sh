@@ -114,9 +114,9 @@ board=${board:-$(detect_board)}
 case $board in pi | jetson | generic) ;; *) die "unknown board '$board'" ;; esac
 say "board: $board"
 # requirements.txt's pins need Python 3.11 (Raspberry Pi OS bookworm); JetPack 6 has 3.10
-requirements=requirements.txt
+requirements="requirements.txt"
 if [ "$board" = jetson ]; then
-    requirements=requirements-jetson.txt
+    requirements="requirements-jetson.txt"
     # the export's venv is requirements.txt and more, so it cannot be made here: fail before changing anything
     [ -n "$models" ] || die "on a Jetson pass --models DIR: build the models on a machine with Python 3.11 (./dev setup writes models/)"
 fi

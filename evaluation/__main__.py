@@ -1,4 +1,4 @@
-"""python -m evaluation COMMAND --help: one-to-n, verify, bench, mqtt-bench, encoders, detectors, liveness, fairness."""
+"""python -m evaluation COMMAND --help: one-to-n, verify, bench, mqtt-bench, osdp-latency, encoders, detectors, liveness, fairness."""
 from __future__ import annotations
 
 import argparse
@@ -69,6 +69,11 @@ def main(argv=None) -> int:
     s.add_argument("--qos", type=int, choices=(0, 1, 2), default=1)
     s.add_argument("--json")
     s.set_defaults(fn=lazy_command(__package__, "mqtt_bench"))
+    s = sub.add_parser("osdp-latency", help="decision to OSDP card read at a libosdp control panel over a pty pair: "
+                                            "median, p99, with and without Secure Channel")
+    s.add_argument("--decisions", type=int, default=300, help="per Secure Channel setting")
+    s.add_argument("--seed", type=int, default=0, help="for the moments of the poll cycle the decisions fall on")
+    s.set_defaults(fn=lazy_command(__package__, "osdp_bench"))
     s = sub.add_parser("encoders", help="per-face latency (1 and 2 threads) and file size of every encoder artifact")
     s.add_argument("--models", default=str(MODELS))
     s.add_argument("--detector", default=str(MODELS / "yunet_fp32.card.json"))

@@ -33,6 +33,7 @@ class _FdChannel(Channel):
     def __init__(self, fd: int):
         super().__init__()
         self.fd = fd
+        self.writes = 0  # commands the panel sent (its polls, mostly)
         os.set_blocking(fd, False)
 
     def read(self, max_bytes: int) -> bytes:
@@ -42,6 +43,7 @@ class _FdChannel(Channel):
             return b""
 
     def write(self, buf: bytes) -> int:
+        self.writes += 1
         try:
             return os.write(self.fd, buf)
         except (BlockingIOError, OSError):
@@ -65,7 +67,8 @@ class PtyPanel:
         self.reads: list[tuple[float, dict]] = []
         self._cond = threading.Condition()
         flags = [LibFlag.EnforceSecure] if scbk and not pairing else []
-        self.cp = ControlPanel([PDInfo(address, _FdChannel(self._master), scbk=scbk, flags=flags)],
+        self.channel = _FdChannel(self._master)
+        self.cp = ControlPanel([PDInfo(address, self.channel, scbk=scbk, flags=flags)],
                                log_level=LogLevel.Error, event_handler=self._event)
         self.cp.start()
 
@@ -110,8 +113,9 @@ class PtyPanel:
         self.close()
 
 
-def measure(decisions: int, secure: bool, folder: Path, seed: int = 0) -> list[float]:
-    """Latency in ms of each of `decisions` grants, decision to the panel's card read."""
+def measure(decisions: int, secure: bool, folder: Path, seed: int = 0) -> tuple[list[float], float]:
+    """Latency in ms of each of `decisions` grants, decision to the panel's card read, and the
+    panel's mean interval between commands (its poll interval) over the run, in ms."""
     key = os.urandom(16)
     scbk = folder / f"osdp-{secure}.scbk"
     scbk.write_text(key.hex() + "\n")
@@ -123,6 +127,7 @@ def measure(decisions: int, secure: bool, folder: Path, seed: int = 0) -> list[f
         if not panel.wait_for(panel.secure if secure else panel.online) or not reader.online:
             raise RuntimeError("the panel did not bring the reader online on the pty")
         out = []
+        t_start, writes = time.monotonic(), panel.channel.writes
         for i in range(decisions):
             time.sleep(rng.uniform(0.0, 0.2))  # anywhere in the panel's poll cycle
             before = len(panel.reads)
@@ -134,18 +139,19 @@ def measure(decisions: int, secure: bool, folder: Path, seed: int = 0) -> list[f
             if not o.done or got is None:
                 raise RuntimeError(f"decision {i}: {o.reason} {o.details}")
             out.append(1000.0 * (got[0] - t0))
-        return out
+        return out, 1000.0 * (time.monotonic() - t_start) / max(panel.channel.writes - writes, 1)
 
 
 def main(args) -> int:
     print(f"decision -> card read at the panel (libosdp {_version()} ControlPanel over a pty pair, 9600 baud "
           f"set on the reader's end), {args.decisions} decisions each, at random moments of the poll cycle (ms)")
-    print(f"{'secure channel':<16}{'median':>9}{'p99':>9}{'max':>9}{'min':>9}")
+    print(f"{'secure channel':<16}{'median':>9}{'p99':>9}{'max':>9}{'min':>9}{'panel poll interval':>21}")
     with tempfile.TemporaryDirectory() as tmp:
         for secure in (False, True):
-            ms = np.array(measure(args.decisions, secure, Path(tmp), args.seed))
+            ms, poll = measure(args.decisions, secure, Path(tmp), args.seed)
+            ms = np.array(ms)
             print(f"{'on' if secure else 'off':<16}{np.median(ms):>9.1f}{np.percentile(ms, 99):>9.1f}"
-                  f"{ms.max():>9.1f}{ms.min():>9.1f}")
+                  f"{ms.max():>9.1f}{ms.min():>9.1f}{poll:>21.1f}")
     return 0
 
 

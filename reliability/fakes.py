@@ -96,11 +96,11 @@ def fake_config(folder: str | Path) -> Config:
     return cfg
 
 
-def write_gallery(cfg: Config) -> None:
-    """Alice enrolled (embedding e0) under the fake encoder."""
+def write_gallery(cfg: Config, card: str = "") -> None:
+    """Alice enrolled (embedding e0) under the fake encoder, with badge card number `card`."""
     G.new_key_file(cfg.storage.key_file)
     g = G.Gallery(ENCODER_SHA, DIM)
-    g.add(G.Person("alice", np.eye(DIM, dtype=np.float32)[0], "A1"))
+    g.add(G.Person("alice", np.eye(DIM, dtype=np.float32)[0], "A1", card=card))
     G.save(g, cfg.storage.gallery, G.load_key(cfg.storage.key_file))
 
 

@@ -411,7 +411,11 @@ class MqttPublisher:
     def _send(self, messages: list[Message]) -> bool:
         """Hand the messages to paho; False when it took not all of them (they are to be sent again)."""
         for m in messages:
-            rc = self.client.publish(m.topic, m.payload, self.cfg.qos, m.retain).rc
+            try:
+                rc = self.client.publish(m.topic, m.payload, self.cfg.qos, m.retain).rc
+            except Exception:  # noqa: BLE001 - whatever paho raises, this thread goes on and the message waits
+                log.exception("mqtt: publishing to %s failed", m.topic)
+                return False
             # a message with QoS 1 or 2 that paho took while the connection went is sent on the next one
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS and not (rc == MQTTErrorCode.MQTT_ERR_NO_CONN and self.cfg.qos):
                 return False

@@ -167,6 +167,23 @@ def test_a_password_file_others_can_read_is_refused_naming_it_and_audited(tmp_pa
     assert connection_secrets(mqtt(username="gate", password_file=str(pw)))[0] == b"hunter2"
 
 
+def test_a_gate_whose_broker_password_others_can_read_does_not_start_and_says_why(tmp_path):
+    from edge.service import Notifier, run_service
+    from reliability.fakes import ALICE, Device, audit_rows, fake_config, fake_models, write_gallery
+
+    pw = tmp_path / "mqtt.password"
+    pw.write_text("hunter2\n")
+    pw.chmod(0o640)
+    cfg = fake_config(tmp_path)
+    cfg.mqtt = mqtt(port=free_port(), username="gate", password_file=str(pw))
+    write_gallery(cfg)
+    with fake_models(), pytest.raises(ConfigError, match="owner-only like the gallery key"):
+        run_service(cfg, max_frames=5, verbose=False, notifier=Notifier(""),
+                    camera_factory=lambda: Device([(0.0, "ok", ALICE)]).open())
+    rows = [(r["kind"], r["reason"]) for r in audit_rows(cfg.storage.audit)]
+    assert rows == [("mqtt", "refused"), ("service", "stopped")]  # never started, no frame judged
+
+
 def test_check_config_reads_a_credential_where_the_installer_takes_it_from(tmp_path, monkeypatch):
     monkeypatch.setitem(CREDENTIALS, "mqtt.password", str(tmp_path / "absent.password"))
     with pytest.raises(ConfigError) as e:

@@ -90,6 +90,7 @@ uninstall() {
     run systemctl disable --now facegate.service || true
     run rm -f "$UNITS/facegate.service" "$UNITS/facegate-enroll@.service" "$UNITS/facegate.service.d/argus-socket.conf" \
         "$UNITS/facegate.service.d/badge-reader.conf" "$UNITS/facegate.service.d/mqtt.conf" \
+        "$UNITS/facegate.service.d/osdp.conf" \
         "$RULES/99-facegate-enroll.rules"
     run systemctl daemon-reload
     run udevadm control --reload
@@ -331,6 +332,20 @@ if [ -e "$ETC/config.yaml" ] && config_app mqtt; then  # a dry run wrote no conf
     mqtt_dropin=$(cd "$app" && "$PREFIX/venv/bin/python" -c "$MQTT_QUERY" "$ETC/config.yaml" "$REPO/systemd/facegate-mqtt.conf") ||
         die "mqtt: the drop-in that lets the service reach the broker cannot be made (above); fix $ETC/config.yaml or set mqtt.enabled false"
 fi
+# Prints off when the config sends no OSDP card reads (door.output relay), else on, or on-credential
+# when its Secure Channel key comes from systemd (door.osdp.secure with door.osdp.scbk_file null).
+OSDP_QUERY='import sys; from edge.config import load_config; d = load_config(sys.argv[1]).door; print("off" if not d.sends_osdp else "on-credential" if d.osdp.secure and d.osdp.scbk_file is None else "on")'
+osdp_mode=off
+if [ -e "$ETC/config.yaml" ] && config_app osdp; then  # a dry run wrote no config, and the one it would write drives a relay
+    osdp_mode=$(cd "$app" && "$PREFIX/venv/bin/python" -c "$OSDP_QUERY" "$ETC/config.yaml")
+fi
+if [ "$osdp_mode" = on-credential ]; then
+    [ -e "$ETC/osdp.scbk" ] || die "door.osdp: the Secure Channel key is read from $ETC/osdp.scbk (LoadCredential=osdp.scbk)," \
+        "which does not exist: write the panel's key for this reader there (32 hex digits), or pair in install mode" \
+        "(README-deploy.md, OSDP)"
+    run chown root:root "$ETC/osdp.scbk"
+    run chmod 0600 "$ETC/osdp.scbk"
+fi
 run install -m 0644 "$REPO/systemd/facegate.service" "$REPO/systemd/facegate-enroll@.service" "$UNITS/"
 # PrivateTmp= hides nvargus-daemon's socket in /tmp: the drop-in binds it in, for that camera only
 if camera_needs_argus; then
@@ -349,6 +364,18 @@ if badge_reader_configured; then
     run install -m 0644 "$REPO/systemd/facegate-badge-reader.conf" "$UNITS/facegate.service.d/badge-reader.conf"
 else
     run rm -f "$UNITS/facegate.service.d/badge-reader.conf"
+fi
+# The RS-485 adapter is a serial port, which the unit's groups do not reach: the dialout group, for OSDP only
+if [ "$osdp_mode" != off ]; then
+    run install -d -m 0755 "$UNITS/facegate.service.d"
+    if [ "$osdp_mode" = on-credential ]; then
+        put "$UNITS/facegate.service.d/osdp.conf" 0644 root:root \
+            <<<"$(cat "$REPO/systemd/facegate-osdp.conf")"$'\n'"LoadCredential=osdp.scbk:$ETC/osdp.scbk"
+    else
+        run install -m 0644 "$REPO/systemd/facegate-osdp.conf" "$UNITS/facegate.service.d/osdp.conf"
+    fi
+else
+    run rm -f "$UNITS/facegate.service.d/osdp.conf"
 fi
 # The unit reaches no IP address; with MQTT on the drop-in lets it reach the broker's, and those only
 if [ -n "$mqtt_dropin" ]; then

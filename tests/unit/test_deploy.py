@@ -25,6 +25,8 @@ BADGE_DROPIN = REPO / "systemd" / "facegate-badge-reader.conf"
 INSTALLED_BADGE_DROPIN = "/etc/systemd/system/facegate.service.d/badge-reader.conf"
 MQTT_DROPIN = REPO / "systemd" / "facegate-mqtt.conf"  # a template: the installer puts the broker's addresses in
 INSTALLED_MQTT_DROPIN = "/etc/systemd/system/facegate.service.d/mqtt.conf"
+OSDP_DROPIN = REPO / "systemd" / "facegate-osdp.conf"
+INSTALLED_OSDP_DROPIN = "/etc/systemd/system/facegate.service.d/osdp.conf"
 ENROLL_UNIT = REPO / "systemd" / "facegate-enroll@.service"
 INSTALL = REPO / "deploy" / "install.sh"
 ENROLL = REPO / "deploy" / "enroll-usb"
@@ -90,6 +92,16 @@ def test_badge_drop_in_adds_the_input_group_and_nothing_else():
     assert groups == ["gpio", "video", "input"]
 
 
+def test_osdp_drop_in_adds_the_dialout_group_and_nothing_else():
+    """The RS-485 adapter's tty by group, as the unit reaches the camera and GPIO: no DeviceAllow=,
+    whose allow-list would shut those out (DevicePolicy=auto turns closed at the first one)."""
+    d = parse_unit(OSDP_DROPIN)
+    assert d == {"Service": {"SupplementaryGroups": ["dialout"]}}
+    install = INSTALL.read_text()
+    # the installer appends the key's credential, as the unit hands over the gallery key
+    assert 'LoadCredential=osdp.scbk:$ETC/osdp.scbk' in install
+
+
 def test_enroll_unit_lint():
     u = parse_unit(ENROLL_UNIT)
     svc = u["Service"]
@@ -126,7 +138,8 @@ def mqtt_dropin(**mqtt) -> str | None:
     return systemd_dropin(MqttConfig(**{"enabled": True, "host": "192.0.2.10", **mqtt}), MQTT_DROPIN.read_text())
 
 
-@pytest.mark.parametrize("dropin", [None, ARGUS_DROPIN, BADGE_DROPIN, MQTT_DROPIN], ids=["unit", "argus", "badge", "mqtt"])
+@pytest.mark.parametrize("dropin", [None, ARGUS_DROPIN, BADGE_DROPIN, MQTT_DROPIN, OSDP_DROPIN],
+                         ids=["unit", "argus", "badge", "mqtt", "osdp"])
 def test_systemd_analyze_verify(tmp_path, dropin):
     exe = shutil.which("systemd-analyze")
     if exe is None:
@@ -140,6 +153,8 @@ def test_systemd_analyze_verify(tmp_path, dropin):
     if dropin:  # read with the unit, as systemd reads /etc/systemd/system/facegate.service.d/
         (tmp_path / f"{UNIT.name}.d").mkdir()
         text = mqtt_dropin(username="gate", tls=True) if dropin == MQTT_DROPIN else dropin.read_text()
+        if dropin == OSDP_DROPIN:  # as the installer writes it for a key left to systemd
+            text += "LoadCredential=osdp.scbk:/etc/facegate/osdp.scbk\n"
         (tmp_path / f"{UNIT.name}.d" / dropin.name).write_text(text + "\nNotAKey=1\n")
     r = subprocess.run([exe, "verify", str(tmp_path / UNIT.name), str(tmp_path / ENROLL_UNIT.name)],
                        capture_output=True, text=True, timeout=60)
@@ -569,3 +584,29 @@ def test_an_upgraded_gate_with_its_old_config_gets_the_shipped_liveness(tmp_path
     assert isinstance(policy, PadPolicy) and policy.pad.card.name == "minifasnet_fusion"
     # the installer copies edge/ (PAD models included) to /opt/facegate/app: the card lives inside it
     assert SHIPPED_PAD.is_relative_to(REPO / "edge")
+
+
+@pytest.mark.parametrize("door,says", [
+    ("", "off"),
+    ("door: {output: relay}\n", "off"),
+    ("door: {output: osdp, osdp: {port: /dev/ttyUSB0}}\n", "on-credential"),
+    ("door: {output: both, osdp: {port: /dev/ttyUSB0, scbk_file: /var/lib/facegate/osdp.scbk}}\n", "on"),
+    ("door: {output: osdp, osdp: {port: /dev/ttyUSB0, secure: false}}\n", "on"),
+])
+def test_the_installers_osdp_query_reads_the_config(tmp_path, door, says):
+    """The line of Python install.sh runs against a kept config to decide the OSDP drop-in and
+    whether it hands the Secure Channel key over as a credential."""
+    query = re.search(r"^OSDP_QUERY='([^']+)'$", INSTALL.read_text(), re.M).group(1)
+    (tmp_path / "config.yaml").write_text("camera:\n  source: opencv\n" + door)
+    r = subprocess.run([sys.executable, "-c", query, str(tmp_path / "config.yaml")], capture_output=True,
+                       text=True, cwd=REPO, timeout=60)
+    assert (r.returncode, r.stdout.strip()) == (0, says), r.stderr
+
+
+def test_a_new_config_gets_no_osdp_drop_in_and_one_left_behind_goes(tmp_path):
+    if Path("/etc/facegate/config.yaml").exists():
+        pytest.skip("this machine has /etc/facegate/config.yaml, which a dry run keeps and reads instead")
+    out = dry_run(tmp_path, "--board", "generic")
+    assert f"rm -f {INSTALLED_OSDP_DROPIN}" in out and f"{OSDP_DROPIN} {INSTALLED_OSDP_DROPIN}" not in out
+    assert "osdp.scbk" not in out
+    assert INSTALLED_OSDP_DROPIN in dry_run(tmp_path, "--uninstall")

@@ -284,3 +284,25 @@ def test_without_install_mode_a_panel_cannot_change_the_key(secure, tmp_path):
     assert panel.command({"command": Command.Keyset, "type": 1, "data": os.urandom(16)})
     assert panel.wait_for(lambda: any(r == "key_refused" for r, _ in reader.pop_events()), 3)
     assert (tmp_path / "osdp.scbk").read_text() == before
+
+
+def test_a_panels_command_to_move_the_reader_to_another_address_or_speed_is_refused_and_audited(plain):
+    """door.osdp.address and baud are the config's: a reader that followed osdp_COMSET would be
+    lost to the panel at its next start, when it comes up at the configured ones again."""
+    panel, reader = plain
+    assert panel.command({"command": Command.Comset, "address": 5, "baud_rate": 19200})
+    assert panel.wait_for(lambda: ("command_refused", {"command": Command.Comset}) in reader.pop_events(), 3)
+
+
+def test_a_flood_of_panel_commands_is_audited_up_to_a_bound_and_counted(plain):
+    """Each LED change waits for the gate's loop to audit it: a panel sending changes faster than
+    that fills the queue to its bound, and the rest are counted, not kept (nor fsync'd one by one)."""
+    _, reader = plain
+    reader.pop_events()
+    colors = [CommandLEDColor.Red, CommandLEDColor.Green]
+    for i in range(100):  # as libosdp calls the handler, one command after another
+        assert reader._command(led(False, colors[i % 2])) == (0, None)
+    events = reader.pop_events()
+    assert [r for r, _ in events].count("led") == 64
+    assert events[-1] == ("commands_not_audited", {"count": 36})
+    assert reader.pop_events() == []

@@ -40,6 +40,11 @@ def cmd_check_config(args) -> int:
         from .mqtt import check_files
 
         check_files(cfg.mqtt)
+    osdp = cfg.door.osdp
+    if cfg.door.sends_osdp and osdp.secure and osdp.scbk_file:  # the key, read as the gate reads it
+        from .osdp import read_scbk
+
+        read_scbk(osdp.scbk_file, missing_ok=osdp.install_mode)
     print(f"{args.file}: OK")
     print(json.dumps(cfg.model_dump(), indent=2))
     return 0

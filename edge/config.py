@@ -443,11 +443,19 @@ def check_model_cards(cfg: Config, path: str | Path) -> None:
 def describe() -> str:
     """Every field with its bounds and description, for `check-config --describe`."""
     lines = []
+
+    def section(default: _Section, indent: str) -> None:
+        for fname, f in type(default).model_fields.items():
+            value = getattr(default, fname)  # a section's default may differ from its class's (enroll_quality)
+            if isinstance(value, _Section):  # a section inside a section (door.osdp): its own fields
+                lines.append(f"{indent}{fname}:")
+                section(value, indent + "  ")
+                continue
+            bounds = [str(m) for m in f.metadata]
+            lines.append(f"{indent}{fname}: default {value!r}{' (' + ', '.join(bounds) + ')' if bounds else ''}"
+                         f"{' - ' + f.description if f.description else ''}")
+
     for sname, sfield in Config.model_fields.items():
         lines.append(f"{sname}:")
-        for fname, f in sfield.annotation.model_fields.items():
-            bounds = [str(m) for m in f.metadata]
-            # a section's default may differ from its class's (enroll_quality is a stricter QualityConfig)
-            lines.append(f"  {fname}: default {getattr(sfield.default, fname)!r}{' (' + ', '.join(bounds) + ')' if bounds else ''}"
-                         f"{' - ' + f.description if f.description else ''}")
+        section(sfield.default, "  ")
     return "\n".join(lines)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from edge.config import MAX_TARGET_FPIR, MODELS, Config, describe, load_config
+from edge.config import MAX_TARGET_FPIR, MODELS, Config, OsdpConfig, describe, load_config
 from edge.errors import ConfigError, FacegateError
 from edge.modelcard import load_card
 
@@ -107,11 +107,15 @@ def test_describe_lists_every_field():
     expected = []
     for sname, sfield in Config.model_fields.items():
         expected.append(f"{sname}:")
-        expected += [f"  {fname}: default " for fname in sfield.annotation.model_fields]
+        for fname in sfield.annotation.model_fields:  # door.osdp is a section of door: its fields one level in
+            inner = fname == "osdp" and sname == "door"
+            expected.append("  osdp:" if inner else f"  {fname}: default ")
+            expected += [f"    {n}: default " for n in OsdpConfig.model_fields] if inner else []
     assert len(lines) == len(expected)
     for line, start in zip(lines, expected):
         assert line.startswith(start), (line, start)
     assert "  k: default 2 (Ge(ge=1), Le(le=30)) - frames that must agree on one identity" in lines
+    assert "    baud: default 9600 - the line's speed, as the panel is set (OSDP's default 9600)" in lines
 
 
 # ---------------------------------------------------------------- operating point: no config opens the door for anyone

@@ -306,3 +306,13 @@ def test_a_flood_of_panel_commands_is_audited_up_to_a_bound_and_counted(plain):
     assert [r for r, _ in events].count("led") == 64
     assert events[-1] == ("commands_not_audited", {"count": 36})
     assert reader.pop_events() == []
+
+
+def test_check_config_reads_the_secure_channel_key_as_the_gate_does(tmp_path):
+    from edge.__main__ import main
+
+    key = key_file(tmp_path, os.urandom(16), 0o644)
+    cfg = write(tmp_path, f"door: {{output: osdp, osdp: {{port: /dev/ttyUSB0, scbk_file: {key}}}}}\n")
+    assert main(["check-config", str(cfg)]) == 2  # open to others: refused before the gate would start
+    key.chmod(0o600)
+    assert main(["check-config", str(cfg)]) == 0

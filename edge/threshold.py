@@ -97,12 +97,15 @@ def tail_from_maxima(maxima: np.ndarray, m: int) -> TailModel:
 
 def tail_from_table(fmr_table, thr_table, fmr_range=TAIL_FMR) -> TailModel:
     """The exponential tail of an impostor table: least squares of ln FMR on the threshold over
-    the table's points with FMR in fmr_range."""
+    the table's points with FMR in fmr_range, or over all its points below 1 where fewer than two
+    fall in that range (a short table)."""
     f = np.asarray(fmr_table, np.float64)
     t = np.asarray(thr_table, np.float64)
     keep = (f >= fmr_range[0]) & (f <= fmr_range[1])
     if keep.sum() < 2:
-        raise ValueError(f"the impostor table has fewer than 2 points with FMR in {fmr_range}")
+        keep = (f > 0) & (f < 1)
+    if keep.sum() < 2:
+        raise ValueError("the impostor table has fewer than 2 points with an FMR between 0 and 1")
     slope, icpt = np.polyfit(t[keep], np.log(f[keep]), 1)
     if not slope < 0:
         raise ValueError("the impostor table's FMR does not fall with the threshold")

@@ -101,7 +101,7 @@ class Treatment:
 
 TREATMENTS = (
     Treatment("darkened", (0, 1, 2, 3, 4, 5, 6, 7, 8), "stops less light on the whole picture"),
-    Treatment("brightened", (0, 0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4), "stops more light on the whole picture"),
+    Treatment("brightened", (0, 0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4, 4.5, 5, 5.5, 6), "stops more light on the whole picture"),
     Treatment("back-lit", (0, 1, 2, 3, 4, 5, 6), "stops: the surroundings brightened and the face darkened by this much each"),
     Treatment("blown out", (0, 0.5, 1, 2, 4, 8), "peak gain of a light spot on the upper face (linear light, clipped)"),
 )
@@ -139,16 +139,57 @@ def first_refusal(image: np.ndarray, det, cfg, kind: str, steps) -> tuple[float 
     return None, "never"
 
 
+def skin_headroom(image: np.ndarray, det) -> float:
+    """Stops of light until the face's own skin (the median of the ITA skin patches, linear
+    luminance) reaches white: where brightening starts to blow out this face. A lighter skin
+    reflects more light, so it has less headroom in any scene; counting from here puts faces of
+    every band on one scale of over-exposure."""
+    from edge.align import align
+    from edge.quality import QUALITY_SIZE, QUALITY_TEMPLATE
+
+    lin = to_linear(align(image, det, QUALITY_TEMPLATE, QUALITY_SIZE).image)
+    lum = lin @ np.array([0.0722, 0.7152, 0.2126])  # BGR -> linear luminance (Rec. 709)
+    skin = np.concatenate([lum[y0:y1, x0:x1].ravel() for x0, y0, x1, y1 in SKIN_PATCHES])
+    return float(-np.log2(max(float(np.median(skin)), 1e-6)))
+
+
+def refusal_point(image: np.ndarray, det, cfg, kind: str, steps, tol: float = 1 / 32) -> tuple[float | None, str]:
+    """first_refusal, then bisected between the last passing and the first refusing step to `tol`."""
+    from edge.align import align
+    from edge.quality import QUALITY_SIZE, QUALITY_TEMPLATE, assess
+
+    s, reason = first_refusal(image, det, cfg, kind, steps)
+    if s is None or s == steps[0]:
+        return s, reason
+    lo, hi = steps[list(steps).index(s) - 1], s
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        img = treat(image, det.box, kind, mid)
+        if assess(img, det, align(img, det, QUALITY_TEMPLATE, QUALITY_SIZE).image, cfg).ok:
+            lo = mid
+        else:
+            hi = mid
+    return hi, reason
+
+
+def _spread(x: np.ndarray) -> dict:
+    return {"median": float(np.median(x)), "p10": float(np.percentile(x, 10)), "p90": float(np.percentile(x, 90))}
+
+
 def graded(images: list[tuple[np.ndarray, object, str]], cfg) -> dict:
     """First refusing step and reason per treatment and band. `images`: (photo in its scene, its
-    detection, its band), each passing the gate untouched."""
+    detection, its band), each passing the gate untouched. Brightening is also measured from each
+    face's own skin headroom (skin_headroom; the refusal bisected to 1/32 stop): stops of light on
+    the picture say as much about the skin as about the exposure, stops past the skin's own white
+    point say how blown out the face is."""
     out: dict = {}
     for t in TREATMENTS:
         per_band: dict = {}
         for name, _, _ in BANDS:
-            res = [first_refusal(img, det, cfg, t.name, t.steps) for img, det, b in images if b == name]
-            if not res:
+            faces = [(img, det) for img, det, b in images if b == name]
+            if not faces:
                 continue
+            res = [first_refusal(img, det, cfg, t.name, t.steps) for img, det in faces]
             steps = np.array([np.inf if s is None else s for s, _ in res])
             reasons: dict[str, int] = {}
             for _, r in res:
@@ -156,6 +197,10 @@ def graded(images: list[tuple[np.ndarray, object, str]], cfg) -> dict:
             per_band[name] = {"faces": len(res), "median_step": float(np.median(steps)),
                               "p10_step": float(np.percentile(steps, 10)), "p90_step": float(np.percentile(steps, 90)),
                               "reasons": reasons}
+            if t.name == "brightened":
+                fine = [refusal_point(img, det, cfg, t.name, t.steps)[0] for img, det in faces]
+                past = np.array([np.inf if s is None else s - skin_headroom(img, det) for s, (img, det) in zip(fine, faces)])
+                per_band[name]["past_skin_white"] = _spread(past)
         out[t.name] = {"unit": t.unit, "steps": list(t.steps), "bands": per_band}
     return out
 
@@ -322,7 +367,10 @@ def summary(r: dict) -> str:
     for t, g in r["graded"].items():
         lines.append(f"  {t} ({g['unit']}):")
         for n, b in g["bands"].items():
-            lines.append(f"    {n:<13} n={b['faces']:3d} median {b['median_step']:g} (10-90%: {b['p10_step']:g}-{b['p90_step']:g}) {b['reasons']}")
+            past = b.get("past_skin_white")
+            lines.append(f"    {n:<13} n={b['faces']:3d} median {b['median_step']:g} (10-90%: {b['p10_step']:g}-{b['p90_step']:g}) {b['reasons']}"
+                         + (f"; stops past the skin's own white point: median {past['median']:+.2f} "
+                            f"(10-90%: {past['p10']:+.2f} to {past['p90']:+.2f})" if past else ""))
     if "one_to_n" in r:
         o = r["one_to_n"]
         lines.append(f"LFW 1:N per band at the gate's own threshold (K = {o['gallery']}, {o['row']}):")

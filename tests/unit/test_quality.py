@@ -182,6 +182,20 @@ def test_a_face_blown_out_to_white_is_refused_as_clipped(skin_face):
     assert (q.ok, q.reason) == (False, "clipped"), q.exposure
 
 
+def test_brightening_is_refused_at_the_same_point_past_each_skin_s_own_white_point(skin_face):
+    """In stops of light the light face clips first (it reflects more); counted from each face's
+    skin white point (evaluation.fairness.skin_headroom) both are refused within a stop past it."""
+    from edge.config import Config
+    from evaluation.fairness import refusal_point, skin_headroom
+
+    frame, det = scene(skin_face)
+    headroom = skin_headroom(frame, det)
+    # the headroom is the skin's: brightening by it puts the skin patches' median at white
+    assert 0 < headroom < 8
+    at, reason = refusal_point(frame, det, Config().quality, "brightened", tuple(np.arange(0, 8.5, 0.5)))
+    assert reason == "clipped" and 0 <= at - headroom <= 1.0, (at, headroom)
+
+
 def test_a_face_lost_to_black_is_refused_as_crushed(skin_face):
     frame, det = scene(skin_face)
     frame[det_rows(det, 0.25, 1.0)] = 0  # three quarters of the face in black shadow

@@ -54,8 +54,10 @@ def test_tail_from_a_log_linear_table_is_exact():
     fmr = [math.exp(-(t - 0.1) / 0.05) for t in thr]  # a = 0.1, beta = 0.05; 0.2 is FMR 0.135, outside the fit
     tail = tail_from_table(fmr, thr)
     assert tail.a == pytest.approx(0.1, abs=1e-9) and tail.beta == pytest.approx(0.05, rel=1e-9)
+    short = tail_from_table([0.5, 0.05], [0.1, 0.2])  # none in 1e-6..1e-2: the whole table
+    assert short.beta == pytest.approx(0.1 / math.log(10)) and math.exp(-(0.2 - short.a) / short.beta) == pytest.approx(0.05)
     with pytest.raises(ValueError, match="fewer than 2"):
-        tail_from_table([0.5, 0.1], [0.1, 0.2])
+        tail_from_table([1.0, 0.1], [0.1, 0.2])
 
 
 def test_leave_one_out_maxima_by_hand():

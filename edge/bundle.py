@@ -34,7 +34,6 @@ dropped: nothing from the stick is written to the gate or executed.
 from __future__ import annotations
 
 import base64
-import errno
 import fcntl
 import hashlib
 import json
@@ -61,7 +60,7 @@ from .config import AUDIENCE_NAME, EnrollmentConfig
 from .enroll import label_problem
 from .errors import AuditError, BundleError, FacegateError, GalleryError, StorageError
 from .gallery import CARD, card_tag
-from .imageio import FileTooLarge, NotARegularFile, read_regular_file
+from .imageio import read_refusal, read_regular_file
 
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
@@ -253,18 +252,8 @@ def _read_small(path: Path, limit: int, what: str) -> bytes:
     hold `bundle apply`, and the gallery lock it holds, waiting on one."""
     try:
         return read_regular_file(path, limit, follow_symlinks=False)
-    except FileNotFoundError:
-        raise BundleError(path, f"{what} not found") from None
-    except IsADirectoryError:
-        raise BundleError(path, f"{what} is a folder") from None
-    except NotARegularFile:
-        raise BundleError(path, f"{what} is not a regular file (a device, FIFO or socket)") from None
-    except FileTooLarge:
-        raise BundleError(path, f"{what} is larger than {limit} bytes") from None
-    except OSError as e:  # a failing stick: EIO and the like
-        if e.errno == errno.ELOOP:
-            raise BundleError(path, f"{what} is a symbolic link: symlinks are refused") from None
-        raise BundleError(path, f"cannot read {what}: {e.strerror}") from None
+    except OSError as e:  # a failing stick (EIO and the like) included
+        raise BundleError(path, read_refusal(e, what, limit, links_refused=True)) from None
 
 
 def load_private_key(path: str | Path) -> Ed25519PrivateKey:

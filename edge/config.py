@@ -71,12 +71,9 @@ class ModelsConfig(_Section):
     @field_validator("providers")
     @classmethod
     def _providers(cls, names):
-        from .modelcard import known_providers, providers_problem  # onnxruntime, only when providers are named
+        from .modelcard import check_providers  # onnxruntime, only when providers are named
 
-        problem = None if names is None else providers_problem(names, known_providers())
-        if problem:
-            raise ValueError(problem)
-        return names
+        return check_providers(names)
 
 
 class QualityConfig(_Section):

@@ -44,6 +44,24 @@ class FileTooLarge(OSError):
         self.size = size  # as the file reported it, or as many bytes as were read when it grew
 
 
+def read_refusal(e: OSError, what: str, limit: int, links_refused: bool = False) -> str:
+    """Why read_regular_file could not read `what`, in words for the error that names the file."""
+    if isinstance(e, NotOwnerOnly):
+        return (f"{what} may be read or written by its group or others (mode {e.mode:04o}): it must be owner-only "
+                f"like the gallery key (chmod 600)")
+    if isinstance(e, FileNotFoundError):
+        return f"{what} not found"
+    if isinstance(e, IsADirectoryError):
+        return f"{what} is a folder"
+    if isinstance(e, NotARegularFile):
+        return f"{what} is not a regular file (a device, FIFO or socket)"
+    if isinstance(e, FileTooLarge):
+        return f"{what} is larger than {limit} bytes"
+    if links_refused and e.errno == errno.ELOOP:
+        return f"{what} is a symbolic link: symlinks are refused"
+    return f"cannot read {what}: {e.strerror}"
+
+
 def read_regular_file(path: str | Path, limit: int, follow_symlinks: bool = True, owner_only: bool = False) -> bytes:
     """The bytes of the regular file at `path`, at most `limit` of them. The opened file is checked,
     not its name, and before any read: opened non-blocking, so a FIFO does not wait for a writer

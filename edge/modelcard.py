@@ -38,6 +38,15 @@ def providers_problem(names: Sequence[str], known: Sequence[str]) -> str | None:
     return None
 
 
+def check_providers(names: Sequence[str] | None) -> Sequence[str] | None:
+    """A validator's check of a providers list (a card's or the config's): ValueError naming the
+    problem, or the list unchanged."""
+    problem = None if names is None else providers_problem(names, known_providers())
+    if problem:
+        raise ValueError(problem)
+    return names
+
+
 def known_providers() -> list[str]:
     """Every execution provider name the installed onnxruntime knows, whether built in or not."""
     import onnxruntime as ort
@@ -145,10 +154,7 @@ class Card(_Strict):
     @field_validator("providers")
     @classmethod
     def _providers(cls, names):
-        problem = None if names is None else providers_problem(names, known_providers())
-        if problem:
-            raise ValueError(problem)
-        return names
+        return check_providers(names)
 
     @model_validator(mode="after")
     def _task_fields(self):

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from .errors import FacegateError
-from .imageio import FileTooLarge, NotARegularFile, NotOwnerOnly, read_regular_file
+from .imageio import read_refusal, read_regular_file
 
 
 def credential_path(path: str | Path | None, credential: str, what: str, field: str,
@@ -30,16 +30,5 @@ def read_secret(path: Path, what: str, limit: int, error: type[FacegateError]) -
     directory or a certificate store may hold links), at most `limit` of them."""
     try:
         return read_regular_file(path, limit, owner_only=True)
-    except NotOwnerOnly as e:
-        raise error(path, f"{what} may be read or written by its group or others (mode {e.mode:04o}): it must be "
-                          f"owner-only like the gallery key (chmod 600)") from None
-    except FileNotFoundError:
-        raise error(path, f"{what} not found") from None
-    except IsADirectoryError:
-        raise error(path, f"{what} is a folder") from None
-    except NotARegularFile:
-        raise error(path, f"{what} is not a regular file (a device, FIFO or socket)") from None
-    except FileTooLarge:
-        raise error(path, f"{what} is larger than {limit} bytes") from None
     except OSError as e:
-        raise error(path, f"cannot read {what}: {e.strerror}") from None
+        raise error(path, read_refusal(e, what, limit)) from None

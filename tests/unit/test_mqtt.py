@@ -278,7 +278,10 @@ def test_a_broker_that_goes_away_blocks_nothing_keeps_the_newest_and_delivers_th
     port = free_port()
     broker = LocalBroker(tmp_path, port).start()
     with AuditLog(tmp_path / "a.sqlite3") as audit:
-        publisher = start_publisher(mqtt(port=port, queue_size=5), audit)
+        # The publisher waits 2 s between tries, the subscriber at most 0.5 s: the subscriber is
+        # back and subscribed before the queue is sent (a restarted broker keeps no subscriptions).
+        publisher = start_publisher(mqtt(port=port, queue_size=5, reconnect_backoff_s=2.0, reconnect_backoff_max_s=2.0),
+                                    audit)
         sub = Subscriber(port, "facegate/door1/#")
         try:
             assert sub.wait(lambda s: b"online" in s.on("facegate/door1/status"))

@@ -292,6 +292,13 @@ def test_the_argus_socket_drop_in_is_installed_only_for_the_csi_camera(tmp_path,
         assert out.index(INSTALLED_DROPIN) < out.index("systemctl daemon-reload\n+ udevadm")
 
 
+def run_installer_query(name: str, config: Path, *args: str) -> subprocess.CompletedProcess:
+    """The line of Python install.sh keeps as NAME_QUERY, run against `config` as the installer runs it."""
+    query = re.search(rf"^{name}_QUERY='([^']+)'$", INSTALL.read_text(), re.M).group(1)
+    return subprocess.run([sys.executable, "-c", query, str(config), *args], capture_output=True, text=True,
+                          cwd=REPO, timeout=60)
+
+
 @pytest.mark.parametrize("camera,needs", [
     ("source: gstreamer\n", "True"),
     ("source: gstreamer\n  pipeline: v4l2src ! videoconvert ! appsink name=sink\n", "False"),
@@ -299,10 +306,8 @@ def test_the_argus_socket_drop_in_is_installed_only_for_the_csi_camera(tmp_path,
 ])
 def test_the_installers_argus_query_reads_the_config(tmp_path, camera, needs):
     """The one line of Python install.sh runs against a kept config to decide the drop-in."""
-    query = re.search(r"^ARGUS_QUERY='([^']+)'$", INSTALL.read_text(), re.M).group(1)
     (tmp_path / "config.yaml").write_text("camera:\n  " + camera)
-    r = subprocess.run([sys.executable, "-c", query, str(tmp_path / "config.yaml")], capture_output=True,
-                       text=True, cwd=REPO, timeout=60)
+    r = run_installer_query("ARGUS", tmp_path / "config.yaml")
     assert (r.returncode, r.stdout.strip()) == (0, needs), r.stderr
 
 
@@ -314,10 +319,8 @@ def test_the_installers_argus_query_reads_the_config(tmp_path, camera, needs):
 ])
 def test_the_installers_badge_query_reads_the_config(tmp_path, badge, needs):
     """The line of Python install.sh runs against a kept config to decide the badge reader's drop-in."""
-    query = re.search(r"^BADGE_QUERY='([^']+)'$", INSTALL.read_text(), re.M).group(1)
     (tmp_path / "config.yaml").write_text("camera:\n  source: opencv\n" + badge)
-    r = subprocess.run([sys.executable, "-c", query, str(tmp_path / "config.yaml")], capture_output=True,
-                       text=True, cwd=REPO, timeout=60)
+    r = run_installer_query("BADGE", tmp_path / "config.yaml")
     assert (r.returncode, r.stdout.strip()) == (0, needs), r.stderr
 
 
@@ -370,13 +373,11 @@ def test_a_broker_name_is_resolved_at_install_and_one_that_does_not_resolve_is_r
 ])
 def test_the_installers_mqtt_query_prints_the_drop_in_or_refuses(tmp_path, mqtt, prints, status):
     """The line of Python install.sh runs against the config to write the MQTT drop-in."""
-    query = re.search(r"^MQTT_QUERY='([^']+)'$", INSTALL.read_text(), re.M).group(1)
     pw = tmp_path / "mqtt.password"
     pw.write_text("x\n")
     pw.chmod(0o644)
     (tmp_path / "config.yaml").write_text("camera:\n  source: opencv\n" + mqtt.replace("PW", str(pw)))
-    r = subprocess.run([sys.executable, "-c", query, str(tmp_path / "config.yaml"), str(MQTT_DROPIN)],
-                       capture_output=True, text=True, cwd=REPO, timeout=60)
+    r = run_installer_query("MQTT", tmp_path / "config.yaml", str(MQTT_DROPIN))
     assert r.returncode == status, r.stderr
     assert prints in r.stdout and (r.stdout == "") is (prints == "")
     if status:
@@ -442,10 +443,8 @@ def test_install_refuses_a_bad_audience_before_any_change(audience):
 @pytest.mark.parametrize("enrollment,prints", [("", ""), ("enrollment: {audience: [hq-door-3, hq]}\n", "hq-door-3 hq")])
 def test_the_installers_audience_query_finds_a_kept_config_without_an_audience(tmp_path, enrollment, prints):
     """The line of Python install.sh runs against a kept config: empty output makes it warn."""
-    query = re.search(r"^AUDIENCE_QUERY='([^']+)'$", INSTALL.read_text(), re.M).group(1)
     (tmp_path / "config.yaml").write_text(OLD_INSTALLED_CONFIG + enrollment)
-    r = subprocess.run([sys.executable, "-c", query, str(tmp_path / "config.yaml")], capture_output=True,
-                       text=True, cwd=REPO, timeout=60)
+    r = run_installer_query("AUDIENCE", tmp_path / "config.yaml")
     assert (r.returncode, r.stdout.strip()) == (0, prints), r.stderr
 
 
@@ -596,10 +595,8 @@ def test_an_upgraded_gate_with_its_old_config_gets_the_shipped_liveness(tmp_path
 def test_the_installers_osdp_query_reads_the_config(tmp_path, door, says):
     """The line of Python install.sh runs against a kept config to decide the OSDP drop-in and
     whether it hands the Secure Channel key over as a credential."""
-    query = re.search(r"^OSDP_QUERY='([^']+)'$", INSTALL.read_text(), re.M).group(1)
     (tmp_path / "config.yaml").write_text("camera:\n  source: opencv\n" + door)
-    r = subprocess.run([sys.executable, "-c", query, str(tmp_path / "config.yaml")], capture_output=True,
-                       text=True, cwd=REPO, timeout=60)
+    r = run_installer_query("OSDP", tmp_path / "config.yaml")
     assert (r.returncode, r.stdout.strip()) == (0, says), r.stderr
 
 

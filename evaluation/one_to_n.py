@@ -234,18 +234,19 @@ def oracle_fnir(nonmated: np.ndarray, mated: np.ndarray, hit: np.ndarray, passes
 
 def gate_threshold_runs(members: list[Member], s: Scoring, split, table: tuple[list, list], shift: float,
                         table_only: str | None, calibration: str = "gallery", ks=GATE_KS, targets=GATE_TARGETS,
-                        draws: int = 20, seed: int = 0) -> list[dict]:
+                        draws: int = 20, seed: int = 0, full: OneToN | None = None) -> list[dict]:
     """The gate's own threshold (edge.threshold.operating_points, as Matcher computes it from the
     enrolled vectors alone) on random galleries of K of the protocol's enrolled people (`draws`
     each; the full gallery once). The non-mated probes of a draw are the protocol's plus the mated
     probes of the people left out. Per draw, target: threshold, expected and measured FPIR, FNIR,
-    and the oracle FNIR at the measured and at the target FPIR."""
+    and the oracle FNIR at the measured and at the target FPIR. `full`: the whole gallery's search,
+    where the caller has it already."""
     from edge.config import MatchConfig
     from edge.threshold import operating_points
 
     if len(members) != 1 or s.norm is not None and not table_only:
         raise ValueError("the gate's own threshold is evaluated for one encoder's scores")
-    full = one_to_n(members, s, split)
+    full = full if full is not None else one_to_n(members, s, split)
     rng = np.random.default_rng(seed)
     out = []
     for k in ks:
@@ -524,7 +525,7 @@ def main(args) -> int:
                 # The card's door-vs-gallery shift applies to its own table only.
                 shift = load_card(card)[0].calibration.gallery_shift if tbl[2].startswith("model card") else 0.0
                 only = tbl[2] if s.norm == "asnorm" else None
-                runs = {c: gate_threshold_runs(ms, s, split, tbl[:2], shift, only, c, draws=args.draws)
+                runs = {c: gate_threshold_runs(ms, s, split, tbl[:2], shift, only, c, draws=args.draws, full=r)
                         for c in ("gallery", "card")}
                 row["gate_threshold"] = {c: summarize_gate_runs(v) for c, v in runs.items()}
                 row["gate_threshold_runs"] = runs

@@ -92,7 +92,10 @@ def test_replay_default_clock_ignores_wall_clock_jumps(tmp_path, monkeypatch):
     start = time.monotonic()
     t = [cam.read(1.0).t_mono for _ in range(3)]
     assert time.monotonic() - start < 1.0
-    assert np.diff(t) == pytest.approx([0.02, 0.02], abs=0.015)
+    # a day per read backwards on the wall clock; on a loaded machine the 20 ms pacing jitters, so
+    # only the order and the scale are asserted, which the wall clock would break either way
+    assert all(0.0 < d < 0.5 for d in np.diff(t))
+    assert t[-1] - t[0] >= 0.04 - 0.005
 
 
 def test_replay_refuses_non_images_by_name(tmp_path):

@@ -117,13 +117,22 @@ def enroll_folder(stack, cfg, folder: Path) -> list[EnrollResult]:
     return out
 
 
-def apply(g: Gallery, results: list[EnrollResult], retention_days: int, person_ids: dict | None = None,
-          now: float | None = None) -> int:
+def apply(g: Gallery, results: list[EnrollResult], retention_days: int, now: float | None = None) -> int:
+    """Enrols each accepted face for `retention_days` from `now`; the number enrolled. A new photo of
+    someone already enrolled is not a new person: they keep their id and badge card (so badge + face
+    still opens for them), and an end their signed bundle set is never pushed back (re-photographing
+    renews the picture, not the authorisation)."""
     now = time.time() if now is None else now
     n = 0
     for r in results:
         if r.ok:
-            g.add(Person(r.name, r.embedding, (person_ids or {}).get(r.name, ""), now, now + retention_days * 86400.0))
+            end = now + retention_days * 86400.0
+            was = next((p for p in g.people if p.name == r.name), None)
+            if was is None:
+                g.add(Person(r.name, r.embedding, "", now, end))
+            else:
+                end = end if was.expires_at is None else min(end, was.expires_at)
+                g.add(Person(r.name, r.embedding, was.person_id, now, end, card=was.card))
             n += 1
     return n
 

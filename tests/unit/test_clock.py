@@ -81,6 +81,27 @@ def test_an_enrolment_at_1970_is_stamped_with_the_floor_and_one_far_ahead_is_ref
         assert a.clock.enrolment_time(now + 60) == now + 60
 
 
+def test_a_new_photo_of_someone_enrolled_keeps_their_id_card_and_end():
+    from edge.enroll import EnrollResult, apply
+    from edge.gallery import Gallery, Person
+
+    import numpy as np
+
+    now = time.time()
+    g = Gallery("x", 4)
+    g.add(Person("alice", np.ones(4, np.float32), "emp-1", now - D, now + 5 * D, card="4242"))
+    g.add(Person("bob", np.ones(4, np.float32), "emp-2", now - D, None, card="77"))
+    photo = np.array([1, 0, 0, 0], np.float32)
+    got = apply(g, [EnrollResult(n, f"{n}.jpg", True, "enrolled", photo) for n in ("alice", "bob", "carol")], 30,
+                now=now)
+    assert got == 3
+    people = {p.name: p for p in g.people}
+    assert len(people) == 3 and all(np.allclose(p.embedding, photo) for p in people.values())  # new photos
+    assert (people["alice"].person_id, people["alice"].card, people["alice"].expires_at) == ("emp-1", "4242", now + 5 * D)
+    assert (people["bob"].person_id, people["bob"].card, people["bob"].expires_at) == ("emp-2", "77", now + 30 * D)
+    assert (people["carol"].person_id, people["carol"].card, people["carol"].enrolled_at) == ("", "", now)
+
+
 def test_trust_clock_moves_the_floor_audited(tmp_path, capsys):
     from edge.__main__ import main
 

@@ -92,16 +92,19 @@ class LocalBroker:
 
 class Subscriber:
     """A client subscribed to `topic` (again after each reconnect), keeping every message with
-    time.perf_counter() at arrival."""
+    time.perf_counter() at arrival, and the time.monotonic() of each subscription the broker
+    acknowledged (in `subscribed`)."""
 
     def __init__(self, port: int, topic: str = "#", host: str = "127.0.0.1", **tls):
         self.messages: list[tuple[str, bytes, bool, float]] = []
+        self.subscribed: list[float] = []
         self._cond = threading.Condition()
         self.client = Client(CallbackAPIVersion.VERSION2, client_id=f"sub-{os.getpid()}-{id(self)}")
         self.client.reconnect_delay_set(0.1, 0.5)
         if tls:
             self.client.tls_set(**tls)
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+        self.client.on_subscribe = lambda c, u, mid, codes, p: self.subscribed.append(time.monotonic())
         self.client.on_message = self._on_message
         self.client.connect(host, port, keepalive=30)
         self.client.loop_start()

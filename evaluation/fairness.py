@@ -97,13 +97,15 @@ class Treatment:
     name: str
     steps: tuple[float, ...]
     unit: str
+    stops: bool = True  # steps are stops of light: the refusal is also bisected to 1/32 stop
 
 
 TREATMENTS = (
     Treatment("darkened", (0, 1, 2, 3, 4, 5, 6, 7, 8), "stops less light on the whole picture"),
     Treatment("brightened", (0, 0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4, 4.5, 5, 5.5, 6), "stops more light on the whole picture"),
     Treatment("back-lit", (0, 1, 2, 3, 4, 5, 6), "stops: the surroundings brightened and the face darkened by this much each"),
-    Treatment("blown out", (0, 0.5, 1, 2, 4, 8), "peak gain of a light spot on the upper face (linear light, clipped)"),
+    Treatment("blown out", (0, 0.5, 1, 2, 4, 8), "peak gain of a light spot on the upper face (linear light, clipped)",
+              stops=False),
 )
 
 
@@ -177,11 +179,12 @@ def _spread(x: np.ndarray) -> dict:
 
 
 def graded(images: list[tuple[np.ndarray, object, str]], cfg) -> dict:
-    """First refusing step and reason per treatment and band. `images`: (photo in its scene, its
-    detection, its band), each passing the gate untouched. Brightening is also measured from each
-    face's own skin headroom (skin_headroom; the refusal bisected to 1/32 stop): stops of light on
-    the picture say as much about the skin as about the exposure, stops past the skin's own white
-    point say how blown out the face is."""
+    """First refusing step and reason per treatment and band, and for treatments in stops the
+    refusal bisected to 1/32 stop (`refused_at`: the steps alone round a half-stop gap between
+    bands away). `images`: (photo in its scene, its detection, its band), each passing the gate
+    untouched. Brightening is also counted from each face's own skin headroom (skin_headroom):
+    stops of light on the picture say as much about the skin as about the exposure, stops past the
+    skin's own white point say how blown out the face is."""
     out: dict = {}
     for t in TREATMENTS:
         per_band: dict = {}
@@ -197,10 +200,13 @@ def graded(images: list[tuple[np.ndarray, object, str]], cfg) -> dict:
             per_band[name] = {"faces": len(res), "median_step": float(np.median(steps)),
                               "p10_step": float(np.percentile(steps, 10)), "p90_step": float(np.percentile(steps, 90)),
                               "reasons": reasons}
+            if t.stops:
+                fine = np.array([np.inf if s is None else s
+                                 for s, _ in (refusal_point(img, det, cfg, t.name, t.steps) for img, det in faces)])
+                per_band[name]["refused_at"] = _spread(fine)
             if t.name == "brightened":
-                fine = [refusal_point(img, det, cfg, t.name, t.steps)[0] for img, det in faces]
-                past = np.array([np.inf if s is None else s - skin_headroom(img, det) for s, (img, det) in zip(fine, faces)])
-                per_band[name]["past_skin_white"] = _spread(past)
+                per_band[name]["past_skin_white"] = _spread(np.array([s - skin_headroom(img, det)
+                                                                      for s, (img, det) in zip(fine, faces)]))
         out[t.name] = {"unit": t.unit, "steps": list(t.steps), "bands": per_band}
     return out
 
@@ -288,10 +294,11 @@ def plot(report: dict, path: Path) -> None:
         ax.legend()
     ax = axes[2]
     for t, r in report["graded"].items():
-        med = [r["bands"].get(n, {}).get("median_step", np.nan) for n in names]
-        ax.plot(x, [np.nan if not np.isfinite(m) else m for m in med], "o-", label=t)
+        med = [r["bands"].get(n, {}).get("refused_at", {}).get("median", np.nan) for n in names]
+        if np.isfinite(med).any():
+            ax.plot(x, [np.nan if not np.isfinite(m) else m for m in med], "o-", label=t)
     ax.set_xticks(x, names, fontsize=8)
-    ax.set_ylabel("first refusing step (median)")
+    ax.set_ylabel("stops at which refused (median, 1/32 stop)")
     ax.set_title("graded synthetic exposure (CelebA)")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -367,8 +374,10 @@ def summary(r: dict) -> str:
     for t, g in r["graded"].items():
         lines.append(f"  {t} ({g['unit']}):")
         for n, b in g["bands"].items():
-            past = b.get("past_skin_white")
+            past, fine = b.get("past_skin_white"), b.get("refused_at")
             lines.append(f"    {n:<13} n={b['faces']:3d} median {b['median_step']:g} (10-90%: {b['p10_step']:g}-{b['p90_step']:g}) {b['reasons']}"
+                         + (f"; refused at {fine['median']:.2f} stops (10-90%: {fine['p10']:.2f}-{fine['p90']:.2f})"
+                            if fine else "")
                          + (f"; stops past the skin's own white point: median {past['median']:+.2f} "
                             f"(10-90%: {past['p10']:+.2f} to {past['p90']:+.2f})" if past else ""))
     if "one_to_n" in r:

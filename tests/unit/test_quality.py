@@ -282,3 +282,20 @@ def test_quality_is_judged_on_the_arcface_crop_whatever_the_encoders_template(st
     assert assess_face(img, det, chip, DLIB_TEMPLATE_150, (150, 150), cfg) == q
     assert assess_face(img, det, arc, ARCFACE_112, (112, 112), cfg) == q
     assert assess(img, det, chip, cfg).detail != q.detail
+
+
+def test_expose_brings_a_pictures_highlights_to_the_level_with_one_gain_in_linear_light():
+    import cv2
+
+    from evaluation.fairness import WELL_EXPOSED_P99, expose, to_linear
+
+    rng = np.random.default_rng(3)
+    dim = rng.integers(10, 120, (60, 80, 3)).astype(np.uint8)  # a picture two stops or so under
+    out = expose(dim)
+    grey = cv2.cvtColor(out, cv2.COLOR_BGR2GRAY)
+    assert abs(np.percentile(grey, 99) - WELL_EXPOSED_P99) <= 2
+    gain = to_linear(out) / to_linear(dim)
+    assert np.allclose(gain[to_linear(out) < 0.9], np.median(gain), rtol=0.08)  # one gain, not a curve
+    assert np.abs(expose(out).astype(int) - out).max() <= 1  # an exposed picture is left as it is
+    bright = np.clip(dim.astype(int) * 2 + 40, 0, 255).astype(np.uint8)
+    assert abs(np.percentile(cv2.cvtColor(expose(bright), cv2.COLOR_BGR2GRAY), 99) - WELL_EXPOSED_P99) <= 2  # down too

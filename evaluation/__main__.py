@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     s.set_defaults(fn=lazy_command(__package__, "mqtt_bench"))
     s = sub.add_parser("osdp-latency", help="decision to OSDP card read at a libosdp control panel over a pty pair: "
                                             "median, p99, with and without Secure Channel")
-    s.add_argument("--decisions", type=int, default=300, help="per Secure Channel setting")
+    s.add_argument("--decisions", type=int, default=300, help="per panel loop and Secure Channel setting")
     s.add_argument("--seed", type=int, default=0, help="for the moments of the poll cycle the decisions fall on")
     s.set_defaults(fn=lazy_command(__package__, "osdp_bench"))
     s = sub.add_parser("encoders", help="per-face latency (1 and 2 threads) and file size of every encoder artifact")

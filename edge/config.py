@@ -87,7 +87,7 @@ class QualityConfig(_Section):
     max_yaw: float = Field(1.0, ge=0, le=1, description="nose offset from the eye midline, as a share of eye distance")
     max_roll_deg: float = Field(25.0, ge=0, le=90)
     min_highlight: float = Field(60.0, ge=0, le=255, description="the picture's highlights: 99th percentile grey of the face and its surroundings (the face box doubled); below: underexposed. Eye whites, teeth, shine and background set it, not skin tone")
-    min_contrast: float = Field(60.0, ge=0, le=255, description="the face's dynamic range: its 99.5th minus 0.5th percentile grey (eye whites and teeth against pupils and nostrils, which every face has); below: washed out, fogged or far too dark")
+    min_contrast_stops: float = Field(2.0, ge=0, le=12, description="the face's dynamic range in stops of light: its 99.5th over its 0.5th percentile grey in linear light (eye whites and teeth against pupils and nostrils, which every face has); below: washed out or fogged. A dimmer light leaves it unchanged")
     min_backlight: float = Field(0.35, ge=0, le=1, description="the face's highlights (99.5th percentile) over its surroundings' (99th); below: back-lit, exposed for a bright background")
     max_clipped: float = Field(0.3, ge=0, le=1, description="share of the aligned face at grey 250 or above (detail lost to white)")
     max_crushed: float = Field(0.5, ge=0, le=1, description="share of the aligned face at grey 5 or below (detail lost to black)")
@@ -96,8 +96,9 @@ class QualityConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _removed(cls, data):
-        gone = {"min_brightness": "exposure is judged by min_highlight and min_contrast on the picture, not by the face's mean grey (which measures skin tone)",
-                "max_brightness": "exposure is judged by min_highlight and min_contrast on the picture, not by the face's mean grey (which measures skin tone)",
+        gone = {"min_brightness": "exposure is judged by min_highlight and min_contrast_stops on the picture, not by the face's mean grey (which measures skin tone)",
+                "max_brightness": "exposure is judged by min_highlight and min_contrast_stops on the picture, not by the face's mean grey (which measures skin tone)",
+                "min_contrast": "the face's range is judged in stops of light (min_contrast_stops, about 2): a ratio, which a dimmer light leaves unchanged, where a difference of grey levels shrank with the light and refused darker faces sooner",
                 "min_sharpness": "blur is judged by min_detail (the Laplacian's share of the face's contrast, about 0.008), which a darker face leaves unchanged"}
         for key in gone.keys() & set(data if isinstance(data, dict) else ()):
             raise ValueError(f"{key} was removed: {gone[key]}")

@@ -45,7 +45,7 @@ def embed_photo(stack, quality_cfg, image: np.ndarray, name: str, source: str, p
     if not q.ok:
         return EnrollResult(name, source, False, f"low quality: {q.reason} (face {q.face_px:.0f}px, "
                                                  f"detail {q.detail:.3f}, yaw {q.yaw:.2f}, roll {q.roll:.0f} deg, "
-                                                 f"highlights {q.exposure.highlight:.0f}, contrast {q.exposure.contrast:.0f}, "
+                                                 f"highlights {q.exposure.highlight:.0f}, contrast {q.exposure.contrast:.1f} stops, "
                                                  f"backlight {q.exposure.backlight:.2f})")
     mirror = True if stack.enroll_flip and not probe else None
     return EnrollResult(name, source, True, "enrolled", encoder.embed(aligned, mirror).vector)

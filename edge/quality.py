@@ -6,9 +6,12 @@ a light-skinned face two stops under), so no check here uses it. Instead:
 - the picture's highlights: the 99th percentile grey of the face with its surroundings (the face
   box doubled: eye whites, teeth, skin shine, hair, collar, background), which do not depend on
   pigment. Too low: underexposed;
-- the face's dynamic range: its brightest few pixels (eye whites, teeth, shine) minus its darkest
-  few (pupils, nostrils, the mouth's corners), features every face has whatever its skin. Too
-  small: washed out, fogged or far too dark;
+- the face's dynamic range in stops of light: its brightest few pixels (eye whites, teeth, shine)
+  over its darkest few (pupils, nostrils, the mouth's corners), features every face has whatever
+  its skin, as a ratio in linear light. A veil (fog, flare, a washed-out picture) lifts the
+  darkest pixels and shrinks it; a dimmer light scales both ends alike and leaves it unchanged (a
+  difference of grey levels shrank with the light, and from a lower start on darker skin, so it
+  refused darker faces sooner as the light went). Too small: washed out;
 - back-light: the face's own highlights (its brightest few pixels: eye whites, teeth, shine)
   against its surroundings'. A face much darker than a bright background behind it has been
   exposed for the background;
@@ -49,7 +52,7 @@ def detail(gray: np.ndarray) -> float:
 @dataclass(frozen=True)
 class Exposure:
     highlight: float  # 99th percentile grey of the face and its surroundings
-    contrast: float  # the face's 99.5th minus its 0.5th percentile grey
+    contrast: float  # stops from the face's 0.5th to its 99.5th percentile, in linear light
     backlight: float  # face's 99.5th percentile / its surroundings' 99th (1 where nothing surrounds it)
     clipped: float  # share of the face at 250 or above
     crushed: float  # share of the face at 5 or below
@@ -84,6 +87,12 @@ def in_frame(det: Detection, frame_shape, size: tuple[int, int] = QUALITY_SIZE) 
     return (fx >= 0) & (fx <= w - 1) & (fy >= 0) & (fy <= h - 1)
 
 
+def linear_light(srgb) -> np.ndarray:
+    """sRGB levels (0-255, any shape) as linear light (0-1): the light the camera saw."""
+    x = np.asarray(srgb, np.float64) / 255.0
+    return np.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4)
+
+
 def exposure(frame: np.ndarray, box, face: np.ndarray) -> Exposure:
     """The exposure measures of one face: `frame` the whole frame (BGR or grey), `box` the face
     box in it, `face` the aligned face's grey levels (without the warp's border)."""
@@ -93,7 +102,9 @@ def exposure(frame: np.ndarray, box, face: np.ndarray) -> Exposure:
     hi = float(np.percentile(region, 99))
     face_lo, face_hi = (float(v) for v in np.percentile(face, [0.5, 99.5]))
     around = float(np.percentile(surround, 99)) if surround.size >= 16 else 0.0
-    return Exposure(hi, face_hi - face_lo, face_hi / around if around > 0 else 1.0,
+    # half a grey level at least: a face with pure black in it has all the range it can show
+    stops = float(np.log2(linear_light(max(face_hi, 0.5)) / linear_light(max(face_lo, 0.5))))
+    return Exposure(hi, stops, face_hi / around if around > 0 else 1.0,
                     float((face >= 250).mean()), float((face <= 5).mean()))
 
 
@@ -132,7 +143,7 @@ def assess(image: np.ndarray, det: Detection, aligned_bgr: np.ndarray, cfg) -> Q
         (ex.highlight >= cfg.min_highlight, "underexposed"),
         (ex.clipped <= cfg.max_clipped, "clipped"),
         (ex.crushed <= cfg.max_crushed, "crushed"),
-        (ex.contrast >= cfg.min_contrast, "low_contrast"),
+        (ex.contrast >= cfg.min_contrast_stops, "low_contrast"),
         (ex.backlight >= cfg.min_backlight, "backlit"),
     ]
     reason = next((code for ok, code in checks if not ok), "ok")

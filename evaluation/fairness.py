@@ -31,6 +31,7 @@ import cv2
 import numpy as np
 
 from edge.errors import FacegateError
+from edge.quality import linear_light as to_linear
 
 from .embeddings import subject_face
 from .metrics import wilson
@@ -61,11 +62,6 @@ def band_of(angle: float) -> str:
 
 
 # ---------------------------------------------------------------- graded exposure (linear light)
-
-def to_linear(bgr: np.ndarray) -> np.ndarray:
-    x = bgr.astype(np.float64) / 255.0
-    return np.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4)
-
 
 def to_srgb(lin: np.ndarray) -> np.ndarray:
     x = np.clip(lin, 0.0, 1.0)

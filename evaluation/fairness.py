@@ -30,8 +30,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from edge.align import align
 from edge.errors import FacegateError
+from edge.quality import QUALITY_SIZE, QUALITY_TEMPLATE, assess
 from edge.quality import linear_light as to_linear
+from edge.records import Quality
 
 from .embeddings import subject_face
 from .metrics import wilson
@@ -79,8 +82,7 @@ def expose(image: np.ndarray, p99: float = WELL_EXPOSED_P99) -> np.ndarray:
     99th percentile of its grey levels is `p99`: every photo exposed alike for its scene, whatever
     the skin of the person in it."""
     grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
-    now = float(to_linear(np.array([np.percentile(grey, 99)]))[0])
-    want = float(to_linear(np.array([p99]))[0])
+    now, want = float(to_linear(np.percentile(grey, 99))), float(to_linear(p99))
     return to_srgb(to_linear(image) * (want / max(now, 1e-6)))
 
 
@@ -143,14 +145,16 @@ def treat(image: np.ndarray, box, kind: str, step: float) -> np.ndarray:
     return to_srgb(lin)
 
 
+def judge(image: np.ndarray, det, cfg) -> Quality:
+    """The door's quality verdict (limits `cfg`) on the face `det` in `image`."""
+    return assess(image, det, align(image, det, QUALITY_TEMPLATE, QUALITY_SIZE).image, cfg)
+
+
 def first_refusal(image: np.ndarray, det, cfg, kind: str, steps) -> tuple[float | None, str]:
     """The first step of `kind` at which the quality gate refuses the face, and why (None: never)."""
-    from edge.align import align
-    from edge.quality import QUALITY_SIZE, QUALITY_TEMPLATE, assess
-
     for s in steps:
         img = treat(image, det.box, kind, s)
-        q = assess(img, det, align(img, det, QUALITY_TEMPLATE, QUALITY_SIZE).image, cfg)
+        q = judge(img, det, cfg)
         if not q.ok:
             return s, q.reason
     return None, "never"
@@ -161,9 +165,6 @@ def skin_headroom(image: np.ndarray, det) -> float:
     luminance) reaches white: where brightening starts to blow out this face. A lighter skin
     reflects more light, so it has less headroom in any scene; counting from here puts faces of
     every band on one scale of over-exposure."""
-    from edge.align import align
-    from edge.quality import QUALITY_SIZE, QUALITY_TEMPLATE
-
     lin = to_linear(align(image, det, QUALITY_TEMPLATE, QUALITY_SIZE).image)
     lum = lin @ np.array([0.0722, 0.7152, 0.2126])  # BGR -> linear luminance (Rec. 709)
     skin = np.concatenate([lum[y0:y1, x0:x1].ravel() for x0, y0, x1, y1 in SKIN_PATCHES])
@@ -172,9 +173,6 @@ def skin_headroom(image: np.ndarray, det) -> float:
 
 def refusal_point(image: np.ndarray, det, cfg, kind: str, steps, tol: float = 1 / 32) -> tuple[float | None, str]:
     """first_refusal, then bisected between the last passing and the first refusing step to `tol`."""
-    from edge.align import align
-    from edge.quality import QUALITY_SIZE, QUALITY_TEMPLATE, assess
-
     s, reason = first_refusal(image, det, cfg, kind, steps)
     if s is None or s == steps[0]:
         return s, reason
@@ -182,7 +180,7 @@ def refusal_point(image: np.ndarray, det, cfg, kind: str, steps, tol: float = 1 
     while hi - lo > tol:
         mid = (lo + hi) / 2
         img = treat(image, det.box, kind, mid)
-        if assess(img, det, align(img, det, QUALITY_TEMPLATE, QUALITY_SIZE).image, cfg).ok:
+        if judge(img, det, cfg).ok:
             lo = mid
         else:
             hi = mid
@@ -228,9 +226,6 @@ def graded(images: list[tuple[np.ndarray, object, str]], cfg) -> dict:
 
 def survey(root: Path, keys: list[str], detector, cfg) -> list[dict]:
     """Each photo's band and its verdicts at enrollment and at the door (nearest-centre face)."""
-    from edge.align import align
-    from edge.quality import QUALITY_SIZE, QUALITY_TEMPLATE, assess
-
     rows = []
     for k in keys:
         img = cv2.imread(str(root / k))
@@ -349,8 +344,8 @@ def evaluate(celeba: Path, lfw: Path, detector_card: str, out: Path, per_band: i
         img = cv2.imread(str(root / row["key"]))
         d = subject_face(det, img)
         scene, moved = in_scene(img if as_shot else expose(img), d)
-        if first_refusal(scene, moved, cfg.quality, "darkened", (0,))[0] is not None:
-            continue  # refused once exposed (rare: a photo whose highlights were far above its face)
+        if not judge(scene, moved, cfg.quality).ok:
+            continue  # exposing the picture can put its face past a limit
         picked.append((scene, moved, b))
         counts[b] = counts.get(b, 0) + 1
     report["graded"] = graded(picked, cfg.quality)

@@ -102,11 +102,10 @@ def scene(face: np.ndarray) -> tuple[np.ndarray, Detection]:
 
 
 def judge(frame, det, cfg=None):
-    from edge.align import ARCFACE_112, align
     from edge.config import Config
+    from evaluation import fairness
 
-    cfg = cfg or Config().enroll_quality
-    return assess(frame, det, align(frame, det, ARCFACE_112, (112, 112)).image, cfg)
+    return fairness.judge(frame, det, cfg or Config().enroll_quality)
 
 
 def light(frame: np.ndarray, stops: float) -> np.ndarray:

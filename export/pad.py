@@ -71,8 +71,8 @@ def write_cards(nuaa: Path, detector_card: str, frames: int) -> float:
     fusion = PadFusion(fusion_card(0.5, "not yet chosen"), RECIPE)
     scores = frame_scores(nuaa, items, faces, {"pad": fusion})["pad"]
     t = train_threshold(scores, np.array([it.label for it in items]), sequences(items), frames)
-    rule = (f"NUAA train split (sessions 1-2), YuNet fp32 boxes: the highest threshold that rejects at most "
-            f"{OPERATING_BPCER:.0%} of the live {frames}-frame windows (`python -m export pad`)")
+    rule = (f"NUAA train split (the first two capture sessions), YuNet fp32 boxes: the highest threshold that "
+            f"rejects at most {OPERATING_BPCER:.0%} of the live {frames}-frame windows (`python -m export pad`)")
     # write_card names the card after a model file; the fusion's card is named for the fusion
     write_card(fusion_card(t, rule), SHIPPED_PAD.with_name("minifasnet.onnx"))
     return t

@@ -2,10 +2,10 @@
 quantizes to INT8 cleanly), hard augmentation done in torch (so it runs batched on a GPU or on the
 CPU alike), an ensemble of seeds, export to ONNX -> INT8 with its model card.
 
-`python -m train liveness` runs it end to end. NUAA's train lists (sessions 1-2 of subjects
-0001-0009) train; the operating threshold comes from leave-one-session-out scores on the train
-split (train on session 1, score session 2 and back: the test split is another session, so a
-session is the shift that matters). The test lists are for `python -m evaluation liveness` only. The recipe's
+`python -m train liveness` runs it end to end. NUAA's train lists (the first two capture sessions
+of subjects 0001-0009) train; the operating threshold comes from leave-one-session-out scores on
+the train split (train on the first capture session, score the second and back: the test split is
+another session, so a session is the shift that matters). The test lists are for `python -m evaluation liveness` only. The recipe's
 hyperparameters were chosen by `train/liveness_gpu.py` on the same leave-one-session-out scores.
 
 This module imports edge/ (and pydantic through it) only where it needs it (detection, crops,
@@ -464,8 +464,8 @@ def run(nuaa: str | Path, detector_card: str, out: str | Path, cfg: FitConfig, b
         model.load_state_dict(torch.load(state, map_location="cpu", weights_only=True))
         model.eval()
         cv = loso  # the figures that came with the state (liveness_gpu's final.json), if any
-    origin = (f"leave-one-session-out scores on the NUAA train split (sessions 1, 2), mean of {frames} frames, "
-              f"BPCER {bpcer:g}")
+    origin = (f"leave-one-session-out scores on the NUAA train split (the first two capture sessions), "
+              f"mean of {frames} frames, BPCER {bpcer:g}")
     acc["threshold_from"] = origin
     if cv is not None:
         acc.update({f"loso_{k}": v for k, v in cv.items() if k not in ("threshold", "n_seq")})

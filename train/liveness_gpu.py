@@ -8,9 +8,9 @@
     .venv-train/bin/python -m train liveness --config $OUT/final.json --state $OUT/final.pt
 
 Every configuration is scored by leave-one-session-out on the NUAA train lists only (train on
-session 1, score session 2, and back), an ensemble of two seeds per fold; the choice is the lowest
-per-frame APCER at BPCER 5% of the pooled out-of-fold window means (the gate judges the mean of the
-last 3 frames), ties broken by per-sequence ACER at the threshold. The test lists are never read.
+the first capture session, score the second, and back), an ensemble of two seeds per fold; the
+choice is the lowest per-frame APCER at BPCER 5% of the pooled out-of-fold window means (the gate
+judges the mean of the last 3 frames), ties broken by per-sequence ACER at the threshold. The test lists are never read.
 The final ensemble's threshold is taken at BPCER 5% of its own out-of-fold scores."""
 from __future__ import annotations
 

@@ -3,8 +3,8 @@ frames of the same person must.
 
 (a) Through `python -m edge run` (the installed gate's command, its default liveness: the shipped
     PAD model) with a replay camera and gpiozero mock pins:
-    - NUAA: real printed-photo attacks and live webcam frames of NUAA test subjects (session 3),
-      enrolled from one live frame. Skips where ../shared is absent.
+    - NUAA: real printed-photo attacks and live webcam frames of NUAA test subjects (the third
+      capture session), enrolled from one live frame. Skips where ../shared is absent.
     - registry photos, runnable in CI: a SIMULATED print (edge/spoof.py) of the enrolled person's
       photo, held still then moved, and the enrolled person walking up (rendered from a still).
 (b) The blink-or-motion policy on the registry photos (a Gate in process): see its docstring.

@@ -12,9 +12,11 @@ a light-skinned face two stops under), so no check here uses it. Instead:
   darkest pixels and shrinks it; a dimmer light scales both ends alike and leaves it unchanged (a
   difference of grey levels shrank with the light, and from a lower start on darker skin, so it
   refused darker faces sooner as the light went). Too small: washed out;
-- back-light: the face's own highlights (its brightest few pixels: eye whites, teeth, shine)
-  against its surroundings'. A face much darker than a bright background behind it has been
-  exposed for the background;
+- back-light: the face's own highlights (the brightest few pixels of its interior: eye whites,
+  teeth, shine) against its surroundings', each pixel read in its brightest colour channel, the one nearest the
+  sensor's full scale. A face much darker than a bright background behind it has been exposed for
+  the background. Grey levels weigh red by 0.3 only, so they read the highlights of a face whose
+  light comes back mostly red (darker, more saturated skin) darker than the exposure they show;
 - information lost: the share of the face clipped to white or crushed to black;
 - blur: the Laplacian's share of the face's contrast (variance of the Laplacian over the variance
   of the grey levels), which a darker face or a dimmer light leaves unchanged, where the plain
@@ -34,6 +36,11 @@ from .records import Detection, Quality
 # blurrier: 93 LFW photos refused where the 112 crop refuses 3) is judged on this crop too, so one
 # set of limits means the same for every encoder.
 QUALITY_TEMPLATE, QUALITY_SIZE = ARCFACE_112, (112, 112)
+# On that crop: the face without the warp's black border, and its interior (brows to below the
+# mouth, between the outer eye corners), where neither hair nor what is behind the head shows on
+# a frontal face: a bright window beside the cheek must not count as the face's highlights.
+FACE_CENTRE = np.s_[14:98, 14:98]
+FACE_INTERIOR = np.s_[28:100, 22:90]
 
 
 def sharpness(gray: np.ndarray) -> float:
@@ -53,23 +60,30 @@ def detail(gray: np.ndarray) -> float:
 class Exposure:
     highlight: float  # 99th percentile grey of the face and its surroundings
     contrast: float  # stops from the face's 0.5th to its 99.5th percentile, in linear light
-    backlight: float  # face's 99.5th percentile / its surroundings' 99th (1 where nothing surrounds it)
+    backlight: float  # face's 99.5th percentile / its surroundings' 99th, brightest channel (1 where nothing surrounds it)
     clipped: float  # share of the face at 250 or above
     crushed: float  # share of the face at 5 or below
 
 
-def face_regions(frame: np.ndarray, box) -> tuple[np.ndarray, np.ndarray]:
+def grey(image: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if image.ndim == 3 and image.size else image.reshape(image.shape[:2])
+
+
+def peak(image: np.ndarray) -> np.ndarray:
+    """Each pixel's brightest channel: how near the sensor came to full scale there."""
+    return image.max(axis=2) if image.ndim == 3 else image
+
+
+def face_regions(frame: np.ndarray, box, levels=grey) -> tuple[np.ndarray, np.ndarray]:
     """(the face box doubled about its centre, clipped to the frame; its pixels outside the face
-    box itself), both as flat arrays of grey levels. `frame` BGR or grey: only the region is
-    converted, not the whole frame, since this runs on every judged frame."""
+    box itself), both as flat arrays of `levels` (grey or peak). `frame` BGR or grey: only the
+    region is converted, not the whole frame, since this runs on every judged frame."""
     h, w = frame.shape[:2]
     x, y, bw, bh = (float(v) for v in box)
     cx, cy = x + bw / 2, y + bh / 2
     x0, y0 = int(max(0, np.floor(cx - bw))), int(max(0, np.floor(cy - bh)))
     x1, y1 = int(min(w, np.ceil(cx + bw))), int(min(h, np.ceil(cy + bh)))
-    region = frame[y0:y1, x0:x1]
-    if region.ndim == 3:
-        region = cv2.cvtColor(region, cv2.COLOR_BGR2GRAY) if region.size else region[..., 0]
+    region = levels(frame[y0:y1, x0:x1])
     inside = np.zeros(region.shape, bool)
     inside[int(max(0, y - y0)):int(max(0, y + bh - y0)), int(max(0, x - x0)):int(max(0, x + bw - x0))] = True
     return region.ravel(), region[~inside]
@@ -93,18 +107,20 @@ def linear_light(srgb) -> np.ndarray:
     return np.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4)
 
 
-def exposure(frame: np.ndarray, box, face: np.ndarray) -> Exposure:
+def exposure(frame: np.ndarray, box, face: np.ndarray, face_peak: np.ndarray) -> Exposure:
     """The exposure measures of one face: `frame` the whole frame (BGR or grey), `box` the face
-    box in it, `face` the aligned face's grey levels (without the warp's border)."""
-    region, surround = face_regions(frame, box)
+    box in it, `face` the aligned face's grey levels (without the warp's border) and `face_peak`
+    its interior's brightest channel."""
+    region, _ = face_regions(frame, box)
     if region.size == 0:
         region = face.ravel()
     hi = float(np.percentile(region, 99))
     face_lo, face_hi = (float(v) for v in np.percentile(face, [0.5, 99.5]))
+    _, surround = face_regions(frame, box, peak)
     around = float(np.percentile(surround, 99)) if surround.size >= 16 else 0.0
     # half a grey level at least: a face with pure black in it has all the range it can show
     stops = float(np.log2(linear_light(max(face_hi, 0.5)) / linear_light(max(face_lo, 0.5))))
-    return Exposure(hi, stops, face_hi / around if around > 0 else 1.0,
+    return Exposure(hi, stops, float(np.percentile(face_peak, 99.5)) / around if around > 0 else 1.0,
                     float((face >= 250).mean()), float((face <= 5).mean()))
 
 
@@ -126,12 +142,16 @@ def pose(kps: np.ndarray) -> tuple[float, float]:
 def assess(image: np.ndarray, det: Detection, aligned_bgr: np.ndarray, cfg) -> Quality:
     """Judge one face: `image` the whole frame (BGR), `det` the face in it, `aligned_bgr` the face
     on the quality template (QUALITY_SIZE)."""
-    gray = cv2.cvtColor(aligned_bgr, cv2.COLOR_BGR2GRAY)
-    h, w = gray.shape
-    centre = gray[h // 8: h - h // 8, w // 8: w - w // 8]  # the face, not the warp's black border
-    seen = in_frame(det, image.shape, (w, h))[h // 8: h - h // 8, w // 8: w - w // 8]
-    # A face cut by the frame's edge is judged on the part the camera saw.
-    ex = exposure(image, det.box, centre[seen] if seen.sum() >= 64 else centre.ravel())
+    gray = grey(aligned_bgr)
+    seen = in_frame(det, image.shape, gray.shape[::-1])
+
+    def seen_part(levels: np.ndarray, region) -> np.ndarray:
+        # A face cut by the frame's edge is judged on the part the camera saw.
+        ok = seen[region]
+        return levels[region][ok] if ok.sum() >= 64 else levels[region].ravel()
+
+    centre = gray[FACE_CENTRE]
+    ex = exposure(image, det.box, seen_part(gray, FACE_CENTRE), seen_part(peak(aligned_bgr), FACE_INTERIOR))
     sharp = detail(centre)
     yaw, roll = pose(det.keypoints)
     checks = [

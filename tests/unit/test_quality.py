@@ -156,12 +156,12 @@ def test_a_washed_out_picture_is_refused_for_low_contrast(skin_face):
     assert (q.ok, q.reason) == (False, "low_contrast"), q.exposure
 
 
-def window_behind(frame: np.ndarray, stops: float) -> np.ndarray:
+def window_behind(frame: np.ndarray, stops: float, half_width: float = 60) -> np.ndarray:
     """The camera exposed for a blown-out window behind the person: the face `stops` darker,
-    everything around it white."""
+    everything around it white; a `half_width` under 56 lets the window show beside the cheeks."""
     lit = light(frame, stops)
-    outside = np.any(np.abs(np.indices(lit.shape[:2]) - (AT[::-1] + 56)[:, None, None]) > 60, axis=0)
-    lit[outside] = 255
+    off = np.abs(np.indices(lit.shape[:2]) - (AT[::-1] + 56)[:, None, None])
+    lit[(off[0] > 60) | (off[1] > half_width)] = 255
     return lit
 
 
@@ -172,6 +172,29 @@ def test_a_face_in_front_of_a_bright_window_is_refused_at_the_same_point_whateve
     # the darker face is also mostly lost to black at that point: either reason refuses it
     assert not q.ok and q.reason in ("backlit", "crushed"), q.exposure
     assert judge(window_behind(frame, -4), det).reason in ("backlit", "crushed")
+
+
+def test_a_window_showing_beside_the_cheeks_is_not_taken_for_the_faces_highlights(skin_face):
+    frame, det = scene(skin_face)
+    assert judge(window_behind(frame, -1, half_width=40), det).ok
+    q = judge(window_behind(frame, -4, half_width=40), det)
+    assert not q.ok and q.reason in ("backlit", "crushed"), q.exposure
+
+
+def test_back_light_reads_each_pixels_brightest_channel_not_its_grey():
+    """Highlights that come back red (shine on darker skin) are as near the sensor's full scale as
+    white ones: grey levels, weighing red by 0.3, would read this face as 3 stops under its wall."""
+    from edge.quality import exposure
+
+    frame = np.full((300, 300, 3), 200, np.uint8)  # a neutral wall
+    frame[100:200, 100:200] = (0, 0, 200)  # the face, its brightest channel as bright as the wall
+    face = frame[110:190, 110:190].copy()
+    grey_face = face @ np.array([0.114, 0.587, 0.299])
+    assert grey_face.max() / 200 < 0.35  # the grey reading: back-lit
+    ex = exposure(frame, (100.0, 100.0, 100.0, 100.0), grey_face, face.max(axis=2))
+    assert ex.backlight == pytest.approx(1.0)
+    frame[:, :100] = 255  # a window at the left: the wall is brighter, the face is not
+    assert exposure(frame, (100.0, 100.0, 100.0, 100.0), grey_face, face.max(axis=2)).backlight == pytest.approx(200 / 255)
 
 
 def test_a_face_blown_out_to_white_is_refused_as_clipped(skin_face):

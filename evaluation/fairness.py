@@ -187,8 +187,13 @@ def refusal_point(image: np.ndarray, det, cfg, kind: str, steps, tol: float = 1 
     return hi, reason
 
 
-def _spread(x: np.ndarray) -> dict:
-    return {"median": float(np.median(x)), "p10": float(np.percentile(x, 10)), "p90": float(np.percentile(x, 90))}
+def _spread(x: np.ndarray, resamples: int = 2000) -> dict:
+    """Median and 10th / 90th percentiles, with 95% bootstrap intervals for the median and the
+    10th percentile: a tail estimated from a few dozen faces moves a lot between draws."""
+    boot = np.random.default_rng(0).choice(x, (resamples, len(x)))
+    ci = lambda q: [float(v) for v in np.nanpercentile(np.percentile(boot, q, axis=1), [2.5, 97.5])]  # noqa: E731
+    return {"median": float(np.median(x)), "p10": float(np.percentile(x, 10)), "p90": float(np.percentile(x, 90)),
+            "median_ci95": ci(50), "p10_ci95": ci(10)}
 
 
 def graded(images: list[tuple[np.ndarray, object, str]], cfg) -> dict:
@@ -389,7 +394,8 @@ def summary(r: dict) -> str:
         for n, b in g["bands"].items():
             past, fine = b.get("past_skin_white"), b.get("refused_at")
             lines.append(f"    {n:<13} n={b['faces']:3d} median {b['median_step']:g} (10-90%: {b['p10_step']:g}-{b['p90_step']:g}) {b['reasons']}"
-                         + (f"; refused at {fine['median']:.2f} stops (10-90%: {fine['p10']:.2f}-{fine['p90']:.2f})"
+                         + (f"; refused at {fine['median']:.2f} stops [{fine['median_ci95'][0]:.2f}, {fine['median_ci95'][1]:.2f}]"
+                            f" (10%: {fine['p10']:.2f} [{fine['p10_ci95'][0]:.2f}, {fine['p10_ci95'][1]:.2f}], 90%: {fine['p90']:.2f})"
                             if fine else "")
                          + (f"; stops past the skin's own white point: median {past['median']:+.2f} "
                             f"(10-90%: {past['p10']:+.2f} to {past['p90']:+.2f})" if past else ""))

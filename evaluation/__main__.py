@@ -112,6 +112,8 @@ def main(argv=None) -> int:
     s.add_argument("--detector", default=str(MODELS / "yunet_fp32.card.json"))
     s.add_argument("--per-band", type=int, default=40, help="CelebA faces per band in the graded exposure set")
     s.add_argument("--as-shot", action="store_true", help="graded set from the photos as they are, not first exposed alike")
+    s.add_argument("--matcher", action="store_true", help="also score the back-lit graded faces with the default encoder: "
+                                                          "own-person and best-stranger scores by stops of back-light")
     s.add_argument("--probes", help="per-probe 1:N results of the default (python -m evaluation one-to-n --probes-json FILE)")
     s.add_argument("--out", default="out/fairness")
     s.set_defaults(fn=lazy_command(__package__, "fairness"))

@@ -16,6 +16,8 @@ Reported:
   WELL_EXPOSED_P99 (`expose`; `--as-shot` keeps the photos as they are). The face box and
   keypoints are the ones found on the untouched photo, so the table is about the quality checks,
   not the detector;
+- with `--matcher`, what the default matcher makes of the back-lit graded faces step by step
+  (`matcher_under`): whether the quality gate refuses where matching suffers, or sooner;
 - per band on CelebA and LFW: the share of faces refused at enrollment (`enroll_quality`) and at
   the door (`quality`, before patience);
 - per band on LFW's 1:N protocol: FNIR of the mated probes and FPIR of the non-mated probes in the
@@ -229,6 +231,49 @@ def graded(images: list[tuple[np.ndarray, object, str]], cfg) -> dict:
     return out
 
 
+def matcher_under(kind: str, faces: list[tuple[np.ndarray, object, str, str]], root: Path, keys: list[str], stack,
+                  enroll_cfg, steps=(0, 1, 2, 3, 4, 5, 6, 7)) -> dict:
+    """What the default matcher makes of the graded faces as `kind` grows, per band: each face's
+    score against another photo of its own person, enrolled as the gate enrolls (drop from step 0),
+    and its best score against one enrolled photo of every other person (does a darker picture
+    look like someone else?). `faces`: (photo in its scene, detection, band, key 'person/photo').
+    Tells whether the quality gate refuses where matching suffers, or sooner."""
+    from edge.enroll import embed_photo
+
+    enrolled: dict[str, tuple[str, np.ndarray]] = {}
+    for k in keys:
+        person = k.split("/")[0]
+        if person in enrolled:
+            continue
+        r = embed_photo(stack, enroll_cfg, cv2.imread(str(root / k)), person, k)
+        if r.ok:
+            enrolled[person] = (k, r.embedding)
+    enc = stack.encoder
+    rows: dict[str, list] = {}
+    for img, det, band, key in faces:
+        person = key.split("/")[0]
+        own = next((cv2.imread(str(root / k)) for k in keys if k.startswith(person + "/") and k != key), None)
+        mine = embed_photo(stack, enroll_cfg, own, person, "") if own is not None else None
+        if mine is None or not mine.ok:
+            continue
+        others = np.array([v for p, (_, v) in enrolled.items() if p != person])
+        door = [enc.embed(enc.align(treat(img, det.box, kind, s), det)).vector for s in steps]
+        rows.setdefault(band, []).append(([float(mine.embedding @ v) for v in door], [float((others @ v).max()) for v in door]))
+    out: dict = {"steps": list(steps), "bands": {}}
+    for name, _, _ in BANDS:
+        if name not in rows:
+            continue
+        genuine = np.array([g for g, _ in rows[name]])
+        stranger = np.array([i for _, i in rows[name]])
+        drop = genuine[:, :1] - genuine
+        out["bands"][name] = {"faces": len(genuine), "own_score_median": float(np.median(genuine[:, 0])),
+                              "genuine_drop_median": np.median(drop, 0).round(4).tolist(),
+                              "genuine_drop_p90": np.percentile(drop, 90, axis=0).round(4).tolist(),
+                              "stranger_best_median": np.median(stranger, 0).round(4).tolist(),
+                              "stranger_best_p90": np.percentile(stranger, 90, axis=0).round(4).tolist()}
+    return out
+
+
 def survey(root: Path, keys: list[str], detector, cfg) -> list[dict]:
     """Each photo's band and its verdicts at enrollment and at the door (nearest-centre face)."""
     rows = []
@@ -322,7 +367,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def evaluate(celeba: Path, lfw: Path, detector_card: str, out: Path, per_band: int, probes_json: Path | None,
-             target_fpirs=(0.003, 0.01), as_shot: bool = False) -> dict:
+             target_fpirs=(0.003, 0.01), as_shot: bool = False, matcher: bool = False) -> dict:
     from edge.config import Config
     from edge.detect import load_detector
     cfg = Config()
@@ -351,9 +396,13 @@ def evaluate(celeba: Path, lfw: Path, detector_card: str, out: Path, per_band: i
         scene, moved = in_scene(img if as_shot else expose(img), d)
         if not judge(scene, moved, cfg.quality).ok:
             continue  # exposing the picture can put its face past a limit
-        picked.append((scene, moved, b))
+        picked.append((scene, moved, b, row["key"]))
         counts[b] = counts.get(b, 0) + 1
-    report["graded"] = graded(picked, cfg.quality)
+    report["graded"] = graded([(s, d, b) for s, d, b, _ in picked], cfg.quality)
+    if matcher:
+        from edge.pipeline import Stack
+        report["matcher_back_lit"] = matcher_under("back-lit", picked, root, sets["CelebA"][1], Stack.from_config(cfg),
+                                                   cfg.enroll_quality)
     if probes_json is not None and probes_json.is_file():
         probes = json.loads(probes_json.read_text())
         bands = {r["key"]: r["band"] for r in surveys["LFW"]}
@@ -399,6 +448,15 @@ def summary(r: dict) -> str:
                             if fine else "")
                          + (f"; stops past the skin's own white point: median {past['median']:+.2f} "
                             f"(10-90%: {past['p10']:+.2f} to {past['p90']:+.2f})" if past else ""))
+    if "matcher_back_lit" in r:
+        m = r["matcher_back_lit"]
+        lines.append("the default matcher on the back-lit graded faces, by stops of back-light "
+                     + " ".join(f"{s:g}" for s in m["steps"]) + ":")
+        for n, b in m["bands"].items():
+            f = lambda v: " ".join(f"{x:.3f}" for x in v)  # noqa: E731
+            lines.append(f"    {n:<13} n={b['faces']:3d} own-person score drop, median {f(b['genuine_drop_median'])}; "
+                         f"90%: {f(b['genuine_drop_p90'])}")
+            lines.append(f"    {'':<13}       best stranger, median {f(b['stranger_best_median'])}; 90%: {f(b['stranger_best_p90'])}")
     if "one_to_n" in r:
         o = r["one_to_n"]
         lines.append(f"LFW 1:N per band at the gate's own threshold (K = {o['gallery']}, {o['row']}):")
@@ -417,6 +475,6 @@ def summary(r: dict) -> str:
 
 def main(args) -> int:
     r = evaluate(Path(args.celeba), Path(args.lfw), args.detector, Path(args.out), args.per_band,
-                 Path(args.probes) if args.probes else None, as_shot=args.as_shot)
+                 Path(args.probes) if args.probes else None, as_shot=args.as_shot, matcher=args.matcher)
     print(summary(r))
     return 0

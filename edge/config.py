@@ -88,7 +88,7 @@ class QualityConfig(_Section):
     max_roll_deg: float = Field(25.0, ge=0, le=90)
     min_highlight: float = Field(60.0, ge=0, le=255, description="the picture's highlights: 99th percentile grey of the face and its surroundings (the face box doubled); below: underexposed. Eye whites, teeth, shine and background set it, not skin tone")
     min_contrast_stops: float = Field(2.0, ge=0, le=12, description="the face's dynamic range in stops of light: its 99.5th over its 0.5th percentile grey in linear light (eye whites and teeth against pupils and nostrils, which every face has); below: washed out or fogged. A dimmer light leaves it unchanged")
-    min_backlight: float = Field(0.3, ge=0, le=1, description="the face's highlights (99.5th percentile) over its surroundings' (99th), each pixel's brightest channel; below: back-lit, exposed for a bright background")
+    min_backlight: float = Field(0.3, ge=0, le=1, description="the highlights of the face's interior (99.5th percentile, brows to below the mouth) over its surroundings' (99th), each pixel read in its brightest channel; below: back-lit, exposed for a bright background")
     max_clipped: float = Field(0.3, ge=0, le=1, description="share of the aligned face at grey 250 or above (detail lost to white)")
     max_crushed: float = Field(0.5, ge=0, le=1, description="share of the aligned face at grey 5 or below (detail lost to black)")
     patience_frames: int = Field(8, ge=0, le=1000, description="a track whose last N faces were all refused on quality has its next ones matched anyway, the reason audited (someone who cannot face the camera squarely, or a soft-focus camera, is not locked out; a poor face fails safe: its lower scores deny it as unknown); 0 = never")

@@ -240,25 +240,27 @@ def matcher_under(kind: str, faces: list[tuple[np.ndarray, object, str, str]], r
     Tells whether the quality gate refuses where matching suffers, or sooner."""
     from edge.enroll import embed_photo
 
-    enrolled: dict[str, tuple[str, np.ndarray]] = {}
-    for k in keys:
-        person = k.split("/")[0]
-        if person in enrolled:
-            continue
-        r = embed_photo(stack, enroll_cfg, cv2.imread(str(root / k)), person, k)
-        if r.ok:
-            enrolled[person] = (k, r.embedding)
+    def enrolled_from(photos) -> np.ndarray | None:
+        """The first of `photos` that enrolls, as the gate enrolls it."""
+        for k in photos:
+            r = embed_photo(stack, enroll_cfg, cv2.imread(str(root / k)), k.split("/")[0], k)
+            if r.ok:
+                return r.embedding
+        return None
+
+    people = sorted({k.split("/")[0] for k in keys})
+    enrolled = {p: v for p in people if (v := enrolled_from(k for k in keys if k.startswith(p + "/"))) is not None}
     enc = stack.encoder
     rows: dict[str, list] = {}
     for img, det, band, key in faces:
         person = key.split("/")[0]
-        own = next((cv2.imread(str(root / k)) for k in keys if k.startswith(person + "/") and k != key), None)
-        mine = embed_photo(stack, enroll_cfg, own, person, "") if own is not None else None
-        if mine is None or not mine.ok:
+        # the person's next photo, never the probe itself; a face whose next photo does not enroll is left out
+        mine = enrolled_from([k for k in keys if k.startswith(person + "/") and k != key][:1])
+        if mine is None:
             continue
-        others = np.array([v for p, (_, v) in enrolled.items() if p != person])
+        others = np.array([v for p, v in enrolled.items() if p != person])
         door = [enc.embed(enc.align(treat(img, det.box, kind, s), det)).vector for s in steps]
-        rows.setdefault(band, []).append(([float(mine.embedding @ v) for v in door], [float((others @ v).max()) for v in door]))
+        rows.setdefault(band, []).append(([float(mine @ v) for v in door], [float((others @ v).max()) for v in door]))
     out: dict = {"steps": list(steps), "bands": {}}
     for name, _, _ in BANDS:
         if name not in rows:

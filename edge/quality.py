@@ -66,7 +66,9 @@ class Exposure:
 
 
 def grey(image: np.ndarray) -> np.ndarray:
-    return cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if image.ndim == 3 and image.size else image.reshape(image.shape[:2])
+    if image.ndim == 2:
+        return image
+    return cv2.cvtColor(image, cv2.COLOR_BGR2GRAY) if image.size else image[..., 0]
 
 
 def peak(image: np.ndarray) -> np.ndarray:
@@ -74,19 +76,19 @@ def peak(image: np.ndarray) -> np.ndarray:
     return image.max(axis=2) if image.ndim == 3 else image
 
 
-def face_regions(frame: np.ndarray, box, levels=grey) -> tuple[np.ndarray, np.ndarray]:
-    """(the face box doubled about its centre, clipped to the frame; its pixels outside the face
-    box itself), both as flat arrays of `levels` (grey or peak). `frame` BGR or grey: only the
-    region is converted, not the whole frame, since this runs on every judged frame."""
+def doubled_box(frame: np.ndarray, box) -> tuple[np.ndarray, np.ndarray]:
+    """The face box doubled about its centre, clipped to the frame (a view of `frame`, BGR or
+    grey: only this region is converted, not the whole frame, since this runs on every judged
+    frame), and which of its pixels lie inside the face box itself."""
     h, w = frame.shape[:2]
     x, y, bw, bh = (float(v) for v in box)
     cx, cy = x + bw / 2, y + bh / 2
     x0, y0 = int(max(0, np.floor(cx - bw))), int(max(0, np.floor(cy - bh)))
     x1, y1 = int(min(w, np.ceil(cx + bw))), int(min(h, np.ceil(cy + bh)))
-    region = levels(frame[y0:y1, x0:x1])
-    inside = np.zeros(region.shape, bool)
+    region = frame[y0:y1, x0:x1]
+    inside = np.zeros(region.shape[:2], bool)
     inside[int(max(0, y - y0)):int(max(0, y + bh - y0)), int(max(0, x - x0)):int(max(0, x + bw - x0))] = True
-    return region.ravel(), region[~inside]
+    return region, inside
 
 
 def in_frame(det: Detection, frame_shape, size: tuple[int, int] = QUALITY_SIZE) -> np.ndarray:
@@ -111,12 +113,10 @@ def exposure(frame: np.ndarray, box, face: np.ndarray, face_peak: np.ndarray) ->
     """The exposure measures of one face: `frame` the whole frame (BGR or grey), `box` the face
     box in it, `face` the aligned face's grey levels (without the warp's border) and `face_peak`
     its interior's brightest channel."""
-    region, _ = face_regions(frame, box)
-    if region.size == 0:
-        region = face.ravel()
-    hi = float(np.percentile(region, 99))
+    region, inside = doubled_box(frame, box)
+    hi = float(np.percentile(grey(region) if region.size else face, 99))
     face_lo, face_hi = (float(v) for v in np.percentile(face, [0.5, 99.5]))
-    _, surround = face_regions(frame, box, peak)
+    surround = peak(region)[~inside]
     around = float(np.percentile(surround, 99)) if surround.size >= 16 else 0.0
     # half a grey level at least: a face with pure black in it has all the range it can show
     stops = float(np.log2(linear_light(max(face_hi, 0.5)) / linear_light(max(face_lo, 0.5))))

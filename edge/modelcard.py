@@ -98,6 +98,9 @@ class CalibrationSpec(_Strict):
     # gallery's scores (edge.threshold) sits from the one strangers at the door meet, measured on
     # simulated galleries of the calibration set. 0 where the door embeds as enrollment does.
     gallery_shift: float = Field(0.0, ge=-0.1, le=0.1)
+    # Shape k of a stranger's score tail against one enrolled face, P(s >= t) = (1 - k (t - a) / b) ** (1 / k)
+    # (edge.threshold): chosen on the same simulated galleries. 0, the exponential tail, errs strict.
+    tail_shape: float = Field(0.0, ge=0.0, le=0.5)
 
     @model_validator(mode="after")
     def _same_length(self):

@@ -95,8 +95,10 @@ class Matcher:
         self.min_margin, self.stack, self.gallery = match.min_margin, stack, g
         self.retention_s = None if retention_days is None else retention_days * 86400.0
         table_only = "cohort table" if stack.cohort is not None else None
-        shift = 0.0 if table_only else stack.encoder.card.calibration.gallery_shift
-        self.point_1n, self.point_1to1 = operating_points(match, impostor_table(stack), g.matrix, shift, table_only)
+        table = impostor_table(stack)  # refuses an encoder without calibration before its fields are read
+        cal = stack.encoder.card.calibration
+        shift, shape = (0.0, 0.0) if table_only else (cal.gallery_shift, cal.tail_shape)
+        self.point_1n, self.point_1to1 = operating_points(match, table, g.matrix, shift, table_only, shape)
         self.threshold_1n, self.threshold_1to1 = self.point_1n.threshold, self.point_1to1.threshold
         self._people = {p.name: p for p in g.people}  # names are unique in a gallery
         self._enrollees = stack.cohort.stats(g.matrix) if stack.cohort is not None and len(g) else None

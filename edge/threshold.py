@@ -2,22 +2,26 @@
 person, chosen so that a stranger is let in with the asked probability (the false positive
 identification rate, FPIR) against the gallery's actual size K.
 
-Model: a stranger's score against one enrolled face has an exponential upper tail,
-P(s >= t) = exp(-(t - a) / beta), so their best score against K faces is Gumbel with location
-a + beta * ln K and FPIR(t, K) = 1 - exp(-K * exp(-(t - a) / beta)). (a, beta) come from:
+Model: a stranger's score against one enrolled face has a generalised Pareto upper tail,
+P(s >= t) = (1 - k (t - a) / beta) ** (1 / k), exponential exp(-(t - a) / beta) at shape k = 0.
+Cosine scores are bounded, so the tail ends (k > 0) rather than running on as an exponential's
+does; the shape is the encoder's, measured on its card's calibration set (`calibration.tail_shape`).
+A stranger's best score against K faces is then a generalised extreme value (Gumbel at k = 0) and
+FPIR(t, K) = 1 - exp(-K P(s >= t)). (a, beta) come from:
 
 - the gallery itself: each enrolled face, left out in turn, is a stranger to the others; the
-  Gumbel fitted (by L-moments) to those leave-one-out maxima gives (a, beta) from this camera
-  set-up and this population. These are gallery-vs-gallery scores, not door-frame-vs-gallery
-  ones: the card's `calibration.gallery_shift`, measured on its calibration set, moves `a` by
-  the difference.
-- the encoder card's impostor table (log FMR linear in the threshold over its tail), as a prior
-  worth PRIOR_MAXIMA maxima: it decides a small gallery, the gallery's own scores a large one.
+  extreme value fitted (by L-moments, at the card's shape) to those leave-one-out maxima gives
+  (a, beta) from this camera set-up and this population. These are gallery-vs-gallery scores,
+  not door-frame-vs-gallery ones: the card's `calibration.gallery_shift`, measured on its
+  calibration set, moves `a` by the difference.
+- the encoder card's impostor table (its tail fitted at the same shape), as a prior worth
+  PRIOR_MAXIMA maxima: it decides a small gallery, the gallery's own scores a large one.
 
 Pure functions, no I/O: the gate computes the point at each gallery load and reload.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,31 +36,46 @@ EULER = 0.5772156649015329
 # scores lead.
 PRIOR_MAXIMA = 25
 # Pairs scored at each load: every leave-one-out maximum up to ~2,000 people; beyond, a sample of
-# people against a sample of the rest, carried to the full K by the Gumbel's max-stability (for a
-# tail lighter than exponential that errs strict). Keeps a reload of 100,000 people to ~1e9
-# multiply-adds (2,000 x 2,000 pairs of 256-d vectors).
+# people against a sample of the rest, carried to the full K by the extreme value's max-stability.
+# Keeps a reload of 100,000 people to ~1e9 multiply-adds (2,000 x 2,000 pairs of 256-d vectors).
 MAX_PAIRS = 4_000_000
-# The card's table is fitted as an exponential tail over these FMRs.
+# The card's table is fitted as a tail over these FMRs.
 TAIL_FMR = (1e-6, 1e-2)
+
+
+def tail_share(z: np.ndarray | float, shape: float) -> np.ndarray | float:
+    """P(s >= a + beta z) of the generalised Pareto tail: (1 - k z) ** (1 / k), exp(-z) at k = 0,
+    0 past the end of a bounded tail."""
+    z = np.asarray(z, np.float64)
+    if shape == 0:
+        return np.exp(-z)
+    return np.clip(1 - shape * z, 0, None) ** (1 / shape)
+
+
+def tail_distance(p: np.ndarray | float, shape: float) -> np.ndarray | float:
+    """The z at which tail_share(z, shape) == p: (1 - p ** k) / k, -ln p at k = 0."""
+    p = np.asarray(p, np.float64)
+    return -np.log(p) if shape == 0 else (1 - p ** shape) / shape
 
 
 @dataclass(frozen=True)
 class TailModel:
-    """Exponential tail of one stranger-vs-enrolled comparison: P(s >= t) = exp(-(t - a) / beta)."""
+    """Upper tail of one stranger-vs-enrolled comparison: P(s >= t) = tail_share((t - a) / beta, shape)."""
 
     a: float
     beta: float
+    shape: float = 0.0
 
     def fpir(self, threshold: float, k: int) -> float:
         """Share of strangers whose best score against k enrolled people reaches `threshold`."""
-        rate = max(int(k), 1) * np.exp(-(threshold - self.a) / self.beta)
+        rate = max(int(k), 1) * tail_share((threshold - self.a) / self.beta, self.shape)
         return float(-np.expm1(-rate))
 
     def threshold(self, target_fpir: float, k: int) -> float:
         """The threshold at which fpir(threshold, k) == target_fpir."""
         if not 0 < target_fpir < 1:
             raise ValueError("target FPIR must be in (0, 1)")
-        return float(self.a + self.beta * np.log(max(int(k), 1) / -np.log1p(-target_fpir)))
+        return float(self.a + self.beta * tail_distance(-np.log1p(-target_fpir) / max(int(k), 1), self.shape))
 
 
 @dataclass(frozen=True)
@@ -74,31 +93,41 @@ class OperatingPoint:
                 "k": self.k, "source": self.source, **self.detail}
 
 
-def gumbel_lmoments(x: np.ndarray) -> tuple[float, float]:
-    """Gumbel (location, scale) by the method of L-moments: scale = l2 / ln 2, location =
-    l1 - Euler * scale. Less swayed by one extreme value than moments or maximum likelihood."""
+def extreme_value_lmoments(x: np.ndarray, shape: float = 0.0) -> tuple[float, float]:
+    """(location, scale) of the generalised extreme value of the given shape k (Hosking's sign: k > 0
+    a bounded tail; Gumbel at 0) by the method of L-moments, less swayed by one extreme value than
+    moments or maximum likelihood: scale = l2 k / ((1 - 2^-k) Gamma(1 + k)), location =
+    l1 - scale (1 - Gamma(1 + k)) / k; at k = 0 scale = l2 / ln 2, location = l1 - Euler scale."""
     x = np.sort(np.asarray(x, np.float64))
     n = len(x)
     if n < 3:
-        raise ValueError("need at least 3 values to fit a Gumbel")
+        raise ValueError("need at least 3 values to fit an extreme value")
     b0 = float(x.mean())
     b1 = float(np.sum(np.arange(n) / (n - 1) * x) / n)
-    beta = (2 * b1 - b0) / np.log(2)
-    if not beta > 0:
-        raise ValueError("the values do not spread: no Gumbel scale")
-    return b0 - EULER * beta, float(beta)
+    l2 = 2 * b1 - b0
+    if not l2 > 0:
+        raise ValueError("the values do not spread: no extreme-value scale")
+    if shape == 0:
+        scale = l2 / np.log(2)
+        return b0 - EULER * scale, float(scale)
+    g = math.gamma(1 + shape)
+    scale = l2 * shape / ((1 - 2 ** -shape) * g)
+    return b0 - scale * (1 - g) / shape, float(scale)
 
 
-def tail_from_maxima(maxima: np.ndarray, m: int) -> TailModel:
-    """The per-comparison tail whose maximum over m comparisons fits `maxima`."""
-    mu, beta = gumbel_lmoments(maxima)
-    return TailModel(mu - beta * np.log(m), beta)
+def tail_from_maxima(maxima: np.ndarray, m: int, shape: float = 0.0) -> TailModel:
+    """The per-comparison tail whose maximum over m comparisons fits `maxima`: by max-stability the
+    maximum of m draws from tail (a, beta, k) is an extreme value with scale beta m^-k and location
+    a + beta (1 - m^-k) / k (a + beta ln m at k = 0)."""
+    mu, scale = extreme_value_lmoments(maxima, shape)
+    beta = scale * m ** shape
+    return TailModel(mu - beta * tail_distance(1 / m, shape), beta, shape)
 
 
-def tail_from_table(fmr_table, thr_table, fmr_range=TAIL_FMR) -> TailModel:
-    """The exponential tail of an impostor table: least squares of ln FMR on the threshold over
-    the table's points with FMR in fmr_range, or over all its points below 1 where fewer than two
-    fall in that range (a short table)."""
+def tail_from_table(fmr_table, thr_table, fmr_range=TAIL_FMR, shape: float = 0.0) -> TailModel:
+    """The tail of an impostor table at the given shape: least squares of tail_distance(FMR) on the
+    threshold (ln FMR at shape 0) over the table's points with FMR in fmr_range, or over all its
+    points below 1 where fewer than two fall in that range (a short table)."""
     f = np.asarray(fmr_table, np.float64)
     t = np.asarray(thr_table, np.float64)
     keep = (f >= fmr_range[0]) & (f <= fmr_range[1])
@@ -106,11 +135,11 @@ def tail_from_table(fmr_table, thr_table, fmr_range=TAIL_FMR) -> TailModel:
         keep = (f > 0) & (f < 1)
     if keep.sum() < 2:
         raise ValueError("the impostor table has fewer than 2 points with an FMR between 0 and 1")
-    slope, icpt = np.polyfit(t[keep], np.log(f[keep]), 1)
-    if not slope < 0:
+    slope, icpt = np.polyfit(t[keep], tail_distance(f[keep], shape), 1)
+    if not slope > 0:
         raise ValueError("the impostor table's FMR does not fall with the threshold")
-    beta = -1.0 / slope
-    return TailModel(float(icpt * beta), float(beta))  # ln FMR = (a - t) / beta
+    beta = 1.0 / slope
+    return TailModel(float(-icpt * beta), float(beta), shape)  # distance = (t - a) / beta
 
 
 def leave_one_out_maxima(matrix: np.ndarray, max_pairs: int = MAX_PAIRS, seed: int = 0) -> tuple[np.ndarray, int]:
@@ -134,33 +163,38 @@ def leave_one_out_maxima(matrix: np.ndarray, max_pairs: int = MAX_PAIRS, seed: i
 
 
 def blend(own: TailModel, prior: TailModel, n_own: int, n_prior: int = PRIOR_MAXIMA) -> TailModel:
-    """Weighted mean of the two tails' parameters, weights n_own and n_prior."""
+    """Weighted mean of the two tails' parameters, weights n_own and n_prior (one shape for both)."""
+    if own.shape != prior.shape:
+        raise ValueError(f"cannot blend tails of shapes {own.shape} and {prior.shape}")
     w = n_own / (n_own + n_prior)
-    return TailModel(w * own.a + (1 - w) * prior.a, w * own.beta + (1 - w) * prior.beta)
+    return TailModel(w * own.a + (1 - w) * prior.a, w * own.beta + (1 - w) * prior.beta, own.shape)
 
 
 def gallery_tail(matrix: np.ndarray, prior: TailModel, shift: float = 0.0, max_pairs: int = MAX_PAIRS,
                  n_prior: int = PRIOR_MAXIMA) -> tuple[TailModel, dict]:
     """The tail the gate works with for this gallery: its own leave-one-out maxima (moved by the
-    card's door-vs-gallery shift) blended with the card's prior; the prior alone below 4 faces
-    (3 maxima at least for a fit)."""
+    card's door-vs-gallery shift) blended with the card's prior, at the prior's shape; the prior
+    alone below 4 faces (3 maxima at least for a fit)."""
     if len(matrix) < 4:
         return prior, {"maxima": 0}
     maxima, m = leave_one_out_maxima(matrix, max_pairs)
-    own = tail_from_maxima(maxima, m)
-    own = TailModel(own.a + shift, own.beta)
+    own = tail_from_maxima(maxima, m, prior.shape)
+    own = TailModel(own.a + shift, own.beta, own.shape)
     tail = blend(own, prior, len(maxima), n_prior)
     return tail, {"maxima": len(maxima), "over": m, "own_a": round(own.a, 4), "own_beta": round(own.beta, 5),
                   "prior_a": round(prior.a, 4), "prior_beta": round(prior.beta, 5),
-                  "prior_weight": round(n_prior / (len(maxima) + n_prior), 3), "shift": shift}
+                  "prior_weight": round(n_prior / (len(maxima) + n_prior), 3), "shift": shift,
+                  "tail_shape": prior.shape}
 
 
 def operating_points(match: MatchConfig, table: tuple[list[float], list[float]], matrix: np.ndarray,
-                     shift: float = 0.0, table_only: str | None = None) -> tuple[OperatingPoint, OperatingPoint]:
+                     shift: float = 0.0, table_only: str | None = None,
+                     shape: float = 0.0) -> tuple[OperatingPoint, OperatingPoint]:
     """The gate's thresholds against gallery `matrix` (unit rows), 1:N (K enrolled) and 1:1 (a
     claim is one comparison, K = 1), with the FPIR each expects: fixed in config, or for
     target_fpir. By default (match.calibration 'gallery') from the tail fitted to the enrolled
-    faces' own scores, moved by `shift`, with the (FMR, threshold) `table` as a prior; with
+    faces' own scores, moved by `shift`, with the (FMR, threshold) `table` as a prior, both at the
+    card's tail `shape`; with
     match.calibration 'card' or scores the gallery cannot speak for (`table_only` names the table,
     e.g. a cohort's AS-norm one), from the table alone, its comparisons taken as independent."""
     fmr, thr = table
@@ -170,7 +204,7 @@ def operating_points(match: MatchConfig, table: tuple[list[float], list[float]],
         source = ("fixed threshold, " if fixed else "") + (table_only or "card table")
         ts = [match.threshold if fixed else threshold_for_gallery(fmr, thr, match.target_fpir, k) for k in ks]
         return tuple(OperatingPoint(t, fpir_at_threshold(fmr, thr, t, k), k, source) for t, k in zip(ts, ks))
-    prior = tail_from_table(fmr, thr)
+    prior = tail_from_table(fmr, thr, shape=shape)
     tail, detail = gallery_tail(matrix, prior, shift)
     source = ("fixed threshold, " if fixed else "") + (
         "gallery + card prior" if detail["maxima"] else "card prior (gallery too small to fit)")

@@ -234,7 +234,7 @@ def oracle_fnir(nonmated: np.ndarray, mated: np.ndarray, hit: np.ndarray, passes
 
 def gate_threshold_runs(members: list[Member], s: Scoring, split, table: tuple[list, list], shift: float,
                         table_only: str | None, calibration: str = "gallery", ks=GATE_KS, targets=GATE_TARGETS,
-                        draws: int = 20, seed: int = 0, full: OneToN | None = None) -> list[dict]:
+                        draws: int = 20, seed: int = 0, full: OneToN | None = None, shape: float = 0.0) -> list[dict]:
     """The gate's own threshold (edge.threshold.operating_points, as Matcher computes it from the
     enrolled vectors alone) on random galleries of K of the protocol's enrolled people (`draws`
     each; the full gallery once). The non-mated probes of a draw are the protocol's plus the mated
@@ -261,7 +261,7 @@ def gate_threshold_runs(members: list[Member], s: Scoring, split, table: tuple[l
             hit = np.array([b == t for b, t in zip(res.best, res.true_ids)])[mated]
             for target in targets:
                 match = MatchConfig(target_fpir=target, calibration=calibration)
-                point = operating_points(match, table, refs, shift, table_only)[0]
+                point = operating_points(match, table, refs, shift, table_only, shape)[0]
                 t = point.threshold
                 fp = int((np.isfinite(non) & (non >= t)).sum())
                 out.append({"K": k, "draw": d, "target_fpir": target, "threshold": t, "expected_fpir": point.expected_fpir,
@@ -522,11 +522,12 @@ def main(args) -> int:
             card = cfg.models.encoder if name.startswith("shipped default") else enc_card
             tbl = _k_table(ms, s, cohort_for, card)
             if tbl is not None and not args.no_gate_threshold:
-                # The card's door-vs-gallery shift applies to its own table only.
-                shift = load_card(card)[0].calibration.gallery_shift if tbl[2].startswith("model card") else 0.0
+                # The card's door-vs-gallery shift and tail shape apply to its own table only.
+                cal = load_card(card)[0].calibration
+                shift, shape = (cal.gallery_shift, cal.tail_shape) if tbl[2].startswith("model card") else (0.0, 0.0)
                 only = tbl[2] if s.norm == "asnorm" else None
-                runs = {c: gate_threshold_runs(ms, s, split, tbl[:2], shift, only, c, draws=args.draws, full=r)
-                        for c in ("gallery", "card")}
+                runs = {c: gate_threshold_runs(ms, s, split, tbl[:2], shift, only, c, draws=args.draws, full=r,
+                                               shape=shape) for c in ("gallery", "card")}
                 row["gate_threshold"] = {c: summarize_gate_runs(v) for c, v in runs.items()}
                 row["gate_threshold_runs"] = runs
                 row["gate_threshold_table"] = tbl[2]

@@ -89,32 +89,122 @@ def impostor_table(vectors: np.ndarray, ids: list[str], grid=FMR_GRID, refs: np.
             "fmr": [fmr[i] for i in order], "threshold": [thr[i] for i in order]}
 
 
-def gallery_shift(door: np.ndarray, refs: np.ndarray, ids: list[str], sizes=(50, 100, 150), draws: int = 40,
-                  fpir: float = 0.01, seed: int = 0) -> float:
-    """How far the gate's self-calibration (edge.threshold: the tail fitted to its gallery's
-    leave-one-out maxima) sits below the tail strangers at the door meet: the mean, over simulated
-    galleries (one enrolled photo, `refs`, of each of K random identities), of the threshold at
-    `fpir` from the door faces of the identities left out minus the one from the gallery alone."""
-    from edge.threshold import leave_one_out_maxima, tail_from_maxima
+# An identity pair of a calibration set is one person under two names when a photo of one matches a
+# photo of the other as the same image does, or when their photos match each other on average as
+# well as a typical person's own do (the 5th percentile of the identities' own mean scores).
+SAME_IMAGE = 0.95
+# Simulated galleries: K of the calibration set's identities, the rest (at least MIN_STRANGERS
+# identities) strangers at the door.
+GALLERY_SIZES = (50, 100, 150)
+MIN_STRANGERS = 100
+# Tail shapes tried, and the FPIRs a shape is judged on: galleries of 50-150 of a few hundred
+# identities meet 1,500-3,000 strangers each, too few for FPIR 0.001, where one look-alike decides.
+SHAPES = tuple(float(k) for k in np.round(np.arange(0.0, 0.301, 0.025), 3))
+SHAPE_TARGETS = (0.003, 0.01, 0.03)
 
+
+def label_errors(door: np.ndarray, refs: np.ndarray, ids: list[str]) -> list[str]:
+    """Identities that are another identity's person (the later name of each such pair), which a
+    simulation would count as strangers scoring like the person themself."""
+    ids_arr = np.asarray(ids)
+    people, inv = np.unique(ids_arr, return_inverse=True)
+    order = np.argsort(inv, kind="stable")
+    counts = np.bincount(inv)
+    starts = np.r_[0, np.cumsum(counts)[:-1]]
+    s = (door @ refs.T)[np.ix_(order, order)].astype(np.float64)
+    np.fill_diagonal(s, np.nan)  # a photo against its own enrolled copy says nothing of the pair
+    sums = np.add.reduceat(np.add.reduceat(np.nan_to_num(s), starts, 0), starts, 1)
+    pairs = np.outer(counts, counts) - np.diag(counts)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = sums / pairs
+    top = np.maximum.reduceat(np.maximum.reduceat(np.nan_to_num(s, nan=-1.0), starts, 0), starts, 1)
+    own = np.diag(mean)[counts > 1]
+    if not len(own):
+        return []
+    same = (np.maximum(top, top.T) >= SAME_IMAGE) | (np.fmax(mean, mean.T) >= np.percentile(own, 5))
+    np.fill_diagonal(same, False)
+    dropped: set[int] = set()
+    for a, b in zip(*np.nonzero(np.triu(same))):
+        if a not in dropped:
+            dropped.add(int(b))
+    return sorted(people[i] for i in dropped)
+
+
+def simulated_galleries(door: np.ndarray, refs: np.ndarray, ids: list[str], sizes=GALLERY_SIZES, draws: int = 40,
+                        seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(gallery, strangers' best scores) of `draws` galleries of each size: one enrolled photo
+    (`refs`) of each of K random identities; the strangers are the door faces of the rest."""
     ids_arr = np.asarray(ids)
     people = np.unique(ids_arr)
     rng = np.random.default_rng(seed)
-    # A small face set (a test subset) simulates galleries of half its people.
-    sizes = [k for k in sizes if k < len(people)] or [len(people) // 2]
-    if sizes[0] < 4:
-        raise FacegateError(None, f"too few identities ({len(people)}) to simulate galleries for the gallery shift")
-    diffs = []
+    out = []
     for k in sizes:
         for _ in range(draws):
             chosen = rng.choice(people, k, replace=False)
-            enrolled = np.array([rng.choice(np.flatnonzero(ids_arr == p)) for p in chosen])
-            gallery = refs[enrolled]
-            strangers = door[~np.isin(ids_arr, chosen)]
-            at_door = tail_from_maxima((strangers @ gallery.T).max(1), k)
-            own = tail_from_maxima(*leave_one_out_maxima(gallery))
-            diffs.append(at_door.threshold(fpir, k) - own.threshold(fpir, k))
+            gallery = refs[[rng.choice(np.flatnonzero(ids_arr == p)) for p in chosen]]
+            out.append((gallery, np.sort((door[~np.isin(ids_arr, chosen)] @ gallery.T).max(1))))
+    return out
+
+
+def gallery_shift(sims, shape: float = 0.0, fpir: float = 0.01) -> float:
+    """How far the gate's self-calibration (edge.threshold: the tail fitted to its gallery's
+    leave-one-out maxima) sits below the tail strangers at the door meet: the mean over simulated
+    galleries of the threshold at `fpir` from the strangers' best scores minus the one from the
+    gallery alone, both at tail `shape`."""
+    from edge.threshold import leave_one_out_maxima, tail_from_maxima
+
+    diffs = [tail_from_maxima(strangers, len(g), shape).threshold(fpir, len(g))
+             - tail_from_maxima(*leave_one_out_maxima(g), shape).threshold(fpir, len(g)) for g, strangers in sims]
     return float(np.mean(diffs))
+
+
+def delivered_fpir(sims, shape: float, shift: float, table: tuple[list, list], targets=SHAPE_TARGETS) -> np.ndarray:
+    """Measured / asked FPIR of the gate's own threshold (edge.threshold.gallery_tail at `shape`, the
+    card's table as its prior) per gallery size (rows, in the order of `sims`) and target, pooled
+    over the draws of a size."""
+    from edge.threshold import gallery_tail, tail_from_table
+
+    prior = tail_from_table(*table, shape=shape)
+    counts: dict[tuple[int, float], list[int]] = {}
+    for g, strangers in sims:
+        tail, _ = gallery_tail(g, prior, shift)
+        for t in targets:
+            c = counts.setdefault((len(g), t), [0, 0])
+            c[0] += len(strangers) - int(np.searchsorted(strangers, tail.threshold(t, len(g))))
+            c[1] += len(strangers)
+    sizes = sorted({k for k, _ in counts})
+    return np.array([[max(counts[(k, t)][0], 1) / counts[(k, t)][1] / t for t in targets] for k in sizes])
+
+
+def stranger_tail(door: np.ndarray, refs: np.ndarray, ids: list[str], table: tuple[list, list], draws: int = 40,
+                  seed: int = 0, say=print) -> dict:
+    """The card's `tail_shape` and `gallery_shift`: on galleries simulated from the calibration set
+    (its label errors left out), the shape at which the gate's own threshold delivers the same share
+    of the asked FPIR at every target and size (the least spread of log(measured / asked)), with the
+    door-vs-gallery shift measured at that shape. Where the set has too few identities for galleries
+    of 50 beside MIN_STRANGERS strangers the shape is 0, the exponential tail, which errs strict."""
+    left_out = label_errors(door, refs, ids)
+    keep = ~np.isin(np.asarray(ids), left_out)
+    ids_kept = np.asarray(ids)[keep]
+    people = len(np.unique(ids_kept))
+    sizes = [k for k in GALLERY_SIZES if k + MIN_STRANGERS <= people]
+    if not sizes:
+        if people < 8:
+            raise FacegateError(None, f"too few identities ({people}) to simulate galleries for the gallery shift")
+        sims = simulated_galleries(door[keep], refs[keep], ids_kept, [people // 2], draws, seed)
+        return {"tail_shape": 0.0, "gallery_shift": gallery_shift(sims), "left_out": left_out}
+    sims = simulated_galleries(door[keep], refs[keep], ids_kept, sizes, draws, seed)
+    best = None
+    for shape in SHAPES:
+        shift = gallery_shift(sims, shape)
+        spread = float(np.std(np.log(delivered_fpir(sims, shape, shift, table))))
+        if best is None or spread < best[0]:
+            best = (spread, shape, shift)
+    _, shape, shift = best
+    ratios = delivered_fpir(sims, shape, shift, table)
+    say(f"stranger tail: shape {shape}, shift {shift:+.4f}, measured / asked FPIR {ratios.min():.2f}-{ratios.max():.2f} "
+        f"on galleries of {', '.join(map(str, sizes))} (left out as label errors: {', '.join(left_out) or 'none'})")
+    return {"tail_shape": shape, "gallery_shift": shift, "left_out": left_out}
 
 
 def write_thresholds(encoder: Encoder, faces, out: Path, dataset: str) -> dict:

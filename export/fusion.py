@@ -23,7 +23,7 @@ from evaluation.embeddings import combine, embed_folder
 from edge.modelcard import CalibrationSpec, EmbeddingSpec, SourceSpec, write_card
 
 from .build import CALIB_DIR, derived_card
-from .calibrate import gallery_shift, impostor_table
+from .calibrate import impostor_table, stranger_tail
 from .cohort import best_fusion_weight, identity_keys, split_identities
 
 
@@ -64,10 +64,11 @@ def build_fusion(member_cards: list[Path], detector_card: Path, faces: Path, nam
         f"impostor std {stats[0][1]:.4f} / {stats[1][1]:.4f}, scales {scales[0]:.3f} / {scales[1]:.3f}")
     fused = fuse_vectors([v[ok] for v in door], scales)
     refs = fuse_vectors([v[ok] for v in enrolled], scales)
+    table = impostor_table(fused, ids[ok].tolist(), refs=refs)
+    tail = stranger_tail(fused, refs, ids[ok].tolist(), (table["fmr"], table["threshold"]), say=say)
     cal = CalibrationSpec(dataset=f"{faces.parent.name} ({faces.name}), {int(ok.sum())} faces"
                                   f"{', enrolled with their mirror' if enroll_flip else ''}",
-                          gallery_shift=gallery_shift(fused, refs, ids[ok].tolist()),
-                          **impostor_table(fused, ids[ok].tolist(), refs=refs))
+                          gallery_shift=tail["gallery_shift"], tail_shape=tail["tail_shape"], **table)
     mirrored = [c.name for c, f in zip(member_cards, flips) if f]
     recipe = FusionRecipe(members=[FusionMember(card=c.name, sha256=e.sha256, scale=s, flip=f)
                                    for c, e, s, f in zip(member_cards, encs, scales, flips)],

@@ -681,7 +681,7 @@ def fake_enroll_stack(monkeypatch, results):
 
     # enroll screens for duplicate faces at the gate's threshold: this table puts it near 1, so only
     # (near) identical fake embeddings are one face
-    calibration = SimpleNamespace(fmr=[1e-2, 1e-12], threshold=[0.9999, 1.0], gallery_shift=0.0)
+    calibration = SimpleNamespace(fmr=[1e-2, 1e-12], threshold=[0.9999, 1.0], gallery_shift=0.0, tail_shape=0.0)
     encoder = SimpleNamespace(sha256="e" * 64, card=SimpleNamespace(embedding=SimpleNamespace(dim=4), calibration=calibration))
     monkeypatch.setattr(Stack, "from_config", classmethod(lambda cls, c: Stack(None, encoder)))
     monkeypatch.setattr(edge.enroll, "enroll_folder", lambda stack, cfg, folder: results)

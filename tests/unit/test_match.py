@@ -302,7 +302,7 @@ def test_retention_lowered_since_enrollment_ends_enrolments_at_the_next_decision
     from edge import gallery as G
     from edge.pipeline import Matcher
 
-    cal = SimpleNamespace(fmr=FMR, threshold=THR, gallery_shift=0.0)
+    cal = SimpleNamespace(fmr=FMR, threshold=THR, gallery_shift=0.0, tail_shape=0.0)
     stack = SimpleNamespace(cohort=None, threads=1, encoder=SimpleNamespace(sha256="e", card=SimpleNamespace(calibration=cal)))
     g = G.Gallery("e", 4)
     day = 86400.0

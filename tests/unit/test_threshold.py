@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from edge.config import MAX_TARGET_FPIR, Config
-from edge.threshold import (OperatingPoint, TailModel, blend, gallery_tail, gumbel_lmoments, leave_one_out_maxima,
-                            operating_points, tail_from_maxima, tail_from_table)
+from edge.threshold import (OperatingPoint, TailModel, blend, extreme_value_lmoments, gallery_tail, leave_one_out_maxima,
+                            operating_points, tail_distance, tail_from_maxima, tail_from_table, tail_share)
 
 
 def test_tail_fpir_and_threshold_by_hand():
@@ -24,18 +24,35 @@ def test_tail_fpir_and_threshold_by_hand():
 
 def test_gumbel_l_moments_by_hand():
     # 1, 2, 3, 4: b0 = 2.5, b1 = (0 + 2/3 + 2 + 4) / 4 = 5/3, l2 = 2 b1 - b0 = 5/6
-    mu, beta = gumbel_lmoments(np.array([4.0, 1.0, 3.0, 2.0]))
+    mu, beta = extreme_value_lmoments(np.array([4.0, 1.0, 3.0, 2.0]))
     assert beta == pytest.approx((5 / 6) / math.log(2), rel=1e-12)
     assert mu == pytest.approx(2.5 - 0.5772156649015329 * beta, rel=1e-12)
     with pytest.raises(ValueError, match="at least 3"):
-        gumbel_lmoments(np.array([1.0, 2.0]))
+        extreme_value_lmoments(np.array([1.0, 2.0]))
     with pytest.raises(ValueError, match="spread"):
-        gumbel_lmoments(np.ones(10))
+        extreme_value_lmoments(np.ones(10))
+
+
+def test_a_bounded_tail_by_hand():
+    # k = 0.5, z = 1: (1 - 0.5) ** 2 = 0.25, and back; past the end (z > 1 / k) no stranger scores
+    assert tail_share(1.0, 0.5) == pytest.approx(0.25, rel=1e-12)
+    assert tail_distance(0.25, 0.5) == pytest.approx(1.0, rel=1e-12)
+    assert tail_share(2.5, 0.5) == 0.0
+    # the exponential is the limit k -> 0
+    assert tail_share(1.3, 1e-9) == pytest.approx(math.exp(-1.3), rel=1e-6)
+    assert tail_distance(0.01, 1e-9) == pytest.approx(-math.log(0.01), rel=1e-6)
+    tail = TailModel(a=0.5, beta=0.1, shape=0.5)
+    # 10 comparisons at 0.6: each 0.25, rate 2.5
+    assert tail.fpir(0.6, 10) == pytest.approx(1 - math.exp(-2.5), rel=1e-12)
+    assert tail.threshold(tail.fpir(0.6, 10), 10) == pytest.approx(0.6, abs=1e-12)
+    # a bounded tail climbs less with K than the exponential's beta ln 10 per tenfold
+    steep = TailModel(0.5, 0.1).threshold(0.003, 1000) - TailModel(0.5, 0.1).threshold(0.003, 100)
+    assert tail.threshold(0.003, 1000) - tail.threshold(0.003, 100) < steep
 
 
 def test_gumbel_fit_recovers_a_gumbel_sample():
     x = np.random.default_rng(0).gumbel(0.7, 0.02, size=20000)
-    mu, beta = gumbel_lmoments(x)
+    mu, beta = extreme_value_lmoments(x)
     assert mu == pytest.approx(0.7, abs=0.001) and beta == pytest.approx(0.02, rel=0.03)
 
 
@@ -49,6 +66,26 @@ def test_maxima_of_an_exponential_tail_give_back_its_parameters():
     assert tail.a == pytest.approx(0.3, abs=0.003) and tail.beta == pytest.approx(0.05, rel=0.03)
 
 
+def test_extreme_value_fit_at_a_given_shape_recovers_its_sample():
+    u = np.random.default_rng(3).uniform(size=40000)
+    k, mu, scale = 0.2, 0.7, 0.02
+    x = mu + scale * (1 - (-np.log(u)) ** k) / k  # inverse of the GEV's distribution function
+    m, s = extreme_value_lmoments(x, k)
+    assert m == pytest.approx(mu, abs=0.0005) and s == pytest.approx(scale, rel=0.03)
+
+
+def test_maxima_of_a_bounded_tail_give_back_its_parameters():
+    """Scores a + beta (1 - U^k) / k have exactly P(s >= t) = (1 - k (t - a) / beta) ** (1 / k); the
+    maximum of m of them is an extreme value of shape k, and the per-comparison tail comes back."""
+    rng = np.random.default_rng(4)
+    m, k = 200, 0.15
+    maxima = (0.3 + 0.05 * (1 - rng.uniform(size=(5000, m)) ** k) / k).max(1)
+    tail = tail_from_maxima(maxima, m, k)
+    assert tail.shape == k and tail.a == pytest.approx(0.3, abs=0.004) and tail.beta == pytest.approx(0.05, rel=0.04)
+    # read as exponential, the same maxima extrapolate a heavier tail: stricter at rarer targets
+    assert tail_from_maxima(maxima, m).threshold(0.001, 1000) > tail.threshold(0.001, 1000)
+
+
 def test_tail_from_a_log_linear_table_is_exact():
     thr = [0.2, 0.3, 0.4, 0.5, 0.6]
     fmr = [math.exp(-(t - 0.1) / 0.05) for t in thr]  # a = 0.1, beta = 0.05; 0.2 is FMR 0.135, outside the fit
@@ -58,6 +95,13 @@ def test_tail_from_a_log_linear_table_is_exact():
     assert short.beta == pytest.approx(0.1 / math.log(10)) and math.exp(-(0.2 - short.a) / short.beta) == pytest.approx(0.05)
     with pytest.raises(ValueError, match="fewer than 2"):
         tail_from_table([1.0, 0.1], [0.1, 0.2])
+
+
+def test_tail_from_a_bounded_table_is_exact_at_its_shape():
+    thr = [0.15, 0.2, 0.25, 0.3]
+    fmr = [(1 - 0.2 * (t - 0.1) / 0.05) ** 5 for t in thr]  # a = 0.1, beta = 0.05, k = 0.2: the tail ends at 0.35
+    tail = tail_from_table(fmr, thr, fmr_range=(1e-9, 0.5), shape=0.2)
+    assert tail.a == pytest.approx(0.1, abs=1e-9) and tail.beta == pytest.approx(0.05, rel=1e-9) and tail.shape == 0.2
 
 
 def test_leave_one_out_maxima_by_hand():
@@ -88,6 +132,8 @@ def test_blend_weights_by_count():
     own, prior = TailModel(0.6, 0.02), TailModel(0.5, 0.04)
     b = blend(own, prior, n_own=75, n_prior=25)
     assert b.a == pytest.approx(0.575) and b.beta == pytest.approx(0.025)
+    with pytest.raises(ValueError, match="shapes"):
+        blend(TailModel(0.6, 0.02, 0.1), prior, 75, 25)
 
 
 def test_a_tiny_gallery_takes_the_prior_and_a_shift_moves_its_own_tail():

@@ -126,7 +126,7 @@ def tail_from_maxima(maxima: np.ndarray, m: int, shape: float = 0.0) -> TailMode
 
 def tail_from_table(fmr_table, thr_table, fmr_range=TAIL_FMR, shape: float = 0.0) -> TailModel:
     """The tail of an impostor table at the given shape: least squares of tail_distance(FMR) on the
-    threshold (ln FMR at shape 0) over the table's points with FMR in fmr_range, or over all its
+    threshold (-ln FMR at shape 0) over the table's points with FMR in fmr_range, or over all its
     points below 1 where fewer than two fall in that range (a short table)."""
     f = np.asarray(fmr_table, np.float64)
     t = np.asarray(thr_table, np.float64)
@@ -213,8 +213,9 @@ def operating_points(match: MatchConfig, table: tuple[list[float], list[float]],
         t, why = match.threshold, detail
         if not fixed:
             t = tail.threshold(match.target_fpir, k)
-            # However the gallery's scores fall, never looser than the card allows at the bound.
-            floor = prior.threshold(MAX_TARGET_FPIR, k)
+            # However the gallery's scores fall, never looser than the card's own table allows at the
+            # bound: read as the table stands, not through the prior refitted at the tail's shape.
+            floor = threshold_for_gallery(fmr, thr, MAX_TARGET_FPIR, k)
             if t < floor:
                 t, why = floor, {**detail, "raised_to_card_floor": True}
         points.append(OperatingPoint(t, tail.fpir(t, k), k, source, why))

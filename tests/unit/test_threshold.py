@@ -177,10 +177,14 @@ def test_a_gallery_never_pulls_the_threshold_below_the_card_s_bound():
     g = np.eye(40, dtype=np.float32)
     g[:, 0] += np.linspace(0, 0.05, 40)
     g /= np.linalg.norm(g, axis=1, keepdims=True)
-    one_n, _ = operating_points(Config().match, table, g)
-    prior = TailModel(0.1, 0.05)
-    assert one_n.threshold == pytest.approx(prior.threshold(MAX_TARGET_FPIR, 40), abs=1e-9)
-    assert one_n.detail["raised_to_card_floor"] and one_n.expected_fpir < 0.003
+    # the table is exp(-(t - 0.1) / 0.05): FMR 1 - 0.95^(1/40) at 0.1 - 0.05 ln FMR
+    floor = 0.1 - 0.05 * math.log(1 - (1 - MAX_TARGET_FPIR) ** (1 / 40))
+    for shape in (0.0, 0.2):
+        # the floor is the table's own reading, whatever shape its tail is refitted at for the prior
+        one_n, _ = operating_points(Config().match, table, g, shape=shape)
+        assert one_n.threshold == pytest.approx(floor, abs=1e-9)
+        assert one_n.detail["raised_to_card_floor"] and one_n.expected_fpir < 0.003
+    assert tail_from_table(*table, shape=0.2).threshold(MAX_TARGET_FPIR, 40) != pytest.approx(one_n.threshold, abs=1e-3)
 
 
 def test_a_fixed_threshold_reports_the_fpir_the_gallery_expects():

@@ -292,10 +292,11 @@ def summarize_gate_runs(runs: list[dict]) -> list[dict]:
             half = stats.t.ppf(0.975, len(rs) - 1) * f.std(ddof=1) / np.sqrt(len(rs))
             lo, hi = min(lo, f.mean() - half), max(hi, f.mean() + half)
         target = key[1]
-        # Fewer than 10 false positives expected at the target over a draw's probes: the count
-        # cannot tell 0.5x from 1.5x.
-        small = target * n / len(rs) < 10
-        out.append({"K": key[0], "target_fpir": target, "draws": len(rs), "nonmated_per_draw": n // len(rs),
+        # Too few non-mated probes in a draw (the draws share the protocol's) to tell: a gate that
+        # let in exactly the target would show an upper bound above 1.5x on one draw's count.
+        per_draw = n // len(rs)
+        small = wilson(round(target * per_draw), per_draw)[1] > 1.5 * target
+        out.append({"K": key[0], "target_fpir": target, "draws": len(rs), "nonmated_per_draw": per_draw,
                     "threshold": float(np.mean([r["threshold"] for r in rs])),
                     "threshold_sd": float(np.std([r["threshold"] for r in rs])),
                     "measured_fpir": float(f.mean()), "ci95": [max(0.0, float(lo)), float(hi)],

@@ -303,6 +303,10 @@ def test_the_summary_interval_is_the_wider_of_the_draws_and_the_pooled_count():
     half = 12.706 * np.std([0.006, 0.008], ddof=1) / np.sqrt(2)  # t(0.975, 1 dof)
     assert c["measured_fpir"] == pytest.approx(0.007) and c["ci95"][1] == pytest.approx(max(hi, 0.007 + half), rel=1e-3)
     assert c["ratio"] == pytest.approx(0.7) and not c["within"]  # the upper bound (the draws disagree) passes 1.5x
-    assert not c["too_few_to_tell"]  # 10 expected per draw
+    # 10 expected per draw: a gate at exactly the target would show an upper bound of 1.83x
+    assert c["too_few_to_tell"] and wilson(10, 1000)[1] > 0.015
     one = E.summarize_gate_runs(rows[:1])[0]
     assert one["ci95"] == pytest.approx(list(wilson(6, 1000))) and one["within"]  # 0.6x, upper 0.0130 <= 0.015
+    # 40 expected per draw: exactly the target would show 1.36x, so the count can tell
+    big = [{**r, "nonmated": 4000, "false_positives": 4 * r["false_positives"]} for r in rows]
+    assert not E.summarize_gate_runs(big)[0]["too_few_to_tell"] and wilson(40, 4000)[1] < 0.015

@@ -202,8 +202,10 @@ def stranger_tail(door: np.ndarray, refs: np.ndarray, ids: list[str], table: tup
             best = (spread, shape, shift)
     _, shape, shift = best
     ratios = delivered_fpir(sims, shape, shift, table)
+    exponential = delivered_fpir(sims, 0.0, gallery_shift(sims, 0.0), table)
     say(f"stranger tail: shape {shape}, shift {shift:+.4f}, measured / asked FPIR {ratios.min():.2f}-{ratios.max():.2f} "
-        f"on galleries of {', '.join(map(str, sizes))} (left out as label errors: {', '.join(left_out) or 'none'})")
+        f"(the exponential tail: {exponential.min():.2f}-{exponential.max():.2f}) on galleries of "
+        f"{', '.join(map(str, sizes))} (left out as label errors: {', '.join(left_out) or 'none'})")
     return {"tail_shape": shape, "gallery_shift": shift, "left_out": left_out}
 
 

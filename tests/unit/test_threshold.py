@@ -169,6 +169,22 @@ def test_the_gate_s_point_follows_its_gallery():
     assert isinstance(pts["loose"], OperatingPoint) and pts["loose"].describe()["maxima"] == 300
 
 
+def test_a_claim_is_never_looser_than_the_card_s_table_at_one_comparison():
+    """The 1:1 point: the gallery's tail extrapolated down to K = 1, or the card's own reading of the
+    target at one comparison where that is stricter (0.1 - 0.05 ln 0.003 = 0.3905 for this table)."""
+    thr = [0.3, 0.4, 0.5, 0.6]
+    table = ([math.exp(-(t - 0.1) / 0.05) for t in thr], thr)
+    card = 0.1 - 0.05 * math.log(0.003)
+    rng = np.random.default_rng(3)
+    for dim, raised in ((256, True), (32, False)):  # 256-d random faces score lower against each other
+        g = rng.normal(size=(300, dim)).astype(np.float32)
+        g /= np.linalg.norm(g, axis=1, keepdims=True)
+        one_n, one_one = operating_points(Config().match, table, g)
+        assert one_one.detail.get("raised_to_card_table", False) is raised
+        assert one_one.threshold == pytest.approx(card, abs=1e-4) if raised else one_one.threshold > card + 0.05
+        assert not one_n.detail.get("raised_to_card_table")
+
+
 def test_a_gallery_never_pulls_the_threshold_below_the_card_s_bound():
     """Enrolled faces that score far apart (orthogonal: every pair 0) would put the threshold near
     0; the card's threshold for MAX_TARGET_FPIR at K is the floor."""

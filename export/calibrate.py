@@ -159,18 +159,18 @@ def gallery_shift(sims, shape: float = 0.0, fpir: float = 0.01) -> float:
 
 
 def delivered_fpir(sims, shape: float, shift: float, table: tuple[list, list], targets=SHAPE_TARGETS) -> np.ndarray:
-    """Measured / asked FPIR of the gate's own threshold (edge.threshold.gallery_tail at `shape`, the
-    card's table as its prior) per gallery size (rows, in the order of `sims`) and target, pooled
-    over the draws of a size."""
-    from edge.threshold import gallery_tail, tail_from_table
+    """Measured / asked FPIR of the gate's own 1:N threshold (edge.threshold.operating_points at
+    `shape`, the card's `table` its prior and floor) per gallery size (rows, ascending) and target,
+    pooled over the draws of a size."""
+    from edge.config import MatchConfig
+    from edge.threshold import operating_points
 
-    prior = tail_from_table(*table, shape=shape)
     counts: dict[tuple[int, float], list[int]] = {}
     for g, strangers in sims:
-        tail, _ = gallery_tail(g, prior, shift)
         for t in targets:
+            point = operating_points(MatchConfig(target_fpir=t), table, g, shift, shape=shape)[0]
             c = counts.setdefault((len(g), t), [0, 0])
-            c[0] += len(strangers) - int(np.searchsorted(strangers, tail.threshold(t, len(g))))
+            c[0] += len(strangers) - int(np.searchsorted(strangers, point.threshold))
             c[1] += len(strangers)
     sizes = sorted({k for k, _ in counts})
     return np.array([[max(counts[(k, t)][0], 1) / counts[(k, t)][1] / t for t in targets] for k in sizes])

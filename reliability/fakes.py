@@ -22,6 +22,7 @@ from edge import gallery as G
 from edge.align import ARCFACE_112
 from edge.camera import _ThreadedCamera
 from edge.config import Config
+from edge.modelcard import CalibrationSpec
 from edge.pipeline import Stack
 from edge.records import AlignedFace, Detection, Embedding
 from reliability import fake_gpiod
@@ -62,7 +63,7 @@ class FakeEncoder:
     def __init__(self):
         # Its crop counts as the quality gate's own (ArcFace 112), so the gate judges it as it is.
         # One-hot embeddings score 1 or 0; the table puts the fixed threshold 0.5 at FMR 1e-4.
-        calibration = SimpleNamespace(fmr=[1e-2, 1e-6], threshold=[0.1, 0.9], gallery_shift=0.0)
+        calibration = CalibrationSpec(dataset="fake", impostor_pairs=1, fmr=[1e-2, 1e-6], threshold=[0.1, 0.9])
         self.card = SimpleNamespace(calibration=calibration, embedding=SimpleNamespace(dim=DIM), name="fake-encoder",
                                     sha256=ENCODER_SHA, alignment=SimpleNamespace(template=ARCFACE_112, size=(112, 112)))
 

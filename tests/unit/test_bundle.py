@@ -15,6 +15,7 @@ from edge import bundle as B
 from edge import gallery as G
 from edge.audit import AuditLog
 from edge.errors import BundleError
+from edge.modelcard import CalibrationSpec
 
 from _stack import gate_config as stack_gate_config
 from _stack import sample
@@ -681,7 +682,7 @@ def fake_enroll_stack(monkeypatch, results):
 
     # enroll screens for duplicate faces at the gate's threshold: this table puts it near 1, so only
     # (near) identical fake embeddings are one face
-    calibration = SimpleNamespace(fmr=[1e-2, 1e-12], threshold=[0.9999, 1.0], gallery_shift=0.0, tail_shape=0.0)
+    calibration = CalibrationSpec(dataset="hand-made", impostor_pairs=1, fmr=[1e-2, 1e-12], threshold=[0.9999, 1.0])
     encoder = SimpleNamespace(sha256="e" * 64, card=SimpleNamespace(embedding=SimpleNamespace(dim=4), calibration=calibration))
     monkeypatch.setattr(Stack, "from_config", classmethod(lambda cls, c: Stack(None, encoder)))
     monkeypatch.setattr(edge.enroll, "enroll_folder", lambda stack, cfg, folder: results)

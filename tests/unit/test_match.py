@@ -7,6 +7,7 @@ import pytest
 
 from edge.config import Config
 from edge.errors import GalleryError
+from edge.modelcard import CalibrationSpec
 from edge.match import (as_norm, cohort_stats, cosine_scores, expected_fpir, fmr_at_threshold, fpir_at_threshold,
                         identify, per_comparison_fmr, threshold_for_fmr, threshold_for_gallery, verify)
 from edge.pipeline import impostor_table
@@ -302,7 +303,7 @@ def test_retention_lowered_since_enrollment_ends_enrolments_at_the_next_decision
     from edge import gallery as G
     from edge.pipeline import Matcher
 
-    cal = SimpleNamespace(fmr=FMR, threshold=THR, gallery_shift=0.0, tail_shape=0.0)
+    cal = CalibrationSpec(dataset="hand-made", impostor_pairs=1, fmr=FMR, threshold=THR)
     stack = SimpleNamespace(cohort=None, threads=1, encoder=SimpleNamespace(sha256="e", card=SimpleNamespace(calibration=cal)))
     g = G.Gallery("e", 4)
     day = 86400.0

@@ -220,7 +220,7 @@ def operating_points(match: MatchConfig, table: tuple[list[float], list[float]],
                 t, why = floor, {**detail, "raised_to_card_floor": True}
             # One comparison (a claim) is what the card's table measured directly, on millions of
             # door-vs-enrolled pairs; the gallery's tail reaches K = 1 only by extrapolating down
-            # from maxima over K, which let in up to 1.6x the target on CelebA galleries: the stricter.
+            # from maxima over K: the stricter of the two.
             one = threshold_for_gallery(fmr, thr, match.target_fpir, 1) if k == 1 else -np.inf
             if t < one:
                 t, why = one, {**why, "raised_to_card_table": True}

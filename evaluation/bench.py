@@ -84,17 +84,17 @@ def bench_search(k: int = 100_000, dim: int = 128, n: int = 200, clock=time.perf
 
 
 def bench_operating_point(table: tuple[list, list], k: int = 100_000, dim: int = 128, n: int = 10,
-                          clock=time.perf_counter) -> float:
+                          clock=time.perf_counter, shape: float = 0.0) -> float:
     """The gate's own threshold as Matcher computes it at each gallery load and reload
     (edge.threshold.operating_points: the enrolled faces scored against each other, sampled past
-    MAX_PAIRS, the tail fitted), on k random unit vectors."""
+    MAX_PAIRS, the tail fitted at the card's `shape`), on k random unit vectors."""
     from edge.config import MatchConfig
     from edge.threshold import operating_points
 
     rng = np.random.default_rng(1)
     m = rng.standard_normal(size=(k, dim), dtype=np.float32)
     m /= np.linalg.norm(m, axis=1, keepdims=True)
-    return median_ms(lambda: operating_points(MatchConfig(), table, m), n, warmup=1, clock=clock)
+    return median_ms(lambda: operating_points(MatchConfig(), table, m, shape=shape), n, warmup=1, clock=clock)
 
 
 def main(args) -> int:
@@ -143,7 +143,8 @@ def main(args) -> int:
           f"{cpu:.2f} ms cpu per query (median of 200)")
     cal = load_card(cfg.models.encoder, verify_file=False)[0].calibration
     for k in (1_680, args.gallery_size):
-        wall, cpu = (bench_operating_point((cal.fmr, cal.threshold), k, dim, clock=CLOCKS[kind]) for kind in ("wall", "cpu"))
+        wall, cpu = (bench_operating_point((cal.fmr, cal.threshold), k, dim, clock=CLOCKS[kind], shape=cal.tail_shape)
+                     for kind in ("wall", "cpu"))
         print(f"the gate's own threshold at a gallery load, {k} enrolled x {dim}-d: {wall:.0f} ms wall, {cpu:.0f} ms cpu "
               f"(median of 10)")
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")

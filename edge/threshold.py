@@ -194,9 +194,9 @@ def operating_points(match: MatchConfig, table: tuple[list[float], list[float]],
     claim is one comparison, K = 1), with the FPIR each expects: fixed in config, or for
     target_fpir. By default (match.calibration 'gallery') from the tail fitted to the enrolled
     faces' own scores, moved by `shift`, with the (FMR, threshold) `table` as a prior, both at the
-    card's tail `shape`; with
-    match.calibration 'card' or scores the gallery cannot speak for (`table_only` names the table,
-    e.g. a cohort's AS-norm one), from the table alone, its comparisons taken as independent."""
+    card's tail `shape`; with match.calibration 'card' or scores the gallery cannot speak for
+    (`table_only` names the table, e.g. a cohort's AS-norm one), from the table alone, its
+    comparisons taken as independent."""
     fmr, thr = table
     fixed = match.threshold is not None
     ks = (max(len(matrix), 1), 1)

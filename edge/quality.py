@@ -12,11 +12,15 @@ a light-skinned face two stops under), so no check here uses it. Instead:
   darkest pixels and shrinks it; a dimmer light scales both ends alike and leaves it unchanged (a
   difference of grey levels shrank with the light, and from a lower start on darker skin, so it
   refused darker faces sooner as the light went). Too small: washed out;
-- back-light: the face's own highlights (the brightest few pixels of its interior: eye whites,
-  teeth, shine) against its surroundings', each pixel read in its brightest colour channel, the one nearest the
-  sensor's full scale. A face much darker than a bright background behind it has been exposed for
-  the background. Grey levels weigh red by 0.3 only, so they read the highlights of a face whose
-  light comes back mostly red (darker, more saturated skin) darker than the exposure they show;
+- back-light: the face's brightest pixel (in its interior: a catchlight, an eye white, teeth,
+  shine) against its surroundings' highlights, each pixel read in its brightest colour channel,
+  the one nearest the sensor's full scale. A face much darker than a bright background behind it
+  has been exposed for the background. The brightest pixel, not the brightest few: a catchlight
+  or a glint of shine is light reflected off the surface, as bright on any skin, while the next
+  brightest pixels of a matte face are skin, which reflects less light the darker it is (the
+  99.5th percentile refused the darker skins' tail half a stop sooner). Grey levels weigh red by
+  0.3 only, so they read the highlights of a face whose light comes back mostly red (darker, more
+  saturated skin) darker than the exposure they show;
 - information lost: the share of the face clipped to white or crushed to black;
 - blur: the Laplacian's share of the face's contrast (variance of the Laplacian over the variance
   of the grey levels), which a darker face or a dimmer light leaves unchanged, where the plain
@@ -60,7 +64,7 @@ def detail(gray: np.ndarray) -> float:
 class Exposure:
     highlight: float  # 99th percentile grey of the face and its surroundings
     contrast: float  # stops from the face's 0.5th to its 99.5th percentile, in linear light
-    backlight: float  # face's 99.5th percentile / its surroundings' 99th, brightest channel (1 where nothing surrounds it)
+    backlight: float  # face interior's brightest pixel / its surroundings' 99th percentile, brightest channel (1 where nothing surrounds it)
     clipped: float  # share of the face at 250 or above
     crushed: float  # share of the face at 5 or below
 
@@ -120,7 +124,7 @@ def exposure(frame: np.ndarray, box, face: np.ndarray, face_peak: np.ndarray) ->
     around = float(np.percentile(surround, 99)) if surround.size >= 16 else 0.0
     # half a grey level at least: a face with pure black in it has all the range it can show
     stops = float(np.log2(linear_light(max(face_hi, 0.5)) / linear_light(max(face_lo, 0.5))))
-    return Exposure(hi, stops, float(np.percentile(face_peak, 99.5)) / around if around > 0 else 1.0,
+    return Exposure(hi, stops, float(face_peak.max()) / around if around > 0 else 1.0,
                     float((face >= 250).mean()), float((face <= 5).mean()))
 
 

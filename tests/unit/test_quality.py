@@ -181,6 +181,42 @@ def test_a_window_showing_beside_the_cheeks_is_not_taken_for_the_faces_highlight
     assert not q.ok and q.reason in ("backlit", "crushed"), q.exposure
 
 
+def matte_face(skin, rng) -> np.ndarray:
+    """made_face with no highlight of its own but a catchlight in each eye: lids shading the eye
+    whites to a quarter, black pupils, the mouth closed over the teeth, no shine; 2x2 px of the
+    light source reflected in each cornea."""
+    import cv2
+
+    f = made_face(skin, rng)
+    for cx, cy in ((38.3, 51.7), (73.5, 51.5)):
+        eye = np.zeros(f.shape[:2], np.uint8)
+        cv2.ellipse(eye, (int(cx), int(cy)), (10, 5), 0, 0, 360, 1, -1)
+        f[eye == 1] = (f[eye == 1] * 0.25).astype(np.uint8)
+        cv2.circle(f, (int(cx), int(cy)), 3, (6, 6, 8), -1)
+        f[int(cy) - 2:int(cy), int(cx) + 1:int(cx) + 3] = 245
+    cv2.ellipse(f, (56, 88), (14, 5), 0, 0, 360, tuple(int(0.8 * c) for c in skin), -1)  # lips, over the teeth
+    return f
+
+
+@pytest.mark.parametrize("skin", [LIGHT_SKIN, DARK_SKIN], ids=["light", "dark"])
+def test_back_light_reads_the_faces_brightest_pixel_a_catchlight_as_bright_on_any_skin(skin):
+    """A matte face in front of a blown-out window, exposed for the face: its only highlight is
+    the light source reflected in its eyes, as bright on dark skin as on light. The next brightest
+    pixels are skin: the dark face's 99.5th percentile sits near a fifth of the window, as if
+    back-lit by more than 3 stops. Darkened 4 stops, either face is refused."""
+    from edge.align import align
+    from edge.quality import FACE_INTERIOR, QUALITY_SIZE, QUALITY_TEMPLATE, peak
+
+    frame, det = scene(matte_face(skin, np.random.default_rng(0)))
+    q = judge(window_behind(frame, 0), det)
+    assert (q.ok, q.reason) == (True, "ok"), q.exposure
+    interior = peak(align(frame, det, QUALITY_TEMPLATE, QUALITY_SIZE).image)[FACE_INTERIOR]
+    if skin == DARK_SKIN:
+        assert np.percentile(interior, 99.5) / 255 < 0.25  # the brightest few pixels: skin
+    q = judge(window_behind(frame, -4), det)
+    assert not q.ok and q.reason in ("backlit", "crushed"), q.exposure
+
+
 def test_back_light_reads_each_pixels_brightest_channel_not_its_grey():
     """Highlights that come back red (shine on darker skin) are as near the sensor's full scale as
     white ones: grey levels, weighing red by 0.3, would read this face as 3 stops under its wall."""

@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     s.add_argument("--celeba", default=str(SHARED / "data" / "celeba" / "images"))
     s.add_argument("--lfw", default=str(SHARED / "data" / "lfw"))
     s.add_argument("--detector", default=str(MODELS / "yunet_fp32.card.json"))
-    s.add_argument("--per-band", type=int, default=40, help="CelebA faces per band in the graded exposure set")
+    s.add_argument("--per-band", type=int, default=40, help="faces per band in each graded exposure set (CelebA by photo band; CelebA and LFW by person band)")
     s.add_argument("--as-shot", action="store_true", help="graded set from the photos as they are, not first exposed alike")
     s.add_argument("--matcher", action="store_true", help="also score the back-lit graded faces with the default encoder: "
                                                           "own-person and best-stranger scores by stops of back-light")

@@ -5,12 +5,17 @@ ITA = atan((L* - 50) / b*) in degrees, from the median CIELAB L* and b* of three
 the aligned face (both cheeks and the forehead above the nose bridge), binned into the six usual
 bands. ITA of web photos reflects the light as much as the skin: the bands are a proxy, reported
 with their counts and 95% intervals, and a band of fewer than MIN_BAND faces is called too small
-to judge.
+to judge. A photo's band reads its light too (a light-skinned face in shade or warm light reads
+brown or dark), so each person is also given a band of their own (`person_bands`: the band of the
+median ITA of all their photos, under many lights, where they have MIN_PERSON_PHOTOS or more):
+the photo's band asks whether a check follows the picture's light, the person's whether it
+follows the skin.
 
 Reported:
 - a graded synthetic exposure set: well-exposed faces of every band darkened, brightened,
   back-lit and blown out step by step (in linear light), and the first step at which the quality
-  gate refuses each face, with the reason. "Well-exposed" is made, not assumed: web photos of the
+  gate refuses each face, with the reason; drawn by photo band (CelebA) and again by person band
+  (CelebA and LFW: CelebA's 259 people hold one dark-skinned person by that measure, LFW more). "Well-exposed" is made, not assumed: web photos of the
   darker bands are also darker pictures (ITA reads the light too), so each photo is first exposed
   as a camera's metering would, its whole picture's highlights (99th percentile grey) brought to
   WELL_EXPOSED_P99 (`expose`; `--as-shot` keeps the photos as they are). The face box and
@@ -19,7 +24,7 @@ Reported:
 - with `--matcher`, what the default matcher makes of the back-lit graded faces step by step
   (`matcher_under`): whether the quality gate refuses where matching suffers, or sooner;
 - per band on CelebA and LFW: the share of faces refused at enrollment (`enroll_quality`) and at
-  the door (`quality`, before patience);
+  the door (`quality`, before patience), by photo band and by person band;
 - per band on LFW's 1:N protocol: FNIR of the mated probes and FPIR of the non-mated probes in the
   band, at the gate's own threshold for the protocol's gallery (evaluation only: nothing is tuned
   on LFW)."""
@@ -44,6 +49,7 @@ from .metrics import wilson
 BANDS = (("very light", 55.0, 90.0), ("light", 41.0, 55.0), ("intermediate", 28.0, 41.0),
          ("tan", 10.0, 28.0), ("brown", -30.0, 10.0), ("dark", -90.0, -30.0))
 MIN_BAND = 100  # fewer faces than this: too small to judge
+MIN_PERSON_PHOTOS = 3  # a person's band is the median of at least this many photos' ITA
 # Skin patches on the 112x112 ArcFace crop (x0, y0, x1, y1): the cheeks below the eyes and the
 # forehead above the nose bridge; clear of eyes, brows, nostrils, lips and, mostly, hair.
 SKIN_PATCHES = ((22, 58, 42, 76), (70, 58, 90, 76), (44, 20, 68, 34))
@@ -64,6 +70,18 @@ def band_of(angle: float) -> str:
         if lo <= angle < hi:
             return name
     return BANDS[0][0] if angle >= BANDS[0][2] else BANDS[-1][0]
+
+
+def person_bands(rows: list[dict]) -> dict[str, str]:
+    """Each person's band (rows keyed 'person/photo', with their photo's "ita"): the band of the
+    median ITA over the person's photos, for people with MIN_PERSON_PHOTOS or more. One photo's
+    light moves its ITA a band or two; the median of several photos taken under different lights
+    is left with the skin."""
+    angles: dict[str, list[float]] = {}
+    for r in rows:
+        if r.get("ita") is not None:
+            angles.setdefault(r["key"].split("/")[0], []).append(r["ita"])
+    return {p: band_of(float(np.median(a))) for p, a in angles.items() if len(a) >= MIN_PERSON_PHOTOS}
 
 
 # ---------------------------------------------------------------- graded exposure (linear light)
@@ -290,14 +308,18 @@ def survey(root: Path, keys: list[str], detector, cfg) -> list[dict]:
         angle = ita(crop)
         rows.append({"key": k, "ita": round(angle, 2), "band": band_of(angle),
                      "enroll": enroll.reason, "door": door.reason})
+    people = person_bands(rows)
+    for r in rows:
+        r["person_band"] = people.get(r["key"].split("/")[0]) if r["band"] is not None else None
     return rows
 
 
-def refusal_table(rows: list[dict]) -> dict:
-    """Per band: faces, refusals at enrollment and at the door, with 95% Wilson intervals."""
+def refusal_table(rows: list[dict], by: str = "band") -> dict:
+    """Per band (the row's `by`: "band" of the photo or "person_band"): faces, refusals at
+    enrollment and at the door, with 95% Wilson intervals. A face without a detection is in no band."""
     out = {}
     for name, _, _ in BANDS:
-        r = [x for x in rows if x["band"] == name]
+        r = [x for x in rows if x.get(by) == name]
         entry = {"faces": len(r), "judged": len(r) >= MIN_BAND}
         for side in ("enroll", "door"):
             k = sum(x[side] != "ok" for x in r)
@@ -368,6 +390,27 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def graded_set(rows: list[dict], root: Path, detector, cfg, per_band: int, by: str, as_shot: bool) -> list:
+    """The graded set: faces of `rows` that pass the door untouched, exposed alike (unless
+    `as_shot`) and passing so, up to `per_band` per band (the row's `by`), drawn in a fixed random
+    order: (photo in its scene, detection, band, key)."""
+    rng = np.random.default_rng(0)
+    picked: list = []
+    counts: dict[str, int] = {}
+    for row in [rows[i] for i in rng.permutation(len(rows))]:
+        b = row.get(by)
+        if b is None or row["door"] != "ok" or counts.get(b, 0) >= per_band:
+            continue
+        img = cv2.imread(str(root / row["key"]))
+        d = subject_face(detector, img)
+        scene, moved = in_scene(img if as_shot else expose(img), d)
+        if not judge(scene, moved, cfg).ok:
+            continue  # exposing the picture can put its face past a limit
+        picked.append((scene, moved, b, row["key"]))
+        counts[b] = counts.get(b, 0) + 1
+    return picked
+
+
 def evaluate(celeba: Path, lfw: Path, detector_card: str, out: Path, per_band: int, probes_json: Path | None,
              target_fpirs=(0.003, 0.01), as_shot: bool = False, matcher: bool = False) -> dict:
     from edge.config import Config
@@ -376,6 +419,7 @@ def evaluate(celeba: Path, lfw: Path, detector_card: str, out: Path, per_band: i
     det = load_detector(detector_card, 1)
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"limits": cfg.quality.model_dump(), "enroll_limits": cfg.enroll_quality.model_dump(), "refusals": {},
+                    "refusals_by_person": {},
                     "graded_exposure": "as shot" if as_shot else f"photo's 99th percentile grey at {WELL_EXPOSED_P99:g}"}
     sets = {"CelebA": (celeba, sorted(str(p.relative_to(celeba)) for p in celeba.glob("*/*.jpg"))),
             "LFW": (lfw / "images", sorted(str(p.relative_to(lfw / "images")) for p in (lfw / "images").glob("*/*.jpg")))}
@@ -383,24 +427,13 @@ def evaluate(celeba: Path, lfw: Path, detector_card: str, out: Path, per_band: i
     for name, (root, keys) in sets.items():
         surveys[name] = survey(root, keys, det, cfg)
         report["refusals"][name] = refusal_table(surveys[name])
-    # The graded set: CelebA faces (never LFW) that pass untouched, exposed alike (unless
-    # `as_shot`) and passing so, up to `per_band` per band, drawn in a fixed random order.
-    rng = np.random.default_rng(0)
-    picked: list = []
-    counts: dict[str, int] = {}
+        report["refusals_by_person"][name] = refusal_table(surveys[name], by="person_band")
+    pick = lambda ds, by: graded_set(surveys[ds], sets[ds][0], det, cfg.quality, per_band, by, as_shot)  # noqa: E731
+    picked = pick("CelebA", "band")
     root = sets["CelebA"][0]
-    for row in [surveys["CelebA"][i] for i in rng.permutation(len(surveys["CelebA"]))]:
-        b = row["band"]
-        if b is None or row["door"] != "ok" or counts.get(b, 0) >= per_band:
-            continue
-        img = cv2.imread(str(root / row["key"]))
-        d = subject_face(det, img)
-        scene, moved = in_scene(img if as_shot else expose(img), d)
-        if not judge(scene, moved, cfg.quality).ok:
-            continue  # exposing the picture can put its face past a limit
-        picked.append((scene, moved, b, row["key"]))
-        counts[b] = counts.get(b, 0) + 1
     report["graded"] = graded([(s, d, b) for s, d, b, _ in picked], cfg.quality)
+    report["graded_by_person"] = {ds: graded([(s, d, b) for s, d, b, _ in pick(ds, "person_band")], cfg.quality)
+                                  for ds in sets}
     if matcher:
         from edge.pipeline import Stack
         report["matcher_back_lit"] = matcher_under("back-lit", picked, root, sets["CelebA"][1], Stack.from_config(cfg),
@@ -423,10 +456,27 @@ def evaluate(celeba: Path, lfw: Path, detector_card: str, out: Path, per_band: i
     return report
 
 
+def graded_lines(gr: dict) -> list[str]:
+    lines = []
+    for t, g in gr.items():
+        lines.append(f"  {t} ({g['unit']}):")
+        for n, b in g["bands"].items():
+            past, fine = b.get("past_skin_white"), b.get("refused_at")
+            lines.append(f"    {n:<13} n={b['faces']:3d} median {b['median_step']:g} (10-90%: {b['p10_step']:g}-{b['p90_step']:g}) {b['reasons']}"
+                         + (f"; refused at {fine['median']:.2f} stops [{fine['median_ci95'][0]:.2f}, {fine['median_ci95'][1]:.2f}]"
+                            f" (10%: {fine['p10']:.2f} [{fine['p10_ci95'][0]:.2f}, {fine['p10_ci95'][1]:.2f}], 90%: {fine['p90']:.2f})"
+                            if fine else "")
+                         + (f"; stops past the skin's own white point: median {past['median']:+.2f} "
+                            f"(10-90%: {past['p10']:+.2f} to {past['p90']:+.2f})" if past else "")
+                         + ("" if b["faces"] >= MIN_BAND else " (too small to judge)"))
+    return lines
+
+
 def summary(r: dict) -> str:
     lines = []
-    for ds, tbl in r["refusals"].items():
-        lines.append(f"{ds}: quality refusals per ITA band (enrollment / door, 95% interval)")
+    for ds, tbl, by in [(ds, t, "photo") for ds, t in r["refusals"].items()] + \
+                       [(ds, t, "person") for ds, t in r.get("refusals_by_person", {}).items()]:
+        lines.append(f"{ds}: quality refusals per ITA band of the {by} (enrollment / door, 95% interval)")
         for n, _, _ in BANDS:
             e = tbl[n]
             if not e["faces"]:
@@ -439,17 +489,11 @@ def summary(r: dict) -> str:
             c = tbl["lightest_vs_darkest_judged"]
             lines.append(f"  {c['bands'][1]} minus {c['bands'][0]}: enrollment {c['enroll_difference_pp']:+.2f} pp, "
                          f"door {c['door_difference_pp']:+.2f} pp")
-    lines.append(f"graded synthetic exposure, CelebA, photos {r['graded_exposure']} (median first refusing step per band; reasons):")
-    for t, g in r["graded"].items():
-        lines.append(f"  {t} ({g['unit']}):")
-        for n, b in g["bands"].items():
-            past, fine = b.get("past_skin_white"), b.get("refused_at")
-            lines.append(f"    {n:<13} n={b['faces']:3d} median {b['median_step']:g} (10-90%: {b['p10_step']:g}-{b['p90_step']:g}) {b['reasons']}"
-                         + (f"; refused at {fine['median']:.2f} stops [{fine['median_ci95'][0]:.2f}, {fine['median_ci95'][1]:.2f}]"
-                            f" (10%: {fine['p10']:.2f} [{fine['p10_ci95'][0]:.2f}, {fine['p10_ci95'][1]:.2f}], 90%: {fine['p90']:.2f})"
-                            if fine else "")
-                         + (f"; stops past the skin's own white point: median {past['median']:+.2f} "
-                            f"(10-90%: {past['p10']:+.2f} to {past['p90']:+.2f})" if past else ""))
+    for title, gr in [("CelebA, by photo band", r["graded"])] + \
+                     [(f"{ds}, by person band", g) for ds, g in r.get("graded_by_person", {}).items()]:
+        lines.append(f"graded synthetic exposure, {title}, photos {r['graded_exposure']} "
+                     "(median first refusing step per band; reasons):")
+        lines += graded_lines(gr)
     if "matcher_back_lit" in r:
         m = r["matcher_back_lit"]
         lines.append("the default matcher on the back-lit graded faces, by stops of back-light "

@@ -320,7 +320,7 @@ def refusal_table(rows: list[dict], by: str = "band") -> dict:
     out = {}
     for name, _, _ in BANDS:
         r = [x for x in rows if x.get(by) == name]
-        entry = {"faces": len(r), "judged": len(r) >= MIN_BAND}
+        entry = {"faces": len(r), "people": len({x["key"].split("/")[0] for x in r}), "judged": len(r) >= MIN_BAND}
         for side in ("enroll", "door"):
             k = sum(x[side] != "ok" for x in r)
             reasons: dict[str, int] = {}
@@ -390,6 +390,15 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def crosstab(rows: list[dict]) -> dict:
+    """Faces per photo band and person band: how far one photo's light moves its band."""
+    out = {name: {p: 0 for p, _, _ in BANDS + (("none", 0, 0),)} for name, _, _ in BANDS}
+    for r in rows:
+        if r["band"] is not None:
+            out[r["band"]][r["person_band"] or "none"] += 1
+    return out
+
+
 def graded_set(rows: list[dict], root: Path, detector, cfg, per_band: int, by: str, as_shot: bool) -> list:
     """The graded set: faces of `rows` that pass the door untouched, exposed alike (unless
     `as_shot`) and passing so, up to `per_band` per band (the row's `by`), drawn in a fixed random
@@ -419,7 +428,7 @@ def evaluate(celeba: Path, lfw: Path, detector_card: str, out: Path, per_band: i
     det = load_detector(detector_card, 1)
     out.mkdir(parents=True, exist_ok=True)
     report: dict = {"limits": cfg.quality.model_dump(), "enroll_limits": cfg.enroll_quality.model_dump(), "refusals": {},
-                    "refusals_by_person": {},
+                    "refusals_by_person": {}, "photo_vs_person": {},
                     "graded_exposure": "as shot" if as_shot else f"photo's 99th percentile grey at {WELL_EXPOSED_P99:g}"}
     sets = {"CelebA": (celeba, sorted(str(p.relative_to(celeba)) for p in celeba.glob("*/*.jpg"))),
             "LFW": (lfw / "images", sorted(str(p.relative_to(lfw / "images")) for p in (lfw / "images").glob("*/*.jpg")))}
@@ -428,6 +437,7 @@ def evaluate(celeba: Path, lfw: Path, detector_card: str, out: Path, per_band: i
         surveys[name] = survey(root, keys, det, cfg)
         report["refusals"][name] = refusal_table(surveys[name])
         report["refusals_by_person"][name] = refusal_table(surveys[name], by="person_band")
+        report["photo_vs_person"][name] = crosstab(surveys[name])
     pick = lambda ds, by: graded_set(surveys[ds], sets[ds][0], det, cfg.quality, per_band, by, as_shot)  # noqa: E731
     picked = pick("CelebA", "band")
     root = sets["CelebA"][0]
@@ -483,12 +493,17 @@ def summary(r: dict) -> str:
                 lines.append(f"  {n:<13} no faces")
                 continue
             f = lambda s: f"{100 * e[s]['rate']:.2f}% [{100 * e[s]['ci95'][0]:.2f}, {100 * e[s]['ci95'][1]:.2f}]"  # noqa: E731
-            lines.append(f"  {n:<13} n={e['faces']:5d}  enrollment {f('enroll'):<24} door {f('door'):<24}"
+            lines.append(f"  {n:<13} n={e['faces']:5d} ({e['people']:4d} people)  enrollment {f('enroll'):<24} door {f('door'):<24}"
                          f"{'' if e['judged'] else ' (too small to judge)'}")
         if "lightest_vs_darkest_judged" in tbl:
             c = tbl["lightest_vs_darkest_judged"]
             lines.append(f"  {c['bands'][1]} minus {c['bands'][0]}: enrollment {c['enroll_difference_pp']:+.2f} pp, "
                          f"door {c['door_difference_pp']:+.2f} pp")
+    for ds, tab in r.get("photo_vs_person", {}).items():
+        lines.append(f"{ds}: faces per photo band (rows) by the person's band (columns; none: fewer than "
+                     f"{MIN_PERSON_PHOTOS} photos)")
+        lines.append(f"  {'':<13} " + " ".join(f"{p:>12}" for p in next(iter(tab.values()))))
+        lines += [f"  {n:<13} " + " ".join(f"{v:12d}" for v in row.values()) for n, row in tab.items()]
     for title, gr in [("CelebA, by photo band", r["graded"])] + \
                      [(f"{ds}, by person band", g) for ds, g in r.get("graded_by_person", {}).items()]:
         lines.append(f"graded synthetic exposure, {title}, photos {r['graded_exposure']} "

@@ -1,5 +1,5 @@
 """evaluation.fairness: the person's band (the median of their photos' ITA) and refusals counted by it."""
-from evaluation.fairness import MIN_PERSON_PHOTOS, person_bands, refusal_table
+from evaluation.fairness import MIN_PERSON_PHOTOS, crosstab, person_bands, refusal_table
 
 
 def photo(key: str, angle: float | None, door: str = "ok", enroll: str = "ok") -> dict:
@@ -23,3 +23,11 @@ def test_refusals_are_counted_by_the_band_asked_for():
     assert by_photo["light"]["faces"] == 4 and by_photo["light"]["door"]["refused"] == 1
     assert by_person["brown"]["faces"] == 2 and by_person["brown"]["door"]["rate"] == 0.5
     assert by_person["light"]["faces"] == 0 and not by_person["brown"]["judged"]
+
+
+def test_the_crosstab_counts_each_face_by_its_photos_band_and_its_persons():
+    rows = [{"key": "a/1", "band": "dark", "person_band": "light"}, {"key": "a/2", "band": "light", "person_band": "light"},
+            {"key": "b/1", "band": "dark", "person_band": None}, {"key": "c/1", "band": None}]
+    tab = crosstab(rows)
+    assert tab["dark"]["light"] == 1 and tab["dark"]["none"] == 1 and tab["light"]["light"] == 1
+    assert sum(sum(row.values()) for row in tab.values()) == 3  # the face not found is in no band

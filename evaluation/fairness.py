@@ -216,18 +216,19 @@ def _spread(x: np.ndarray, resamples: int = 2000) -> dict:
             "median_ci95": ci(50), "p10_ci95": ci(10)}
 
 
-def graded(images: list[tuple[np.ndarray, object, str]], cfg) -> dict:
+def graded(images: list[tuple[np.ndarray, object, str, str]], cfg, shown: int = 5) -> dict:
     """First refusing step and reason per treatment and band, and for treatments in stops the
     refusal bisected to 1/32 stop (`refused_at`: the steps alone round a half-stop gap between
-    bands away). `images`: (photo in its scene, its detection, its band), each passing the gate
-    untouched. Brightening is also counted from each face's own skin headroom (skin_headroom):
+    bands away). `images`: (photo in its scene, its detection, its band, its key), each passing
+    the gate untouched; the `shown` faces refused soonest are listed by key, to look at. Brightening is also counted from each face's own skin headroom (skin_headroom):
     stops of light on the picture say as much about the skin as about the exposure, stops past the
     skin's own white point say how blown out the face is."""
     out: dict = {}
     for t in TREATMENTS:
         per_band: dict = {}
         for name, _, _ in BANDS:
-            faces = [(img, det) for img, det, b in images if b == name]
+            faces = [(img, det) for img, det, b, _ in images if b == name]
+            keys = [k for _, _, b, k in images if b == name]
             if not faces:
                 continue
             res = [first_refusal(img, det, cfg, t.name, t.steps) for img, det in faces]
@@ -242,6 +243,7 @@ def graded(images: list[tuple[np.ndarray, object, str]], cfg) -> dict:
                 fine = np.array([np.inf if s is None else s
                                  for s, _ in (refusal_point(img, det, cfg, t.name, t.steps) for img, det in faces)])
                 per_band[name]["refused_at"] = _spread(fine)
+                per_band[name]["soonest"] = [[keys[i], float(fine[i])] for i in np.argsort(fine, kind="stable")[:shown]]
             if t.name == "brightened":
                 per_band[name]["past_skin_white"] = _spread(np.array([s - skin_headroom(img, det)
                                                                       for s, (img, det) in zip(fine, faces)]))
@@ -441,9 +443,8 @@ def evaluate(celeba: Path, lfw: Path, detector_card: str, out: Path, per_band: i
     pick = lambda ds, by: graded_set(surveys[ds], sets[ds][0], det, cfg.quality, per_band, by, as_shot)  # noqa: E731
     picked = pick("CelebA", "band")
     root = sets["CelebA"][0]
-    report["graded"] = graded([(s, d, b) for s, d, b, _ in picked], cfg.quality)
-    report["graded_by_person"] = {ds: graded([(s, d, b) for s, d, b, _ in pick(ds, "person_band")], cfg.quality)
-                                  for ds in sets}
+    report["graded"] = graded(picked, cfg.quality)
+    report["graded_by_person"] = {ds: graded(pick(ds, "person_band"), cfg.quality) for ds in sets}
     if matcher:
         from edge.pipeline import Stack
         report["matcher_back_lit"] = matcher_under("back-lit", picked, root, sets["CelebA"][1], Stack.from_config(cfg),
@@ -479,6 +480,8 @@ def graded_lines(gr: dict) -> list[str]:
                          + (f"; stops past the skin's own white point: median {past['median']:+.2f} "
                             f"(10-90%: {past['p10']:+.2f} to {past['p90']:+.2f})" if past else "")
                          + ("" if b["faces"] >= MIN_BAND else " (too small to judge)"))
+            if t == "back-lit" and b.get("soonest"):
+                lines.append(f"    {'':<13} refused soonest: " + ", ".join(f"{k} {v:.2f}" for k, v in b["soonest"]))
     return lines
 
 

@@ -15,7 +15,8 @@ Reported:
 - a graded synthetic exposure set: well-exposed faces of every band darkened, brightened,
   back-lit and blown out step by step (in linear light), and the first step at which the quality
   gate refuses each face, with the reason; drawn by photo band (CelebA) and again by person band
-  (CelebA and LFW: CelebA's 259 people hold one dark-skinned person by that measure, LFW more). "Well-exposed" is made, not assumed: web photos of the
+  (CelebA and LFW: CelebA's 259 people hold one dark-skinned person by that measure, LFW more).
+  "Well-exposed" is made, not assumed: web photos of the
   darker bands are also darker pictures (ITA reads the light too), so each photo is first exposed
   as a camera's metering would, its whole picture's highlights (99th percentile grey) brought to
   WELL_EXPOSED_P99 (`expose`; `--as-shot` keeps the photos as they are). The face box and
@@ -76,7 +77,8 @@ def person_bands(rows: list[dict]) -> dict[str, str]:
     """Each person's band (rows keyed 'person/photo', with their photo's "ita"): the band of the
     median ITA over the person's photos, for people with MIN_PERSON_PHOTOS or more. One photo's
     light moves its ITA a band or two; the median of several photos taken under different lights
-    is left with the skin."""
+    is left with the skin and with how the person is usually photographed (an athlete always in
+    hard sun), which it cannot tell apart."""
     angles: dict[str, list[float]] = {}
     for r in rows:
         if r.get("ita") is not None:

@@ -73,6 +73,11 @@ def band_of(angle: float) -> str:
     return BANDS[0][0] if angle >= BANDS[0][2] else BANDS[-1][0]
 
 
+def person_of(key: str) -> str:
+    """The person of a photo key 'person/photo' (the datasets' folder per person)."""
+    return key.split("/")[0]
+
+
 def person_bands(rows: list[dict]) -> dict[str, str]:
     """Each person's band (rows keyed 'person/photo', with their photo's "ita"): the band of the
     median ITA over the person's photos, for people with MIN_PERSON_PHOTOS or more. One photo's
@@ -82,7 +87,7 @@ def person_bands(rows: list[dict]) -> dict[str, str]:
     angles: dict[str, list[float]] = {}
     for r in rows:
         if r.get("ita") is not None:
-            angles.setdefault(r["key"].split("/")[0], []).append(r["ita"])
+            angles.setdefault(person_of(r["key"]), []).append(r["ita"])
     return {p: band_of(float(np.median(a))) for p, a in angles.items() if len(a) >= MIN_PERSON_PHOTOS}
 
 
@@ -265,17 +270,17 @@ def matcher_under(kind: str, faces: list[tuple[np.ndarray, object, str, str]], r
     def enrolled_from(photos) -> np.ndarray | None:
         """The first of `photos` that enrolls, as the gate enrolls it."""
         for k in photos:
-            r = embed_photo(stack, enroll_cfg, cv2.imread(str(root / k)), k.split("/")[0], k)
+            r = embed_photo(stack, enroll_cfg, cv2.imread(str(root / k)), person_of(k), k)
             if r.ok:
                 return r.embedding
         return None
 
-    people = sorted({k.split("/")[0] for k in keys})
+    people = sorted({person_of(k) for k in keys})
     enrolled = {p: v for p in people if (v := enrolled_from(k for k in keys if k.startswith(p + "/"))) is not None}
     enc = stack.encoder
     rows: dict[str, list] = {}
     for img, det, band, key in faces:
-        person = key.split("/")[0]
+        person = person_of(key)
         # the person's next photo, never the probe itself; a face whose next photo does not enroll is left out
         mine = enrolled_from([k for k in keys if k.startswith(person + "/") and k != key][:1])
         if mine is None:
@@ -314,7 +319,7 @@ def survey(root: Path, keys: list[str], detector, cfg) -> list[dict]:
                      "enroll": enroll.reason, "door": door.reason})
     people = person_bands(rows)
     for r in rows:
-        r["person_band"] = people.get(r["key"].split("/")[0]) if r["band"] is not None else None
+        r["person_band"] = people.get(person_of(r["key"])) if r["band"] is not None else None
     return rows
 
 
@@ -324,7 +329,7 @@ def refusal_table(rows: list[dict], by: str = "band") -> dict:
     out = {}
     for name, _, _ in BANDS:
         r = [x for x in rows if x.get(by) == name]
-        entry = {"faces": len(r), "people": len({x["key"].split("/")[0] for x in r}), "judged": len(r) >= MIN_BAND}
+        entry = {"faces": len(r), "people": len({person_of(x["key"]) for x in r}), "judged": len(r) >= MIN_BAND}
         for side in ("enroll", "door"):
             k = sum(x[side] != "ok" for x in r)
             reasons: dict[str, int] = {}

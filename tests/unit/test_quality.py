@@ -69,6 +69,8 @@ def test_detail_is_the_laplacians_share_of_the_contrast_whatever_the_gain():
 FRAME = 400
 AT = np.array([144.0, 120.0])  # where the 112x112 face sits in the frame
 LIGHT_SKIN, DARK_SKIN = (150, 175, 225), (20, 28, 46)  # BGR: ITA about 50 and below -40
+EYES = ((38.3, 51.7), (73.5, 51.5))  # the hand-made face's eye centres on the 112 crop
+MOUTH = ((56, 88), (14, 5))  # its mouth: centre and half axes
 
 
 def made_face(skin, rng) -> np.ndarray:
@@ -80,11 +82,11 @@ def made_face(skin, rng) -> np.ndarray:
     f = np.empty((112, 112, 3), np.float64)
     f[:] = skin
     f *= 1.0 + 0.05 * rng.standard_normal((112, 112, 1))
-    for cx, cy in ((38.3, 51.7), (73.5, 51.5)):
+    for cx, cy in EYES:
         cv2.ellipse(f, (int(cx), int(cy)), (9, 4), 0, 0, 360, (225, 228, 230), -1)
         cv2.circle(f, (int(cx), int(cy)), 3, (25, 25, 30), -1)
         cv2.line(f, (int(cx) - 10, int(cy) - 10), (int(cx) + 10, int(cy) - 11), (20, 20, 25), 3)
-    cv2.ellipse(f, (56, 88), (14, 5), 0, 0, 360, (40, 40, 90), -1)
+    cv2.ellipse(f, *MOUTH, 0, 0, 360, (40, 40, 90), -1)
     cv2.rectangle(f, (48, 86), (64, 89), (215, 220, 225), -1)
     return np.clip(cv2.GaussianBlur(f, (0, 0), 0.7), 0, 255).astype(np.uint8)
 
@@ -188,13 +190,13 @@ def matte_face(skin, rng) -> np.ndarray:
     import cv2
 
     f = made_face(skin, rng)
-    for cx, cy in ((38.3, 51.7), (73.5, 51.5)):
+    for cx, cy in EYES:
         eye = np.zeros(f.shape[:2], np.uint8)
         cv2.ellipse(eye, (int(cx), int(cy)), (10, 5), 0, 0, 360, 1, -1)
         f[eye == 1] = (f[eye == 1] * 0.25).astype(np.uint8)
         cv2.circle(f, (int(cx), int(cy)), 3, (6, 6, 8), -1)
         f[int(cy) - 2:int(cy), int(cx) + 1:int(cx) + 3] = 245
-    cv2.ellipse(f, (56, 88), (14, 5), 0, 0, 360, tuple(int(0.8 * c) for c in skin), -1)  # lips, over the teeth
+    cv2.ellipse(f, *MOUTH, 0, 0, 360, tuple(int(0.8 * c) for c in skin), -1)  # lips, over the teeth
     return f
 
 

@@ -107,10 +107,18 @@ def in_frame(det: Detection, frame_shape, size: tuple[int, int] = QUALITY_SIZE) 
     return (fx >= 0) & (fx <= w - 1) & (fy >= 0) & (fy <= h - 1)
 
 
+def _linear(x: np.ndarray) -> np.ndarray:
+    return np.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4)
+
+
+_LINEAR_8BIT = _linear(np.arange(256) / 255.0)
+
+
 def linear_light(srgb) -> np.ndarray:
     """sRGB levels (0-255, any shape) as linear light (0-1): the light the camera saw."""
-    x = np.asarray(srgb, np.float64) / 255.0
-    return np.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4)
+    if isinstance(srgb, np.ndarray) and srgb.dtype == np.uint8:
+        return _LINEAR_8BIT[srgb]  # a picture: one look-up per pixel
+    return _linear(np.asarray(srgb, np.float64) / 255.0)
 
 
 def exposure(frame: np.ndarray, box, face: np.ndarray, face_peak: np.ndarray) -> Exposure:

@@ -114,6 +114,8 @@ def main(argv=None) -> int:
     s.add_argument("--as-shot", action="store_true", help="graded set from the photos as they are, not first exposed alike")
     s.add_argument("--matcher", action="store_true", help="also score the back-lit graded faces with the default encoder: "
                                                           "own-person and best-stranger scores by stops of back-light")
+    s.add_argument("--reskin", type=int, default=30, metavar="N", help="the first N faces per band of the CelebA graded set, "
+                   "each given every band's skin (the picture otherwise unchanged) and graded again; 0: skip")
     s.add_argument("--probes", help="per-probe 1:N results of the default (python -m evaluation one-to-n --probes-json FILE)")
     s.add_argument("--out", default="out/fairness")
     s.set_defaults(fn=lazy_command(__package__, "fairness"))

@@ -399,6 +399,80 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+SKIN_TREATMENTS = ("darkened", "brightened", "back-lit")
+
+
+def reskinned(images: list[tuple[np.ndarray, object, str, str]], cfg, per_band: int) -> dict:
+    """The graded set's first `per_band` faces of each band, each given every band's skin
+    (evaluation.reskin.as_band: the skin's melanin changed, the picture otherwise as it was), and
+    each treatment in stops refused again: by the band of the skin given, the refusal point, and its
+    difference from the same photo's with its own skin (`minus_photo`, paired: the photography is
+    the same, only the skin differs). Also counted: skins out of reach (a skin blown out in the photo
+    cannot be darkened) and renders the gate refuses untouched, with the reason."""
+    from .reskin import CENTRES, as_band
+
+    taken: dict[str, int] = {}
+    sources = []
+    for img, det, b, key in images:
+        if taken.get(b, 0) < per_band:
+            sources.append((img, det, key))
+            taken[b] = taken.get(b, 0) + 1
+    steps = {t.name: t.steps for t in TREATMENTS}
+    own = [{k: refusal_point(img, det, cfg, k, steps[k])[0] for k in SKIN_TREATMENTS} for img, det, _ in sources]
+    out: dict = {"sources": len(sources), "bands": {}}
+    for band in CENTRES:
+        found: dict = {"unreachable": 0, "refused_untouched": {}, "ita": [], "at": {k: [] for k in SKIN_TREATMENTS},
+                       "minus_photo": {k: [] for k in SKIN_TREATMENTS}, "past_skin_white": []}
+        for (img, det, _), photo in zip(sources, own):
+            given = as_band(img, det, band)
+            if given is None:
+                found["unreachable"] += 1
+                continue
+            q = judge(given, det, cfg)
+            if not q.ok:
+                found["refused_untouched"][q.reason] = found["refused_untouched"].get(q.reason, 0) + 1
+                continue
+            found["ita"].append(ita(align(given, det, QUALITY_TEMPLATE, QUALITY_SIZE).image))
+            for k in SKIN_TREATMENTS:
+                s = refusal_point(given, det, cfg, k, steps[k])[0]
+                s = np.inf if s is None else s
+                found["at"][k].append(s)
+                found["minus_photo"][k].append(s - (np.inf if photo[k] is None else photo[k]))
+                if k == "brightened":
+                    found["past_skin_white"].append(s - skin_headroom(given, det))
+        faces = len(found["ita"])
+        entry = {"faces": faces, "unreachable": found["unreachable"], "refused_untouched": found["refused_untouched"]}
+        if faces:
+            entry["ita_median"] = float(np.median(found["ita"]))
+            entry["refused_at"] = {k: _spread(np.array(v)) for k, v in found["at"].items()}
+            entry["minus_photo"] = {k: _spread(np.nan_to_num(np.array(v), nan=0.0, posinf=8.0, neginf=-8.0))
+                                    for k, v in found["minus_photo"].items()}
+            entry["past_skin_white"] = _spread(np.array(found["past_skin_white"]))
+        out["bands"][band] = entry
+    return out
+
+
+def reskinned_lines(rs: dict) -> list[str]:
+    lines = [f"the same photos with another skin ({rs['sources']} CelebA photos of the graded set, each given every "
+             "band's skin, the picture otherwise unchanged): refusal point in stops, and minus the same photo's "
+             "with its own skin (median [95%]; 10th percentile [95%])"]
+    for band, e in rs["bands"].items():
+        head = (f"  {band:<13} n={e['faces']:3d} (out of reach {e['unreachable']}, refused untouched "
+                f"{e['refused_untouched'] or 0}){'' if e['faces'] >= MIN_BAND else ' (too small to judge)'}")
+        if not e["faces"]:
+            lines.append(head)
+            continue
+        lines.append(head + f", ITA median {e['ita_median']:.1f}")
+        for k in SKIN_TREATMENTS:
+            a, d = e["refused_at"][k], e["minus_photo"][k]
+            lines.append(f"    {k:<11} at {a['median']:.2f} [{a['median_ci95'][0]:.2f}, {a['median_ci95'][1]:.2f}]; "
+                         f"{a['p10']:.2f} [{a['p10_ci95'][0]:.2f}, {a['p10_ci95'][1]:.2f}]   minus photo "
+                         f"{d['median']:+.2f} [{d['median_ci95'][0]:+.2f}, {d['median_ci95'][1]:+.2f}]; "
+                         f"{d['p10']:+.2f} [{d['p10_ci95'][0]:+.2f}, {d['p10_ci95'][1]:+.2f}]"
+                         + (f"   past the skin's white point {e['past_skin_white']['median']:+.2f}" if k == "brightened" else ""))
+    return lines
+
+
 def crosstab(rows: list[dict]) -> dict:
     """Faces per photo band and person band: how far one photo's light moves its band."""
     out = {name: {p: 0 for p, _, _ in BANDS + (("none", 0, 0),)} for name, _, _ in BANDS}
@@ -430,7 +504,7 @@ def graded_set(rows: list[dict], root: Path, detector, cfg, per_band: int, by: s
 
 
 def evaluate(celeba: Path, lfw: Path, detector_card: str, out: Path, per_band: int, probes_json: Path | None,
-             target_fpirs=(0.003, 0.01), as_shot: bool = False, matcher: bool = False) -> dict:
+             target_fpirs=(0.003, 0.01), as_shot: bool = False, matcher: bool = False, reskin_per_band: int = 0) -> dict:
     from edge.config import Config
     from edge.detect import load_detector
     cfg = Config()
@@ -451,6 +525,8 @@ def evaluate(celeba: Path, lfw: Path, detector_card: str, out: Path, per_band: i
     picked = pick("CelebA", "band")
     root = sets["CelebA"][0]
     report["graded"] = graded(picked, cfg.quality)
+    if reskin_per_band:
+        report["reskinned"] = reskinned(picked, cfg.quality, reskin_per_band)
     report["graded_by_person"] = {ds: graded(pick(ds, "person_band"), cfg.quality) for ds in sets}
     if matcher:
         from edge.pipeline import Stack
@@ -519,6 +595,8 @@ def summary(r: dict) -> str:
         lines.append(f"graded synthetic exposure, {title}, photos {r['graded_exposure']} "
                      "(median first refusing step per band; reasons):")
         lines += graded_lines(gr)
+    if "reskinned" in r:
+        lines += reskinned_lines(r["reskinned"])
     if "matcher_back_lit" in r:
         m = r["matcher_back_lit"]
         lines.append("the default matcher on the back-lit graded faces, by stops of back-light "
@@ -546,6 +624,7 @@ def summary(r: dict) -> str:
 
 def main(args) -> int:
     r = evaluate(Path(args.celeba), Path(args.lfw), args.detector, Path(args.out), args.per_band,
-                 Path(args.probes) if args.probes else None, as_shot=args.as_shot, matcher=args.matcher)
+                 Path(args.probes) if args.probes else None, as_shot=args.as_shot, matcher=args.matcher,
+                 reskin_per_band=args.reskin)
     print(summary(r))
     return 0

@@ -22,6 +22,11 @@ Reported:
   WELL_EXPOSED_P99 (`expose`; `--as-shot` keeps the photos as they are). The face box and
   keypoints are the ones found on the untouched photo, so the table is about the quality checks,
   not the detector;
+- the same photos with another skin (`--reskin N`, `reskinned`): the first N graded CelebA faces
+  of each band, each given every band's skin by `evaluation.reskin` (the skin's melanin changed,
+  the rest of the picture kept) and graded again, the refusal point compared with the same
+  photo's: a band's photos differ from another's in their light as well as in their skin, the
+  same photo with another skin only in the skin;
 - with `--matcher`, what the default matcher makes of the back-lit graded faces step by step
   (`matcher_under`): whether the quality gate refuses where matching suffers, or sooner;
 - per band on CelebA and LFW: the share of faces refused at enrollment (`enroll_quality`) and at

@@ -85,10 +85,10 @@ def melanin_for(crop_bgr: np.ndarray, target_ita: float, lo: float = -3.0, hi: f
 def as_band(image: np.ndarray, det, band: str) -> np.ndarray | None:
     """The photo `image` (BGR) with the skin of the face `det` taken to `band`'s centre ITA, the
     rest of the picture unchanged; None where the skin cannot be taken there."""
-    extra = melanin_for(align(image, det, QUALITY_TEMPLATE, QUALITY_SIZE).image, CENTRES[band])
+    crop = align(image, det, QUALITY_TEMPLATE, QUALITY_SIZE).image
+    extra = melanin_for(crop, CENTRES[band])
     if extra is None:
         return None
     lin = to_linear(image)
-    skin = skin_colour(to_linear(align(image, det, QUALITY_TEMPLATE, QUALITY_SIZE).image))
-    diffuse, direction = dichromatic(lin, skin)
+    diffuse, direction = dichromatic(lin, skin_colour(to_linear(crop)))
     return to_srgb(with_melanin(lin, diffuse, direction, extra, head_mask(image.shape, det.box)))

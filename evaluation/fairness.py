@@ -61,13 +61,18 @@ MIN_PERSON_PHOTOS = 3  # a person's band is the median of at least this many pho
 SKIN_PATCHES = ((22, 58, 42, 76), (70, 58, 90, 76), (44, 20, 68, 34))
 
 
+def skin_pixels(crop: np.ndarray) -> np.ndarray:
+    """The skin patches' pixels of an aligned face (any per-pixel values: grey, Lab, linear BGR),
+    one row each."""
+    return np.concatenate([crop[y0:y1, x0:x1].reshape(-1, *crop.shape[2:]) for x0, y0, x1, y1 in SKIN_PATCHES])
+
+
 def ita(aligned_bgr: np.ndarray) -> float:
     """Individual typology angle of the face's skin patches, degrees (higher = lighter)."""
     lab = cv2.cvtColor(aligned_bgr, cv2.COLOR_BGR2LAB).astype(np.float64)
-    l_star = lab[..., 0] * (100.0 / 255.0)  # OpenCV's 8-bit L* is scaled to 0..255
-    b_star = lab[..., 2] - 128.0
-    ls = np.concatenate([l_star[y0:y1, x0:x1].ravel() for x0, y0, x1, y1 in SKIN_PATCHES])
-    bs = np.concatenate([b_star[y0:y1, x0:x1].ravel() for x0, y0, x1, y1 in SKIN_PATCHES])
+    skin = skin_pixels(lab)
+    ls = skin[:, 0] * (100.0 / 255.0)  # OpenCV's 8-bit L* is scaled to 0..255
+    bs = skin[:, 2] - 128.0
     return float(np.degrees(np.arctan2(np.median(ls) - 50.0, np.median(bs))))
 
 
@@ -199,7 +204,7 @@ def skin_headroom(image: np.ndarray, det) -> float:
     every band on one scale of over-exposure."""
     lin = to_linear(align(image, det, QUALITY_TEMPLATE, QUALITY_SIZE).image)
     lum = lin @ np.array([0.0722, 0.7152, 0.2126])  # BGR -> linear luminance (Rec. 709)
-    skin = np.concatenate([lum[y0:y1, x0:x1].ravel() for x0, y0, x1, y1 in SKIN_PATCHES])
+    skin = skin_pixels(lum)
     return float(-np.log2(max(float(np.median(skin)), 1e-6)))
 
 
@@ -450,6 +455,7 @@ def reskinned(images: list[tuple[np.ndarray, object, str, str]], cfg, per_band: 
         if faces:
             entry["ita_median"] = float(np.median(found["ita"]))
             entry["refused_at"] = {k: _spread(np.array(v)) for k, v in found["at"].items()}
+            # never refused, either side: no difference; on one side only: 8 stops, past every step
             entry["minus_photo"] = {k: _spread(np.nan_to_num(np.array(v), nan=0.0, posinf=8.0, neginf=-8.0))
                                     for k, v in found["minus_photo"].items()}
             entry["past_skin_white"] = _spread(np.array(found["past_skin_white"]))

@@ -30,7 +30,7 @@ from edge.align import align
 from edge.quality import QUALITY_SIZE, QUALITY_TEMPLATE
 from edge.quality import linear_light as to_linear
 
-from .fairness import BANDS, SKIN_PATCHES, head_mask, ita, to_srgb
+from .fairness import BANDS, head_mask, ita, skin_pixels, to_srgb
 
 # Melanin's absorption at the sRGB primaries' dominant wavelengths (B, G, R: 465, 549, 611 nm),
 # relative to blue: optical density ~ lambda^-3.48.
@@ -43,7 +43,7 @@ CENTRES["very light"], CENTRES["dark"] = 65.0, -45.0  # the open-ended bands' ty
 
 def skin_colour(lin_crop: np.ndarray) -> np.ndarray:
     """Median colour (linear BGR) of the skin patches of an aligned face in linear light."""
-    return np.median(np.concatenate([lin_crop[y0:y1, x0:x1].reshape(-1, 3) for x0, y0, x1, y1 in SKIN_PATCHES]), axis=0)
+    return np.median(skin_pixels(lin_crop), axis=0)
 
 
 def dichromatic(lin: np.ndarray, skin: np.ndarray, tolerance: float = FIT_TOLERANCE) -> tuple[np.ndarray, np.ndarray]:

@@ -224,12 +224,24 @@ def refusal_point(image: np.ndarray, det, cfg, kind: str, steps, tol: float = 1 
     return hi, reason
 
 
+def percentile(x: np.ndarray, q, axis=None) -> np.ndarray:
+    """np.percentile of refusal points among which inf (never refused) may be. numpy interpolates
+    inf - inf to nan, so a percentile between two nevers, or one that lands next to a never, came
+    out nan (and a bootstrap interval that skipped the nans was pulled towards the refusals). Here
+    a percentile past the last refusal is inf, and one that lands on a refusal is that refusal."""
+    x = np.asarray(x, np.float64)
+    finite = x[np.isfinite(x)]
+    last = float(finite.max()) if finite.size else 0.0
+    p = np.percentile(np.where(np.isposinf(x), last + 1e6, x), q, axis=axis)
+    return np.where(p > last, np.inf, p)
+
+
 def _spread(x: np.ndarray, resamples: int = 2000) -> dict:
     """Median and 10th / 90th percentiles, with 95% bootstrap intervals for the median and the
     10th percentile: a tail estimated from a few dozen faces moves a lot between draws."""
     boot = np.random.default_rng(0).choice(x, (resamples, len(x)))
-    ci = lambda q: [float(v) for v in np.nanpercentile(np.percentile(boot, q, axis=1), [2.5, 97.5])]  # noqa: E731
-    return {"median": float(np.median(x)), "p10": float(np.percentile(x, 10)), "p90": float(np.percentile(x, 90)),
+    ci = lambda q: [float(v) for v in percentile(percentile(boot, q, axis=1), [2.5, 97.5])]  # noqa: E731
+    return {"median": float(percentile(x, 50)), "p10": float(percentile(x, 10)), "p90": float(percentile(x, 90)),
             "median_ci95": ci(50), "p10_ci95": ci(10)}
 
 

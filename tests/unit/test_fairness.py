@@ -1,5 +1,9 @@
-"""evaluation.fairness: the person's band (the median of their photos' ITA) and refusals counted by it."""
-from evaluation.fairness import MIN_PERSON_PHOTOS, crosstab, person_bands, refusal_table
+"""evaluation.fairness: the person's band (the median of their photos' ITA), refusals counted by it,
+and percentiles of refusal points when some faces are never refused."""
+import numpy as np
+import pytest
+
+from evaluation.fairness import MIN_PERSON_PHOTOS, _spread, crosstab, percentile, person_bands, refusal_table
 
 
 def photo(key: str, angle: float | None, door: str = "ok", enroll: str = "ok") -> dict:
@@ -31,3 +35,20 @@ def test_the_crosstab_counts_each_face_by_its_photos_band_and_its_persons():
     tab = crosstab(rows)
     assert tab["dark"]["light"] == 1 and tab["dark"]["none"] == 1 and tab["light"]["light"] == 1
     assert sum(sum(row.values()) for row in tab.values()) == 3  # the face not found is in no band
+
+
+def test_a_percentile_among_faces_never_refused_is_never_not_nan():
+    never = np.inf
+    # refused at 1, 2 and 3 stops, one face never: the 90th percentile lies past the last refusal
+    assert percentile(np.array([1.0, 2.0, 3.0, never]), 90) == never
+    assert percentile(np.array([1.0, 2.0, 3.0, never]), 50) == 2.5
+    assert percentile(np.array([never, never]), 50) == never
+    assert percentile(np.array([1.0, never]), 0) == 1.0  # lands on the refusal itself
+    spread = _spread(np.array([1.0, 2.0] + [never] * 8))
+    assert spread["median"] == never and spread["p10"] == pytest.approx(1.9)
+    assert not np.isnan(spread["median_ci95"] + spread["p10_ci95"]).any()
+
+
+def test_percentiles_of_refusals_alone_are_numpys():
+    x = np.random.default_rng(1).uniform(0.0, 6.0, 50)
+    assert percentile(x, [10, 50, 90]).tolist() == np.percentile(x, [10, 50, 90]).tolist()

@@ -86,7 +86,7 @@ class QualityConfig(_Section):
     min_detail: float = Field(0.008, ge=0, le=1, description="fine detail: variance of the Laplacian over the variance of the grey levels of the aligned face (below: blurry); a darker face or a dimmer light leaves it unchanged")
     max_yaw: float = Field(1.0, ge=0, le=1, description="nose offset from the eye midline, as a share of eye distance")
     max_roll_deg: float = Field(25.0, ge=0, le=90)
-    min_highlight: float = Field(60.0, ge=0, le=255, description="the picture's highlights: 99th percentile grey of the face and its surroundings (the face box doubled); below: underexposed. Eye whites, teeth, shine and background set it, not skin tone")
+    min_highlight: float = Field(65.0, ge=0, le=255, description="the picture's highlights: 99th percentile of the face and its surroundings (the face box doubled), each pixel read in its brightest channel; below: underexposed. Eye whites, teeth, shine and background set it, not skin tone")
     min_contrast_stops: float = Field(2.0, ge=0, le=12, description="the face's dynamic range in stops of light: its 99.5th over its 0.5th percentile grey in linear light (eye whites and teeth against pupils and nostrils, which every face has); below: washed out or fogged. A dimmer light leaves it unchanged")
     min_backlight: float = Field(0.3, ge=0, le=1, description="the brightest pixel of the face's interior (brows to below the mouth) over its surroundings' highlights (99th percentile), each pixel read in its brightest channel; below: back-lit, exposed for a bright background")
     max_clipped: float = Field(0.3, ge=0, le=1, description="share of the aligned face at grey 250 or above (detail lost to white)")

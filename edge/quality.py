@@ -3,9 +3,11 @@
 Exposure is judged on the picture, not on the skin. The mean grey level of a face measures the
 person's skin tone as much as the light (a dark-skinned face, correctly exposed, reads as dark as
 a light-skinned face two stops under), so no check here uses it. Instead:
-- the picture's highlights: the 99th percentile grey of the face with its surroundings (the face
-  box doubled: eye whites, teeth, skin shine, hair, collar, background), which do not depend on
-  pigment. Too low: underexposed;
+- the picture's highlights: the 99th percentile of the face with its surroundings (the face box
+  doubled: eye whites, teeth, skin shine, hair, collar, background), which do not depend on
+  pigment, each pixel read in its brightest channel as for back-light below: where the skin is the
+  brightest thing near the face, grey took a darker skin's mostly red light for less exposure and
+  refused the same picture with a darker skin sooner. Too low: underexposed;
 - the face's dynamic range in stops of light: its brightest few pixels (eye whites, teeth, shine)
   over its darkest few (pupils, nostrils, the mouth's corners), features every face has whatever
   its skin, as a ratio in linear light. A veil (fog, flare, a washed-out picture) lifts the
@@ -62,7 +64,7 @@ def detail(gray: np.ndarray) -> float:
 
 @dataclass(frozen=True)
 class Exposure:
-    highlight: float  # 99th percentile grey of the face and its surroundings
+    highlight: float  # 99th percentile of the face and its surroundings, brightest channel
     contrast: float  # stops from the face's 0.5th to its 99.5th percentile, in linear light
     backlight: float  # face interior's brightest pixel / its surroundings' 99th percentile, brightest channel (1 where nothing surrounds it)
     clipped: float  # share of the face at 250 or above
@@ -126,9 +128,10 @@ def exposure(frame: np.ndarray, box, face: np.ndarray, face_peak: np.ndarray) ->
     box in it, `face` the aligned face's grey levels (without the warp's border) and `face_peak`
     its interior's brightest channel."""
     region, inside = doubled_box(frame, box)
-    hi = float(np.percentile(grey(region) if region.size else face, 99))
+    lit = peak(region)
+    hi = float(np.percentile(lit if region.size else face, 99))
     face_lo, face_hi = (float(v) for v in np.percentile(face, [0.5, 99.5]))
-    surround = peak(region)[~inside]
+    surround = lit[~inside]
     around = float(np.percentile(surround, 99)) if surround.size >= 16 else 0.0
     # half a grey level at least: a face with pure black in it has all the range it can show
     stops = float(np.log2(linear_light(max(face_hi, 0.5)) / linear_light(max(face_lo, 0.5))))

@@ -235,6 +235,21 @@ def test_back_light_reads_each_pixels_brightest_channel_not_its_grey():
     assert exposure(frame, (100.0, 100.0, 100.0, 100.0), grey_face, face.max(axis=2)).backlight == pytest.approx(200 / 255)
 
 
+def test_the_highlights_read_each_pixels_brightest_channel_not_its_grey():
+    """A picture whose brightest light comes back red (a darker skin where it is the brightest
+    thing near the face) is exposed as far as a grey one of the same channel level: grey levels
+    would read it as underexposed (0.3 x 200 = 60)."""
+    from edge.config import Config
+    from edge.quality import exposure
+
+    box = (100.0, 100.0, 100.0, 100.0)
+    red, grey_wall = np.zeros((300, 300, 3), np.uint8), np.full((300, 300, 3), 200, np.uint8)
+    red[..., 2] = 200
+    face = np.full((80, 80), 60.0)
+    assert exposure(red, box, face, face).highlight == exposure(grey_wall, box, face, face).highlight == 200
+    assert exposure(red, box, face, face).highlight >= Config().quality.min_highlight
+
+
 def test_a_face_blown_out_to_white_is_refused_as_clipped(skin_face):
     frame, det = scene(skin_face)
     frame[det_rows(det, 0.0, 0.45)] = 255  # the upper half of the face is pure white

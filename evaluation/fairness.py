@@ -422,6 +422,9 @@ def plot(report: dict, path: Path) -> None:
 
 
 SKIN_TREATMENTS = ("darkened", "brightened", "back-lit")
+# The reading each of these treatments is refused on (edge.quality.Exposure): a skin change that
+# leaves it as it was in the photo leaves nothing to tell the skins apart by.
+SKIN_READINGS = {"darkened": "highlight", "back-lit": "backlight"}
 
 
 def reskinned(images: list[tuple[np.ndarray, object, str, str]], cfg, per_band: int) -> dict:
@@ -430,7 +433,11 @@ def reskinned(images: list[tuple[np.ndarray, object, str, str]], cfg, per_band: 
     each treatment in stops refused again: by the band of the skin given, the refusal point, and its
     difference from the same photo's with its own skin (`minus_photo`, paired: the photography is
     the same, only the skin differs). Also counted: skins out of reach (a skin blown out in the photo
-    cannot be darkened) and renders the gate refuses untouched, with the reason."""
+    cannot be darkened) and renders the gate refuses untouched, with the reason. `by_reading` splits
+    the faces by whether the skin given moved the reading the treatment is refused on
+    (SKIN_READINGS, untreated, within half a percent): where it did not, the face's brightest light
+    is something other than its skin (a catchlight, an eye white, the room), and where it did,
+    the skin itself set the reading."""
     from .reskin import CENTRES, as_band
 
     taken: dict[str, int] = {}
@@ -441,11 +448,13 @@ def reskinned(images: list[tuple[np.ndarray, object, str, str]], cfg, per_band: 
             taken[b] = taken.get(b, 0) + 1
     steps = {t.name: t.steps for t in TREATMENTS}
     own = [{k: refusal_point(img, det, cfg, k, steps[k])[0] for k in SKIN_TREATMENTS} for img, det, _ in sources]
+    read = [judge(img, det, cfg).exposure for img, det, _ in sources]
     out: dict = {"sources": len(sources), "bands": {}}
     for band in CENTRES:
         found: dict = {"unreachable": 0, "refused_untouched": {}, "ita": [], "at": {k: [] for k in SKIN_TREATMENTS},
-                       "minus_photo": {k: [] for k in SKIN_TREATMENTS}, "past_skin_white": []}
-        for (img, det, _), photo in zip(sources, own):
+                       "minus_photo": {k: [] for k in SKIN_TREATMENTS}, "past_skin_white": [],
+                       "moved": {k: [] for k in SKIN_READINGS}}
+        for (img, det, _), photo, reading in zip(sources, own, read):
             given = as_band(img, det, band)
             if given is None:
                 found["unreachable"] += 1
@@ -455,6 +464,8 @@ def reskinned(images: list[tuple[np.ndarray, object, str, str]], cfg, per_band: 
                 found["refused_untouched"][q.reason] = found["refused_untouched"].get(q.reason, 0) + 1
                 continue
             found["ita"].append(ita(align(given, det, QUALITY_TEMPLATE, QUALITY_SIZE).image))
+            for k, field in SKIN_READINGS.items():
+                found["moved"][k].append(not np.isclose(getattr(q.exposure, field), getattr(reading, field), rtol=0.005, atol=0))
             for k in SKIN_TREATMENTS:
                 s = refusal_point(given, det, cfg, k, steps[k])[0]
                 s = np.inf if s is None else s
@@ -471,6 +482,11 @@ def reskinned(images: list[tuple[np.ndarray, object, str, str]], cfg, per_band: 
             entry["minus_photo"] = {k: _spread(np.nan_to_num(np.array(v), nan=0.0, posinf=8.0, neginf=-8.0))
                                     for k, v in found["minus_photo"].items()}
             entry["past_skin_white"] = _spread(np.array(found["past_skin_white"]))
+            entry["by_reading"] = {}
+            for k, moved in found["moved"].items():
+                diff = np.nan_to_num(np.array(found["minus_photo"][k]), nan=0.0, posinf=8.0, neginf=-8.0)
+                split = {"kept": diff[~np.array(moved)], "moved": diff[np.array(moved)]}
+                entry["by_reading"][k] = {side: {"faces": len(d), **(_spread(d) if len(d) else {})} for side, d in split.items()}
         out["bands"][band] = entry
     return out
 
@@ -493,6 +509,11 @@ def reskinned_lines(rs: dict) -> list[str]:
                          f"{d['median']:+.2f} [{d['median_ci95'][0]:+.2f}, {d['median_ci95'][1]:+.2f}]; "
                          f"{d['p10']:+.2f} [{d['p10_ci95'][0]:+.2f}, {d['p10_ci95'][1]:+.2f}]"
                          + (f"   past the skin's white point {e['past_skin_white']['median']:+.2f}" if k == "brightened" else ""))
+            if k in SKIN_READINGS:
+                lines.append(f"      {SKIN_READINGS[k]} reading " + "; ".join(
+                    f"{'as in the photo' if side == 'kept' else 'moved by the skin'}: {v['faces']} faces"
+                    + (f", minus photo {v['median']:+.2f}; {v['p10']:+.2f} [{v['p10_ci95'][0]:+.2f}, {v['p10_ci95'][1]:+.2f}]"
+                       if v["faces"] else "") for side, v in e["by_reading"][k].items()))
     return lines
 
 

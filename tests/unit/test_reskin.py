@@ -67,3 +67,23 @@ def test_a_face_whose_brightest_pixel_is_a_catchlight_is_refused_at_the_same_bac
         assert (e["faces"], e["unreachable"], e["refused_untouched"]) == (1, 0, {}), band
         assert set(e["refused_at"]) == set(SKIN_TREATMENTS)
         assert e["minus_photo"]["back-lit"]["median"] == pytest.approx(0.0, abs=1 / 16), (band, e["refused_at"])
+        assert (e["by_reading"]["back-lit"]["kept"]["faces"], e["by_reading"]["back-lit"]["moved"]["faces"]) == (1, 0), band
+
+
+def test_a_face_whose_brightest_pixel_is_its_skin_is_counted_apart_where_a_darker_skin_moves_its_reading():
+    """The same matte face without its catchlights: its brightest pixel is the skin's own light,
+    so a darker skin lowers the back-light reading and is refused sooner; the report counts such
+    faces apart from those whose reading the skin leaves as it was."""
+    from edge.config import Config
+    from evaluation.fairness import reskinned, reskinned_lines
+    from test_quality import matte_face
+
+    face = matte_face(MID_SKIN, np.random.default_rng(0))
+    for cx, cy in EYES:
+        face[int(cy) - 2:int(cy), int(cx) + 1:int(cx) + 3] = (6, 6, 8)  # the catchlight gone: a pupil
+    frame, det = scene(face)
+    r = reskinned([(frame, det, "tan", "made/1")], Config().quality, 1)
+    dark = r["bands"]["dark"]["by_reading"]["back-lit"]
+    assert (dark["kept"]["faces"], dark["moved"]["faces"]) == (0, 1)
+    assert dark["moved"]["median"] < -0.5  # a dark skin reflects a fraction of the light
+    assert any("moved by the skin: 1 faces, minus photo" in line for line in reskinned_lines(r))

@@ -435,7 +435,7 @@ def reskinned(images: list[tuple[np.ndarray, object, str, str]], cfg, per_band: 
     the same, only the skin differs). Also counted: skins out of reach (a skin blown out in the photo
     cannot be darkened) and renders the gate refuses untouched, with the reason. `by_reading` splits
     the faces by whether the skin given moved the reading the treatment is refused on
-    (SKIN_READINGS, untreated, within half a percent): where it did not, the face's brightest light
+    (SKIN_READINGS, read untreated, by more than half a percent): where it did not, the face's brightest light
     is something other than its skin (a catchlight, an eye white, the room), and where it did,
     the skin itself set the reading."""
     from .reskin import CENTRES, as_band
@@ -479,13 +479,12 @@ def reskinned(images: list[tuple[np.ndarray, object, str, str]], cfg, per_band: 
             entry["ita_median"] = float(np.median(found["ita"]))
             entry["refused_at"] = {k: _spread(np.array(v)) for k, v in found["at"].items()}
             # never refused, either side: no difference; on one side only: 8 stops, past every step
-            entry["minus_photo"] = {k: _spread(np.nan_to_num(np.array(v), nan=0.0, posinf=8.0, neginf=-8.0))
-                                    for k, v in found["minus_photo"].items()}
+            diffs = {k: np.nan_to_num(np.array(v), nan=0.0, posinf=8.0, neginf=-8.0) for k, v in found["minus_photo"].items()}
+            entry["minus_photo"] = {k: _spread(d) for k, d in diffs.items()}
             entry["past_skin_white"] = _spread(np.array(found["past_skin_white"]))
             entry["by_reading"] = {}
             for k, moved in found["moved"].items():
-                diff = np.nan_to_num(np.array(found["minus_photo"][k]), nan=0.0, posinf=8.0, neginf=-8.0)
-                split = {"kept": diff[~np.array(moved)], "moved": diff[np.array(moved)]}
+                split = {"kept": diffs[k][~np.array(moved)], "moved": diffs[k][np.array(moved)]}
                 entry["by_reading"][k] = {side: {"faces": len(d), **(_spread(d) if len(d) else {})} for side, d in split.items()}
         out["bands"][band] = entry
     return out

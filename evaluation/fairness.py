@@ -435,9 +435,9 @@ def reskinned(images: list[tuple[np.ndarray, object, str, str]], cfg, per_band: 
     the same, only the skin differs). Also counted: skins out of reach (a skin blown out in the photo
     cannot be darkened) and renders the gate refuses untouched, with the reason. `by_reading` splits
     the faces by whether the skin given moved the reading the treatment is refused on
-    (SKIN_READINGS, read untreated, by more than half a percent): where it did not, the face's brightest light
-    is something other than its skin (a catchlight, an eye white, the room), and where it did,
-    the skin itself set the reading."""
+    (SKIN_READINGS, read untreated, by more than half a percent): where it did not, the face's
+    brightest light is something other than its skin (a catchlight, an eye white, the room), and
+    where it did, the skin itself set the reading."""
     from .reskin import CENTRES, as_band
 
     taken: dict[str, int] = {}
@@ -484,7 +484,8 @@ def reskinned(images: list[tuple[np.ndarray, object, str, str]], cfg, per_band: 
             entry["past_skin_white"] = _spread(np.array(found["past_skin_white"]))
             entry["by_reading"] = {}
             for k, moved in found["moved"].items():
-                split = {"kept": diffs[k][~np.array(moved)], "moved": diffs[k][np.array(moved)]}
+                moved = np.array(moved, bool)
+                split = {"kept": diffs[k][~moved], "moved": diffs[k][moved]}
                 entry["by_reading"][k] = {side: {"faces": len(d), **(_spread(d) if len(d) else {})} for side, d in split.items()}
         out["bands"][band] = entry
     return out
